@@ -1,0 +1,105 @@
+"""`device-client`: draft on this device, verify on the edge server, stream the answer."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import grpc
+
+from device_client import artifacts
+from device_client.drafters.base import Drafter
+from device_client.session import Request, generate
+from device_client.text import DeviceTokenizer, TextStream
+from shared.protocol import pb, rpc
+
+DRAFTERS = ("none", "ngram", "heads")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="device-client", description=__doc__)
+    p.add_argument("prompt", help="the user message (or raw text with --raw)")
+    p.add_argument("--server", default="127.0.0.1:50051", help="edge server HOST:PORT")
+    p.add_argument("--drafter", choices=DRAFTERS, default="ngram")
+    p.add_argument("--mode", choices=["speculative", "server-ar"], default="speculative",
+                   help="server-ar: the server decodes alone (baseline, no drafting)")
+    p.add_argument("--tree-budget", type=int, default=16, help="most tree nodes per round, root included")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--raw", action="store_true", help="tokenize the prompt as is, no chat template")
+    p.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens regardless of EOS")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole generation")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text and stats last")
+    args = p.parse_args(argv)
+    if args.tree_budget < 1:
+        p.error("--tree-budget must be at least 1 (the root)")
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        p.error("--temperature must be a finite number >= 0")
+    if not 0.0 <= args.top_p <= 1.0:
+        p.error("--top-p must be in [0, 1]")
+    if args.top_k < 0:
+        p.error("--top-k must be >= 0")
+    return args
+
+
+def make_drafter(name: str, stub: rpc.EdgeSpecStub, info: pb.ServerInfo) -> Drafter:
+    if name == "none":
+        from device_client.drafters.none import NoDrafter
+        return NoDrafter()
+    if name == "ngram":
+        from device_client.drafters.ngram import NgramDrafter
+        return NgramDrafter()
+    raise SystemExit(f"drafter {name!r} is not available yet")
+
+
+def load_tokenizer(stub: rpc.EdgeSpecStub, info: pb.ServerInfo) -> DeviceTokenizer:
+    files = artifacts.fetch_all(stub, info, ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
+    if "tokenizer.json" not in files:
+        raise SystemExit("the server offers no tokenizer.json artifact; it is not an EdgeSpec server")
+    return DeviceTokenizer(files["tokenizer.json"], files.get("tokenizer_config.json"),
+                           files.get("chat_template.jinja"))
+
+
+def run(args: argparse.Namespace) -> dict:
+    with grpc.insecure_channel(args.server) as channel:
+        stub = rpc.EdgeSpecStub(channel)
+        info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+        tokenizer = load_tokenizer(stub, info)
+        prompt_ids = tokenizer.raw_ids(args.prompt) if args.raw else tokenizer.chat_ids(args.prompt, args.system)
+        drafter = make_drafter(args.drafter, stub, info)
+        stream = TextStream(tokenizer)
+
+        def show(tokens: list[int]) -> None:
+            sys.stdout.write(stream.push(tokens))
+            sys.stdout.flush()
+
+        request = Request(prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                          args.seed, min(args.tree_budget, info.max_tree_nodes),
+                          server_ar=args.mode == "server-ar", ignore_eos=args.ignore_eos)
+        record = generate(stub, request, drafter, info.tokenizer_fingerprint, on_tokens=show,
+                          timeout=args.timeout)
+        record.text = tokenizer.decode(record.token_ids)
+        sys.stdout.write("\n")
+        print(record.summary_line(), file=sys.stderr)
+        return record.summary()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        summary = run(args)
+    except grpc.RpcError as err:
+        raise SystemExit(f"device-client: server said {err.code().name}: {err.details()}") from None
+    if args.json:
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

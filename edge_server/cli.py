@@ -1,0 +1,111 @@
+"""`edge-server`: serve a target model for device-edge speculative decoding."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="edge-server", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed at start)")
+    p.add_argument("--model", default="default",
+                   help="HuggingFace id or local path; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--max-context", type=int, default=0, help="0 = the model's max positions")
+    p.add_argument("--max-tree-nodes", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=4096)
+    p.add_argument("--max-sessions", type=int, default=64)
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DTYPES[name]
+
+
+async def serve(args: argparse.Namespace) -> None:
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from edge_server import __version__
+    from edge_server.artifacts import ArtifactStore
+    from edge_server.model_store import load_model, model_fingerprint
+    from edge_server.service import EdgeSpecService, Limits
+    from edge_server.verifier import TargetModel
+    from shared.protocol import pb, rpc
+
+    log = logging.getLogger("edge-server")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    started = time.perf_counter()
+    loaded = load_model(args.model, dtype, device)
+    fingerprint = model_fingerprint(loaded.model)
+    max_ctx = args.max_context or int(getattr(loaded.model.config, "max_position_embeddings", 2048))
+    target = TargetModel(loaded.model, max_ctx)
+    artifacts = ArtifactStore()
+    tok_fp = artifacts.add_tokenizer(loaded.tokenizer)
+    heads = artifacts.add_heads(loaded.name, fingerprint)
+    eos = loaded.model.generation_config.eos_token_id
+    eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
+    service = EdgeSpecService(
+        target, loaded.name, fingerprint, eos_ids, artifacts, tok_fp,
+        Limits(args.max_tree_nodes, args.max_new_tokens, args.max_sessions), __version__,
+    )
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+    rpc.add_EdgeSpecServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["EdgeSpec"].full_name, health.SERVICE_NAME,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if port == 0:
+        raise SystemExit(f"cannot listen on {args.host}:{args.port} (in use?); pick another --port")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(health.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s (%s, %s, context %d, heads %s) in %.1fs", loaded.name, dtype, device,
+             max_ctx, "yes" if heads else "no", time.perf_counter() - started)
+    # the line tests and scripts wait for; keep its shape
+    print(f"edge-server listening on {args.host}:{port}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=2.0)
+    service.worker.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

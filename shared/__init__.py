@@ -1,0 +1,1 @@
+"""Code both sides of EdgeSpec use: protocol stubs, the token tree, fingerprints, metrics."""

@@ -1,0 +1,144 @@
+"""The token tree: the one owner of tree structure for the device and the server.
+
+Nodes are in topological order. Node 0 is the root, the bonus token of the previous round:
+already generated, not yet in the server's KV cache. Every other node's parent index is
+smaller than its own. The server rebuilds everything it needs (depths, the ancestor mask,
+position ids, the accepted path) from the parent indices alone, so the wire carries only
+one token id and one parent index per node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+class TreeError(ValueError):
+    """A tree that cannot be verified; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    tokens: tuple[int, ...]
+    parents: tuple[int, ...]  # parents[0] == -1 for the root
+    depths: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents):
+            raise TreeError(
+                f"tree has {len(self.tokens)} tokens but {len(self.parents)} parent indices; "
+                "send one parent index per node"
+            )
+        if not self.tokens:
+            raise TreeError("tree is empty; it needs at least the root")
+        if self.parents[0] != -1:
+            raise TreeError("node 0 is the root and has no parent (-1)")
+        depths = [0]
+        for i in range(1, len(self.parents)):
+            p = self.parents[i]
+            if not 0 <= p < i:
+                raise TreeError(
+                    f"node {i} has parent {p}; parents must come before their children "
+                    f"(0 <= parent < {i})"
+                )
+            depths.append(depths[p] + 1)
+        object.__setattr__(self, "depths", tuple(depths))
+
+    @classmethod
+    def root_only(cls, root: int) -> "TokenTree":
+        return cls((root,), (-1,))
+
+    @classmethod
+    def from_wire(cls, root: int, tokens: Sequence[int], parents: Sequence[int]) -> "TokenTree":
+        """Build from the Draft message's non-root nodes (node i+1 = tokens[i])."""
+        if len(tokens) != len(parents):
+            raise TreeError(
+                f"draft has {len(tokens)} tokens but {len(parents)} parents; send one parent per token"
+            )
+        return cls((root, *tokens), (-1, *parents))
+
+    def to_wire(self) -> tuple[list[int], list[int]]:
+        return list(self.tokens[1:]), list(self.parents[1:])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths)
+
+    def children(self) -> list[list[int]]:
+        kids: list[list[int]] = [[] for _ in self.tokens]
+        for i in range(1, len(self.parents)):
+            kids[self.parents[i]].append(i)
+        return kids
+
+    def check_unique_siblings(self) -> None:
+        seen: set[tuple[int, int]] = set()
+        for i in range(1, len(self.tokens)):
+            key = (self.parents[i], self.tokens[i])
+            if key in seen:
+                raise TreeError(
+                    f"node {i} repeats token {self.tokens[i]} under parent {self.parents[i]}; "
+                    "siblings must be distinct tokens"
+                )
+            seen.add(key)
+
+    def ancestor_mask(self) -> np.ndarray:
+        """Bool [n, n]: row i is True at i and every ancestor of i."""
+        n = len(self.tokens)
+        mask = np.zeros((n, n), dtype=bool)
+        for i in range(n):
+            if i:
+                mask[i] = mask[self.parents[i]]
+            mask[i, i] = True
+        return mask
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root down to `node`."""
+        path = []
+        while node != -1:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def accepted_path(self, target_tokens: Sequence[int]) -> list[int]:
+        """Longest root path the target agrees with.
+
+        `target_tokens[i]` is the target's choice after node i (argmax, or its one sample at
+        temperature > 0). A child is accepted when it equals its parent's choice; since
+        siblings are distinct at most one child matches, so the walk is deterministic.
+        """
+        kids = self.children()
+        path = [0]
+        node = 0
+        while True:
+            want = target_tokens[node]
+            nxt = next((c for c in kids[node] if self.tokens[c] == want), None)
+            if nxt is None:
+                return path
+            path.append(nxt)
+            node = nxt
+
+
+def merge_paths(root: int, paths: Sequence[Sequence[int]], budget: int) -> TokenTree:
+    """Merge token sequences that continue the root into one tree of at most `budget` nodes.
+
+    Shared prefixes become shared nodes; earlier paths win when the budget runs out, so
+    callers pass their most likely paths first.
+    """
+    tokens, parents = [root], [-1]
+    index: dict[tuple[int, int], int] = {}
+    for seq in paths:
+        node = 0
+        for tok in seq:
+            key = (node, int(tok))
+            if key not in index:
+                if len(tokens) >= budget:
+                    break
+                index[key] = len(tokens)
+                tokens.append(int(tok))
+                parents.append(node)
+            node = index[key]
+    return TokenTree(tuple(tokens), tuple(parents))
