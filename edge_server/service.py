@@ -68,7 +68,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             tokenizer_fingerprint=self.tokenizer_fingerprint,
             artifacts=[pb.ArtifactInfo(name=a.name, sha256=a.sha256, size=a.size) for a in self.artifacts],
             dtype=str(self.target.dtype).removeprefix("torch."), device=str(self.target.device),
-            server_version=self.version,
+            server_version=self.version, active_sessions=len(self.sessions),
         )
 
     async def FetchArtifact(self, request, context) -> AsyncIterator[pb.ArtifactChunk]:

@@ -142,7 +142,7 @@ class ArtifactInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_name", "model_fingerprint", "vocab_size", "hidden_size", "max_context", "max_tree_nodes", "max_new_tokens", "eos_token_ids", "tokenizer_fingerprint", "artifacts", "dtype", "device", "server_version")
+    __slots__ = ("model_name", "model_fingerprint", "vocab_size", "hidden_size", "max_context", "max_tree_nodes", "max_new_tokens", "eos_token_ids", "tokenizer_fingerprint", "artifacts", "dtype", "device", "server_version", "active_sessions")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,7 @@ class ServerInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_fingerprint: str
     vocab_size: int
@@ -169,7 +170,8 @@ class ServerInfo(_message.Message):
     dtype: str
     device: str
     server_version: str
-    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_tree_nodes: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
+    active_sessions: int
+    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_tree_nodes: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ..., active_sessions: _Optional[int] = ...) -> None: ...
 
 class ArtifactRequest(_message.Message):
     __slots__ = ("name", "sha256")

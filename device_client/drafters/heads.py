@@ -1,0 +1,116 @@
+"""Medusa-style ONNX draft heads on the device (onnxruntime + numpy; no torch).
+
+The artifact folder holds `heads.json` (metadata) and the ONNX graph it names (int8 by
+default). Each round the server's hidden state at the node before the root goes through the
+heads once; their top-k candidates become a token tree:
+
+- mode "static": the topology calibrated at training time (heads.json `static_tree.paths`,
+  rank paths chosen to maximise expected accepted length for its node budget), cut to the
+  round's budget in its best-first order;
+- mode "dynamic": best nodes by cumulative head log-probability under the round's budget.
+
+With `ngram=True`, prompt-lookup continuations (the ngram drafter's) are merged in first,
+taking at most `ngram_share` of the budget; the heads fill the rest.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from device_client.tree_builders import dynamic_tree, merge_trees, node_paths, tree_from_topology
+from shared.tree import TokenTree
+
+METADATA = "heads.json"
+
+
+def load_metadata(artifact_dir: Path) -> dict:
+    path = Path(artifact_dir) / METADATA
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the heads drafter needs an artifact folder with {METADATA} and the "
+            "ONNX heads (train them with scripts/train_heads.py or fetch them from the server)"
+        )
+    return json.loads(path.read_text())
+
+
+class HeadsDrafter:
+    needs_hidden_state = True
+
+    def __init__(
+        self,
+        artifact_dir: str | os.PathLike,
+        mode: str = "dynamic",
+        ngram: bool = False,
+        threads: int = 1,
+        model_file: str | None = None,
+        ngram_share: float = 0.25,
+        max_depth: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        if mode not in ("static", "dynamic"):
+            raise ValueError(f"mode must be 'static' or 'dynamic', not {mode!r}")
+        self.artifact_dir = Path(artifact_dir)
+        self.meta = load_metadata(self.artifact_dir)
+        self.mode = mode
+        self.ngram = ngram
+        self.ngram_share = ngram_share
+        self.max_depth = max_depth
+        self.name = f"heads-{mode}" + ("+ngram" if ngram else "")
+        self.hidden_size = int(self.meta["hidden_size"])
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.num_heads = int(self.meta["num_heads"])
+        self.top_k = int(self.meta["top_k"])
+        self.topology = [tuple(p) for p in self.meta.get("static_tree", {}).get("paths", [])]
+        if mode == "static" and not self.topology:
+            raise ValueError(f"{self.artifact_dir / METADATA} has no static_tree; use mode='dynamic'")
+        onnx_file = self.artifact_dir / (model_file or self.meta.get("onnx", "heads.int8.onnx"))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, int(threads))
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"])
+        self._ngram = None
+        if ngram:
+            from device_client.drafters.ngram import NgramDrafter
+
+            self._ngram = NgramDrafter(max_ngram=4, min_ngram=2, depth=8)
+
+    def candidates(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ids [K, k] and log-probs [K, k] for one hidden state [hidden_size]."""
+        h = np.asarray(hidden, dtype=np.float32).reshape(1, -1)
+        if h.shape[1] != self.hidden_size:
+            raise ValueError(
+                f"hidden state has {h.shape[1]} values but the heads expect {self.hidden_size}; "
+                "the heads belong to another model"
+            )
+        ids, lps = self.session.run(None, {"hidden": h})
+        return ids[0], lps[0]
+
+    def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int) -> TokenTree:
+        root = int(context[-1])
+        if budget <= 1:
+            return TokenTree.root_only(root)
+        if hidden is None:  # no hidden state (e.g. a resumed session): ngram or nothing
+            if self._ngram is not None:
+                return self._ngram.propose(context, None, budget)
+            return TokenTree.root_only(root)
+        ids, lps = self.candidates(hidden)
+        if self.mode == "static":
+            tree = tree_from_topology(root, self.topology, ids, budget)
+        else:
+            tree = dynamic_tree(root, ids, lps, budget, self.max_depth)
+        if self._ngram is None:
+            return tree
+        share = max(0, int(budget * self.ngram_share))
+        if share < 2:
+            return tree
+        ng = self._ngram.propose(context, None, share)
+        if len(ng) <= 1:
+            return tree
+        return merge_trees(root, node_paths(ng), tree, budget)

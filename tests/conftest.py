@@ -1,0 +1,88 @@
+"""Fixtures: the real embedded model, and a real edge-server process on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    "Write a Python function that reverses a string.",
+    "What is the capital of France? Answer in one sentence.",
+    "List three primary colors.",
+    "Explain photosynthesis to a child in two sentences.",
+    "Translate 'good morning' into Spanish and French.",
+    "Write a haiku about the sea.",
+    "What is 12 times 7? Show your work.",
+    "Give me a JSON object with keys name and age for a person named Ada who is 36.",
+    "Summarize the plot of Romeo and Juliet in one sentence.",
+]
+
+
+@pytest.fixture(scope="session")
+def loaded():
+    import torch
+
+    from edge_server.model_store import load_model
+
+    torch.manual_seed(0)
+    return load_model("default", torch.float32, "cpu")
+
+
+class ServerProcess:
+    def __init__(self, args: list[str]):
+        cmd = [sys.executable, "-m", "edge_server.cli", "--port", "0", "--log-level", "WARNING", *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.log: list[str] = []
+        self.address = self._wait_ready()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _wait_ready(self) -> str:
+        for line in self.proc.stdout:
+            self.log.append(line)
+            found = re.search(r"edge-server listening on (\S+)", line)
+            if found:
+                return found.group(1)
+        raise RuntimeError("edge-server exited before listening:\n" + "".join(self.log))
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.log.append(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server():
+    srv = ServerProcess(["--max-tree-nodes", "64", "--max-new-tokens", "512", "--max-sessions", "16"])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    """A connected stub, the server info, and the device tokenizer pulled from the server."""
+    import grpc
+
+    from device_client.cli import load_tokenizer
+    from shared.protocol import pb, rpc
+
+    channel = grpc.insecure_channel(server.address)
+    stub = rpc.EdgeSpecStub(channel)
+    info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+    yield stub, info, load_tokenizer(stub, info)
+    channel.close()

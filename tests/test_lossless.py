@@ -1,0 +1,69 @@
+"""The contract: device-edge speculation yields exactly the target's own greedy output."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from device_client.drafters.ngram import NgramDrafter
+from device_client.drafters.none import NoDrafter
+from device_client.session import Request, generate
+
+from conftest import PROMPTS, ROOT
+
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def references(loaded, client):
+    """generate(do_sample=False) of the same fp32 model on the same prompt ids."""
+    _, _, tokenizer = client
+    refs = {}
+    for prompt in PROMPTS:
+        ids = tokenizer.chat_ids(prompt)
+        with torch.inference_mode():
+            out = loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW,
+                                        attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        refs[prompt] = (ids, out[0, len(ids):].tolist())
+    return refs
+
+
+@pytest.mark.parametrize("drafter", [NoDrafter(), NgramDrafter()], ids=["none", "ngram"])
+def test_greedy_equals_target_generate(client, references, drafter):
+    stub, info, _ = client
+    for prompt, (ids, expected) in references.items():
+        rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=16), drafter,
+                       info.tokenizer_fingerprint, timeout=120)
+        assert rec.token_ids == expected, prompt
+        assert sum(rec.accepted_per_round) + 1 == len(rec.token_ids)
+
+
+def test_server_ar_mode_equals_target_generate(client, references):
+    stub, info, _ = client
+    prompt = PROMPTS[0]
+    ids, expected = references[prompt]
+    rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, server_ar=True), NoDrafter(),
+                   info.tokenizer_fingerprint, timeout=120)
+    assert rec.token_ids == expected
+
+
+def test_cli_json_reports_every_field(server, references):
+    prompt = PROMPTS[2]
+    env = {**os.environ}
+    out = subprocess.run(
+        [sys.executable, "-m", "device_client.cli", "--server", server.address, "--json",
+         "--max-new-tokens", str(MAX_NEW), "--drafter", "ngram", prompt],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("text", "prompt_token_ids", "token_ids", "finish_reason", "drafter", "rounds",
+                "mean_accepted", "accepted_per_round", "ttft_ms", "total_ms", "tokens_per_s",
+                "itl_ms_p50", "itl_ms_p95", "bytes_up", "bytes_down"):
+        assert key in record, key
+    ids, expected = references[prompt]
+    assert record["prompt_token_ids"] == ids
+    assert record["token_ids"] == expected
+    assert record["text"] and record["text"] in out.stdout
+    assert record["bytes_up"] > 0 and record["bytes_down"] > 0
+    assert "tokens in" in out.stderr  # the one-line summary

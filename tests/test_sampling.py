@@ -1,0 +1,124 @@
+"""Sampling is distribution-preserving under tree verification.
+
+A tiny random Llama (vocab 8) makes the exact target distribution of the first two generated
+tokens computable by enumeration, with transformers' own logits warpers as the reference for
+temperature/top-k/top-p. Thousands of sessions, each verifying a deterministic draft tree,
+must match it (chi-square); a deliberately lossy rule must fail the same test, which shows
+the test has power.
+"""
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import (LlamaConfig, LlamaForCausalLM, LogitsProcessorList, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+
+from edge_server.sampling import Sampling, processed_probs
+from edge_server.session import Session
+from edge_server.verifier import TargetModel
+from shared.tree import TokenTree
+
+VOCAB = 8
+PROMPT = [3, 1, 4]
+PARAMS = Sampling(temperature=0.8, top_p=0.9, top_k=6)
+SAMPLES = 2000
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # a tiny model is latency-bound: extra threads only add contention on a shared 2-core box
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(1234)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharpen the logits so the distribution is far from uniform
+        model.lm_head.weight.mul_(8.0)
+    yield TargetModel(model, max_context=64)
+    torch.set_num_threads(threads)
+
+
+def _reference_probs(logits: torch.Tensor) -> torch.Tensor:
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(PARAMS.temperature),
+                                   TopKLogitsWarper(PARAMS.top_k), TopPLogitsWarper(PARAMS.top_p)])
+    return torch.softmax(warpers(None, logits[None].float())[0], dim=-1)
+
+
+def _exact_pairs(tiny: TargetModel) -> np.ndarray:
+    """P(first two generated tokens) for plain sampling, by enumeration."""
+    with torch.inference_mode():
+        p1 = _reference_probs(tiny.model(torch.tensor([PROMPT])).logits[0, -1])
+        joint = np.zeros((VOCAB, VOCAB))
+        for a in range(VOCAB):
+            if p1[a] > 0:
+                p2 = _reference_probs(tiny.model(torch.tensor([PROMPT + [a]])).logits[0, -1])
+                joint[a] = (p1[a] * p2).numpy()
+    return joint
+
+
+def _draft_tree(root: int) -> TokenTree:
+    """Deterministic in the context: three children of the root, two grandchildren each."""
+    kids = [(root + k) % VOCAB for k in (1, 2, 3)]
+    tokens, parents = [root], [-1]
+    for kid in kids:
+        tokens.append(kid)
+        parents.append(0)
+        me = len(tokens) - 1
+        for g in ((kid + 1) % VOCAB, (kid + 5) % VOCAB):
+            tokens.append(g)
+            parents.append(me)
+    return TokenTree(tuple(tokens), tuple(parents))
+
+
+def _sample_pairs(tiny: TargetModel, lossy: bool = False) -> np.ndarray:
+    counts = np.zeros((VOCAB, VOCAB))
+    for seed in range(SAMPLES):
+        s = Session(PROMPT, Sampling(PARAMS.temperature, PARAMS.top_p, PARAMS.top_k, seed),
+                    max_new_tokens=3, stop_ids=frozenset(), want_hidden=False)
+        s.prefill(tiny)
+        while len(s.generated) < 2:
+            if lossy:  # accept the first drafted child whenever the target gives it >= 20%
+                tree = _draft_tree(s.bonus)
+                out = tiny.forward_tree(s.cache, s.committed, tree)
+                probs = processed_probs(out.logits, PARAMS)
+                path = [0, 1] if probs[0, tree.tokens[1]] >= 0.2 else [0]
+                s.committed = tiny.commit(s.cache, s.committed, path)
+                bonus = int(torch.multinomial(probs[path[-1]], 1, generator=s.generator))
+                s.generated.extend([tree.tokens[i] for i in path[1:]] + [bonus])
+                continue
+            s.verify(tiny, _draft_tree(s.bonus))
+        counts[s.generated[0], s.generated[1]] += 1
+    return counts
+
+
+def _pvalue(counts: np.ndarray, exact: np.ndarray) -> float:
+    expected = exact.ravel() * counts.sum()
+    observed = counts.ravel()
+    assert observed[expected == 0].sum() == 0, "sampled a pair the target cannot produce"
+    keep = expected >= 5
+    obs = np.append(observed[keep], observed[~keep].sum())
+    exp = np.append(expected[keep], expected[~keep].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
+
+
+def test_processed_probs_match_transformers_warpers():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50) * 3
+    params = Sampling(temperature=0.7, top_p=0.8, top_k=10)
+    ours = processed_probs(logits, params)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)])
+    ref = torch.softmax(warpers(None, logits), dim=-1)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_tree_sampling_matches_target_distribution(tiny):
+    exact = _exact_pairs(tiny)
+    assert _pvalue(_sample_pairs(tiny), exact) > 1e-3
+
+
+def test_lossy_rule_fails_the_same_test(tiny):
+    exact = _exact_pairs(tiny)
+    assert _pvalue(_sample_pairs(tiny, lossy=True), exact) < 1e-6

@@ -1,0 +1,39 @@
+"""One tree forward gives every node the logits its own path gets when run sequentially."""
+import torch
+
+from edge_server.verifier import TargetModel
+from shared.tree import TokenTree
+
+
+def test_tree_logits_match_sequential_paths(loaded):
+    target = TargetModel(loaded.model, max_context=8192)
+    prompt = loaded.tokenizer("The quick brown fox jumps over the", return_tensors="pt").input_ids[0].tolist()
+    # a bushy tree with repeated tokens on different branches
+    tree = TokenTree((264, 9048, 3446, 30, 9048, 260, 264, 1420),
+                     (-1, 0, 0, 1, 2, 3, 3, 6))
+    cache = target.new_cache()
+    target.prefill(cache, prompt)
+    out = target.forward_tree(cache, len(prompt), tree)
+    with torch.inference_mode():
+        for node in range(len(tree)):
+            seq = prompt + [tree.tokens[i] for i in tree.path_to(node)]
+            ref = loaded.model(torch.tensor([seq]), output_hidden_states=True)
+            assert torch.allclose(out.logits[node], ref.logits[0, -1], atol=1e-4, rtol=0), node
+            assert torch.allclose(out.hidden[node], ref.hidden_states[-1][0, -1], atol=1e-4, rtol=0)
+
+
+def test_commit_keeps_prefix_and_accepted_path(loaded):
+    target = TargetModel(loaded.model, max_context=8192)
+    prompt = loaded.tokenizer("Once upon a time", return_tensors="pt").input_ids[0].tolist()
+    tree = TokenTree((11, 12, 13, 14), (-1, 0, 0, 2))
+    cache = target.new_cache()
+    target.prefill(cache, prompt)
+    target.forward_tree(cache, len(prompt), tree)
+    committed = target.commit(cache, len(prompt), [0, 2, 3])
+    assert committed == len(prompt) + 3
+    # the cache now equals a causal run over prompt + accepted tokens
+    nxt = TokenTree.root_only(15)
+    out = target.forward_tree(cache, committed, nxt)
+    with torch.inference_mode():
+        ref = loaded.model(torch.tensor([prompt + [11, 13, 14, 15]])).logits[0, -1]
+    assert torch.allclose(out.logits[0], ref, atol=1e-4, rtol=0)
