@@ -14,14 +14,20 @@ from device_client.session import Request, generate
 from device_client.text import DeviceTokenizer, TextStream
 from shared.protocol import pb, rpc
 
-DRAFTERS = ("none", "ngram", "heads")
+DRAFTERS = ("auto", "none", "ngram", "heads")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="device-client", description=__doc__)
     p.add_argument("prompt", help="the user message (or raw text with --raw)")
     p.add_argument("--server", default="127.0.0.1:50051", help="edge server HOST:PORT")
-    p.add_argument("--drafter", choices=DRAFTERS, default="ngram")
+    p.add_argument("--drafter", choices=DRAFTERS, default="auto",
+                   help="auto: heads when the server ships heads for its model, else ngram")
+    p.add_argument("--heads-tree", choices=["dynamic", "static"], default="dynamic",
+                   help="heads: per-round tree by cumulative log-prob, or the calibrated static tree")
+    p.add_argument("--heads-ngram", choices=["on", "off"], default="on",
+                   help="heads: merge prompt-lookup candidates into the heads' tree")
+    p.add_argument("--draft-threads", type=int, default=1, help="onnxruntime threads for the heads")
     p.add_argument("--mode", choices=["speculative", "server-ar"], default="speculative",
                    help="server-ar: the server decodes alone (baseline, no drafting)")
     p.add_argument("--tree-budget", type=int, default=16, help="most tree nodes per round, root included")
@@ -49,14 +55,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_drafter(name: str, stub: rpc.EdgeSpecStub, info: pb.ServerInfo) -> Drafter:
+def make_drafter(name: str, stub: rpc.EdgeSpecStub, info: pb.ServerInfo, heads_tree: str = "dynamic",
+                 heads_ngram: bool = True, threads: int = 1) -> Drafter:
+    """The drafter for `name`; heads come from the server's artifacts (cached by digest)."""
+    has_heads = any(a.name == "heads.json" for a in info.artifacts)
+    if name == "auto":
+        name = "heads" if has_heads else "ngram"
     if name == "none":
         from device_client.drafters.none import NoDrafter
         return NoDrafter()
     if name == "ngram":
         from device_client.drafters.ngram import NgramDrafter
         return NgramDrafter()
-    raise SystemExit(f"drafter {name!r} is not available yet")
+    if not has_heads:
+        raise SystemExit(f"the server ({info.model_name}) ships no drafter heads for its model; "
+                         "use --drafter ngram, or train heads with scripts/train_heads.py")
+    from device_client.drafters.heads import HeadsDrafter
+    meta = artifacts.fetch_all(stub, info, ["heads.json"])["heads.json"]
+    onnx_name = json.loads(meta.read_text()).get("onnx", "heads.int8.onnx")
+    onnx = artifacts.fetch_all(stub, info, [onnx_name])[onnx_name]
+    return HeadsDrafter(meta.parent, mode=heads_tree, ngram=heads_ngram, threads=threads,
+                        model_file=str(onnx))
 
 
 def load_tokenizer(stub: rpc.EdgeSpecStub, info: pb.ServerInfo) -> DeviceTokenizer:
@@ -73,7 +92,8 @@ def run(args: argparse.Namespace) -> dict:
         info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
         tokenizer = load_tokenizer(stub, info)
         prompt_ids = tokenizer.raw_ids(args.prompt) if args.raw else tokenizer.chat_ids(args.prompt, args.system)
-        drafter = make_drafter(args.drafter, stub, info)
+        drafter = make_drafter(args.drafter, stub, info, args.heads_tree, args.heads_ngram == "on",
+                               args.draft_threads)
         stream = TextStream(tokenizer)
 
         def show(tokens: list[int]) -> None:

@@ -22,6 +22,7 @@ CHUNK_BYTES = 256 * 1024
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE = "chat_template.jinja"
+HEADS_META = "heads.json"
 HEADS_DIR = Path(__file__).resolve().parent / "heads"
 
 
@@ -77,10 +78,11 @@ class ArtifactStore:
         if not meta_path.is_file():
             return False
         meta = json.loads(meta_path.read_text())
-        if meta.get("target_fingerprint") != fingerprint:
+        if meta.get("model_fingerprint") != fingerprint:
             log.warning("not serving heads in %s: trained for model fingerprint %s, this model is %s",
-                        folder, meta.get("target_fingerprint"), fingerprint)
+                        folder, meta.get("model_fingerprint"), fingerprint)
             return False
-        self.add("heads.json", meta_path)
-        self.add(meta["onnx_file"], folder / meta["onnx_file"])
+        onnx = meta.get("onnx", "heads.int8.onnx")
+        self.add(HEADS_META, meta_path)
+        self.add(onnx, folder / onnx)
         return True
