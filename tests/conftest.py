@@ -1,11 +1,6 @@
 """Fixtures: the real embedded model, and a real edge-server process on 127.0.0.1."""
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -34,41 +29,12 @@ def loaded():
     return load_model("default", torch.float32, "cpu")
 
 
-class ServerProcess:
-    def __init__(self, args: list[str]):
-        cmd = [sys.executable, "-m", "edge_server.cli", "--port", "0", "--log-level", "WARNING", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.log: list[str] = []
-        self.address = self._wait_ready()
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _wait_ready(self) -> str:
-        for line in self.proc.stdout:
-            self.log.append(line)
-            found = re.search(r"edge-server listening on (\S+)", line)
-            if found:
-                return found.group(1)
-        raise RuntimeError("edge-server exited before listening:\n" + "".join(self.log))
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.log.append(line)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 @pytest.fixture(scope="session")
 def server():
-    srv = ServerProcess(["--max-tree-nodes", "64", "--max-new-tokens", "512", "--max-sessions", "16"])
+    from edge_server.launcher import ServerProcess
+
+    srv = ServerProcess(["--log-level", "WARNING", "--max-tree-nodes", "64", "--max-new-tokens", "512",
+                         "--max-sessions", "16"])
     yield srv
     srv.stop()
 

@@ -1,0 +1,36 @@
+"""A device client behind the emulated link still gets exactly the greedy reference."""
+import importlib.util
+import sys
+
+import grpc
+import torch
+
+from device_client.drafters.ngram import NgramDrafter
+from device_client.session import Request, generate
+from shared.protocol import rpc
+
+from conftest import PROMPTS, ROOT
+
+
+def _netem():
+    spec = importlib.util.spec_from_file_location("netem", ROOT / "scripts" / "netem.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["netem"] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_client_through_4g_proxy_matches_greedy_reference(server, client, loaded):
+    _, info, tokenizer = client
+    ids = tokenizer.chat_ids(PROMPTS[7])
+    with torch.inference_mode():
+        ref = loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24,
+                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    host, port = server.address.rsplit(":", 1)
+    with _netem().run_proxy_in_thread("4g", upstream=(host, int(port))) as (phost, pport):
+        with grpc.insecure_channel(f"{phost}:{pport}") as channel:
+            rec = generate(rpc.EdgeSpecStub(channel), Request(ids, max_new_tokens=24), NgramDrafter(),
+                           info.tokenizer_fingerprint, timeout=120)
+    assert rec.token_ids == ref
+    # every round pays the emulated 50 ms RTT
+    assert rec.total_ms >= 50 * rec.rounds
