@@ -26,6 +26,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tree-nodes", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=4096)
     p.add_argument("--max-sessions", type=int, default=64)
+    p.add_argument("--kv-budget-mb", type=float, default=2048.0,
+                   help="KV cache memory for all sessions; a session reserves prompt + max_new_tokens + "
+                        "one tree at admission and is refused (RESOURCE_EXHAUSTED) when it does not fit")
+    p.add_argument("--idle-timeout", type=float, default=120.0,
+                   help="seconds a device may stay silent before its session and KV are freed")
+    p.add_argument("--max-batch-size", type=int, default=32, help="most sessions in one batched forward")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="most tokens in one batched forward")
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="most prompt tokens of one session per step (long prompts are interleaved)")
+    p.add_argument("--batch-window-ms", type=float, default=2.0,
+                   help="how long a step waits for more ready sessions (never when all are ready)")
+    p.add_argument("--fixed-budget", action="store_true",
+                   help="always offer --max-tree-nodes as next_tree_budget (no load-aware speculation)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -50,6 +63,7 @@ async def serve(args: argparse.Namespace) -> None:
     from edge_server import __version__
     from edge_server.artifacts import ArtifactStore
     from edge_server.model_store import load_model, model_fingerprint
+    from edge_server.scheduler import SchedulerConfig
     from edge_server.service import EdgeSpecService, Limits
     from edge_server.verifier import TargetModel
     from shared.protocol import pb, rpc
@@ -71,7 +85,11 @@ async def serve(args: argparse.Namespace) -> None:
     eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
     service = EdgeSpecService(
         target, loaded.name, fingerprint, eos_ids, artifacts, tok_fp,
-        Limits(args.max_tree_nodes, args.max_new_tokens, args.max_sessions), __version__,
+        Limits(args.max_tree_nodes, args.max_new_tokens, args.max_sessions, args.kv_budget_mb,
+               args.idle_timeout), __version__,
+        SchedulerConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                        prefill_chunk=args.prefill_chunk, prefill_min_chunk=min(32, args.prefill_chunk),
+                        window_ms=args.batch_window_ms, adaptive_budget=not args.fixed_budget),
     )
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
     rpc.add_EdgeSpecServicer_to_server(service, server)
@@ -86,8 +104,9 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(health.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s (%s, %s, context %d, heads %s) in %.1fs", loaded.name, dtype, device,
-             max_ctx, "yes" if heads else "no", time.perf_counter() - started)
+    log.info("serving %s (%s, %s, context %d, heads %s, KV budget %d positions) in %.1fs", loaded.name,
+             dtype, device, max_ctx, "yes" if heads else "no", service.pool.budget_tokens,
+             time.perf_counter() - started)
     # the line tests and scripts wait for; keep its shape
     print(f"edge-server listening on {args.host}:{port}", flush=True)
 
@@ -98,7 +117,7 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
-    service.worker.shutdown()
+    service.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

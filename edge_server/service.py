@@ -6,7 +6,10 @@ session is freed and every other session keeps running.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -14,10 +17,12 @@ import grpc
 import numpy as np
 
 from edge_server.artifacts import ArtifactStore
+from edge_server.kv_cache import KVBudgetError, KVPool
+from edge_server.metrics import ServerMetrics, render_prometheus
 from edge_server.sampling import Sampling, check_sampling
+from edge_server.scheduler import Scheduler, SchedulerConfig, StepInfo
 from edge_server.session import RoundResult, Session
 from edge_server.verifier import TargetModel
-from edge_server.worker import ModelWorker
 from shared.protocol import pb, rpc
 from shared.tree import TokenTree, TreeError
 
@@ -29,6 +34,8 @@ class Limits:
     max_tree_nodes: int = 128
     max_new_tokens: int = 4096
     max_sessions: int = 64
+    kv_budget_mb: float = 2048.0
+    idle_timeout_s: float = 120.0
 
 
 class BadRequest(Exception):
@@ -46,7 +53,7 @@ def _require(ok: bool, code: grpc.StatusCode, message: str) -> None:
 class EdgeSpecService(rpc.EdgeSpecServicer):
     def __init__(self, target: TargetModel, model_name: str, model_fingerprint: str,
                  eos_ids: list[int], artifacts: ArtifactStore, tokenizer_fingerprint: str,
-                 limits: Limits, version: str):
+                 limits: Limits, version: str, scheduler_config: SchedulerConfig | None = None):
         self.target = target
         self.model_name = model_name
         self.model_fingerprint = model_fingerprint
@@ -55,8 +62,14 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.limits = limits
         self.version = version
-        self.worker = ModelWorker()
+        self.metrics = ServerMetrics()
+        self.pool = KVPool.for_model(target.model, limits.kv_budget_mb)
+        self.scheduler = Scheduler(target, self.pool, scheduler_config or SchedulerConfig(),
+                                   limits.max_tree_nodes, self.metrics)
         self.sessions: dict[str, Session] = {}
+
+    def shutdown(self) -> None:
+        self.scheduler.stop()
 
     # ---- unary calls -------------------------------------------------------------------
     async def GetServerInfo(self, request, context) -> pb.ServerInfo:
@@ -70,6 +83,15 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             dtype=str(self.target.dtype).removeprefix("torch."), device=str(self.target.device),
             server_version=self.version, active_sessions=len(self.sessions),
         )
+
+    async def GetMetrics(self, request, context) -> pb.ServerMetrics:
+        status = self.scheduler.status()
+        snap = self.metrics.snapshot(dict(active_sessions=len(self.sessions), **status))
+        if request.reset:
+            self.metrics.reset()
+        return pb.ServerMetrics(json=json.dumps(snap), prometheus=render_prometheus(snap),
+                                active_sessions=len(self.sessions), kv_used_tokens=status["kv_used_tokens"],
+                                kv_budget_tokens=status["kv_budget_tokens"])
 
     async def FetchArtifact(self, request, context) -> AsyncIterator[pb.ArtifactChunk]:
         art = self.artifacts.get(request.name)
@@ -93,30 +115,43 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                      grpc.StatusCode.FAILED_PRECONDITION,
                      "the stream must begin with Start; send Start before any Draft or Cancel")
             session = self._open_session(first.start)
-            result, queue_ms = await self.worker.run(lambda: session.prefill(self.target))
+            result, step = await self.scheduler.prefill(session)
             yield pb.ServerMessage(started=pb.Started(
-                session_id=session.id, first=self._verdict(session, result, queue_ms, batch_tokens=result.tree_size)))
+                session_id=session.id, first=self._verdict(session, result, step)))
             if first.start.mode == pb.MODE_SERVER_AR:
                 async for msg in self._decode_alone(session, request_iterator):
                     yield msg
                 return
             while session.finish == pb.FINISH_NONE:
-                msg = await anext(aiter(request_iterator), None)
+                sent = time.perf_counter()
+                msg = await self._next_message(request_iterator)
+                self.metrics.device_wait((time.perf_counter() - sent) * 1e3)
                 if msg is None or msg.WhichOneof("kind") == "cancel":
                     session.finish = pb.FINISH_CANCELLED
                     return
                 tree = self._check_draft(session, msg)
-                result, queue_ms = await self.worker.run(lambda: session.verify(self.target, tree))
-                yield pb.ServerMessage(verdict=self._verdict(session, result, queue_ms, len(tree)))
+                result, step = await self.scheduler.verify(session, tree)
+                yield pb.ServerMessage(verdict=self._verdict(session, result, step))
         except BadRequest as bad:
             await context.abort(bad.code, bad.message)
         finally:
             if session is not None:
                 self.sessions.pop(session.id, None)
+                self.scheduler.release(session)
                 session.release()
 
+    async def _next_message(self, request_iterator):
+        """The device's next message; an idle device loses its session (and its KV) after the timeout."""
+        try:
+            return await asyncio.wait_for(anext(aiter(request_iterator), None), self.limits.idle_timeout_s)
+        except asyncio.TimeoutError:
+            self.metrics.count("sessions_idle_closed")
+            raise BadRequest(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"no Draft for {self.limits.idle_timeout_s:g} s; the session and its KV cache "
+                             "were freed; start a new generation") from None
+
     async def _decode_alone(self, session: Session, request_iterator) -> AsyncIterator[pb.ServerMessage]:
-        """Server-only autoregressive decoding: the baseline without a device drafter."""
+        """Server-only autoregressive decoding (the baseline), batched with everything else."""
         cancelled = asyncio.Event()
 
         async def watch() -> None:
@@ -129,28 +164,28 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         try:
             while session.finish == pb.FINISH_NONE and not cancelled.is_set():
                 tree = TokenTree.root_only(session.bonus)
-                result, queue_ms = await self.worker.run(lambda: session.verify(self.target, tree))
-                yield pb.ServerMessage(verdict=self._verdict(session, result, queue_ms, 1))
+                result, step = await self.scheduler.verify(session, tree)
+                yield pb.ServerMessage(verdict=self._verdict(session, result, step))
         finally:
             watcher.cancel()
 
-    def _verdict(self, session: Session, result: RoundResult, queue_ms: float, batch_tokens: int) -> pb.Verdict:
+    def _verdict(self, session: Session, result: RoundResult, step: StepInfo) -> pb.Verdict:
         hidden = b""
         if result.hidden is not None:
             hidden = result.hidden.detach().to("cpu").float().numpy().astype(np.float16).tobytes()
         return pb.Verdict(
             round=session.round, tokens=result.tokens, hidden_state=hidden,
             finish_reason=result.finish,
-            timings=pb.ServerTimings(queue_ms=queue_ms, compute_ms=result.compute_ms,
-                                     batch_size=1, batch_tokens=batch_tokens),
-            next_tree_budget=self.limits.max_tree_nodes,
+            timings=pb.ServerTimings(queue_ms=step.queue_ms, compute_ms=step.compute_ms,
+                                     batch_size=step.batch_size, batch_tokens=step.batch_tokens),
+            next_tree_budget=self.scheduler.next_budget(session),
         )
 
     # ---- validation --------------------------------------------------------------------
     def _open_session(self, start: pb.Start) -> Session:
         vocab, max_ctx = self.target.vocab_size, self.target.max_context
-        _require(len(self.sessions) < self.limits.max_sessions, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                 f"server is full ({self.limits.max_sessions} sessions); retry in a few seconds")
+        if len(self.sessions) >= self.limits.max_sessions:
+            self._busy(f"server is full ({self.limits.max_sessions} sessions)")
         _require(start.tokenizer_fingerprint == self.tokenizer_fingerprint,
                  grpc.StatusCode.FAILED_PRECONDITION,
                  f"tokenizer fingerprint {start.tokenizer_fingerprint or '(empty)'!r} is not this "
@@ -177,10 +212,26 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             prompt_ids=ids,
             params=Sampling(sp.temperature, sp.top_p if sp.top_p > 0 else 1.0, sp.top_k, sp.seed),
             max_new_tokens=start.max_new_tokens, stop_ids=frozenset(stops),
-            want_hidden=start.want_hidden_state,
+            want_hidden=start.want_hidden_state, speculative=start.mode != pb.MODE_SERVER_AR,
         )
+        queued = self.scheduler.queued_prefill_tokens()
+        if queued + len(ids) > self.scheduler.config.max_queued_prefill_tokens and queued:
+            self._busy(f"{queued} prompt tokens are waiting for prefill")
+        capacity = min(len(ids) + start.max_new_tokens, max_ctx) + self.limits.max_tree_nodes
+        try:
+            self.scheduler.admit(session, capacity)
+        except KVBudgetError as err:
+            self._busy(str(err))
         self.sessions[session.id] = session
         return session
+
+    def _busy(self, why: str) -> None:
+        """Backpressure: RESOURCE_EXHAUSTED with a retry hint from the current load."""
+        self.metrics.count("sessions_rejected")
+        # a rough wait: a few rounds of every active session at the current step cost
+        retry_s = max(1, math.ceil(len(self.sessions) * self.scheduler.cost.ms(1, 8) / 1e3))
+        raise BadRequest(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"{why}; retry in about {retry_s} s (retry-after-s={retry_s})")
 
     def _check_draft(self, session: Session, msg: pb.ClientMessage) -> TokenTree:
         kind = msg.WhichOneof("kind")

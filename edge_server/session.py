@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from edge_server.kv_cache import Row, Slot
 from edge_server.sampling import Sampling, choose_tokens
-from edge_server.verifier import ForwardResult, TargetModel
+from edge_server.verifier import TargetModel
 from shared.protocol import pb
 from shared.tree import TokenTree
 
@@ -27,6 +28,7 @@ class RoundResult:
     finish: int  # pb.FinishReason
     compute_ms: float
     tree_size: int
+    accepted: int = 0  # accepted draft nodes (root and bonus not counted)
 
 
 @dataclass
@@ -43,6 +45,12 @@ class Session:
     round: int = 0
     finish: int = pb.FINISH_NONE
     generator: torch.Generator | None = None
+    # batched path: a KV slot instead of a DynamicCache, the prompt fed in chunks
+    slot: Slot | None = None
+    prefilled: int = 0
+    speculative: bool = True
+    accepted_tokens: int = 0  # accepted draft tokens over all rounds (bonus tokens not counted)
+    tree_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.params.greedy:
@@ -60,40 +68,74 @@ class Session:
     def release(self) -> None:
         self.cache = None
 
+    # ---- unbatched path: its own DynamicCache (reference for tests and tools) ----------
     def prefill(self, target: TargetModel) -> RoundResult:
         started = time.perf_counter()
         self.cache = target.new_cache()
         out = target.prefill(self.cache, self.prompt_ids)
-        self.committed = len(self.prompt_ids)
-        last = len(self.prompt_ids) - 1
-        return self._finish_round(target, out, [last], [last], started, tree_size=len(self.prompt_ids))
+        self.committed = self.prefilled = len(self.prompt_ids)
+        return self._after_prompt(out.logits[-1:], out.hidden[-1], target.max_context, started)
 
     def verify(self, target: TargetModel, tree: TokenTree) -> RoundResult:
         started = time.perf_counter()
         out = target.forward_tree(self.cache, self.committed, tree)
-        choices = choose_tokens(out.logits, self.params, self.generator)
-        path = tree.accepted_path(choices)
-        self.committed = target.commit(self.cache, self.committed, path)
-        self.round += 1
-        # The newly generated tokens are the accepted non-root nodes, then the bonus choice.
-        drafted = [tree.tokens[i] for i in path[1:]]
-        return self._finish_round(target, out, path, choices, started, tree_size=len(tree),
-                                  drafted=drafted)
+        return self._accept(tree, out.logits, out.hidden,
+                            lambda path: target.commit(self.cache, self.committed, path),
+                            target.max_context, started)
 
-    def _finish_round(self, target: TargetModel, out: ForwardResult, path: list[int],
-                      choices: list[int], started: float, tree_size: int,
-                      drafted: list[int] | None = None) -> RoundResult:
-        last = path[-1]
-        if drafted is None:  # prefill: the only choice is the one after the last prompt token
-            bonus = choose_tokens(out.logits[last:last + 1], self.params, self.generator)[0]
-            new = [bonus]
-        else:
-            new = drafted + [choices[last]]
-        new, finish = self._apply_limits(new, target.max_context)
+    # ---- batched path: rows of a ragged scheduler step over this session's KV slot -----
+    def prefill_row(self, max_tokens: int) -> Row:
+        """The next prompt chunk (at most max_tokens); logits only after the prompt's last token."""
+        chunk = self.prompt_ids[self.prefilled:self.prefilled + max_tokens]
+        last = self.prefilled + len(chunk) == len(self.prompt_ids)
+        return Row(self.slot, self.prefilled, chunk, list(range(self.prefilled, self.prefilled + len(chunk))),
+                   None, [len(chunk) - 1] if last else [])
+
+    def after_prefill_row(self, row: Row, logits: torch.Tensor, hidden: torch.Tensor, max_context: int,
+                          started: float) -> RoundResult | None:
+        """Advances the prefill; returns the first verdict's round once the prompt is in."""
+        self.prefilled += row.n
+        self.committed = self.slot.length = self.prefilled
+        if self.prefilled < len(self.prompt_ids):
+            return None
+        return self._after_prompt(logits, hidden[-1], max_context, started)
+
+    def tree_row(self, tree: TokenTree) -> Row:
+        return Row(self.slot, self.committed, list(tree.tokens), [self.committed + d for d in tree.depths],
+                   tree.ancestor_mask() if len(tree) > 1 else None, list(range(len(tree))))
+
+    def after_tree_row(self, tree: TokenTree, logits: torch.Tensor, hidden: torch.Tensor, max_context: int,
+                       started: float) -> RoundResult:
+        return self._accept(tree, logits, hidden, lambda path: self.slot.commit_path(self.committed, path),
+                            max_context, started)
+
+    # ---- shared: exact acceptance and limits ---------------------------------------------
+    def _after_prompt(self, logits: torch.Tensor, hidden: torch.Tensor, max_context: int,
+                      started: float) -> RoundResult:
+        bonus = choose_tokens(logits, self.params, self.generator)[0]
+        return self._finish_round([bonus], hidden, max_context, started, len(self.prompt_ids))
+
+    def _accept(self, tree: TokenTree, logits: torch.Tensor, hidden: torch.Tensor, commit,
+                max_context: int, started: float) -> RoundResult:
+        choices = choose_tokens(logits, self.params, self.generator)
+        path = tree.accepted_path(choices)
+        self.committed = commit(path)
+        self.round += 1
+        self.accepted_tokens += len(path) - 1
+        self.tree_tokens += len(tree)
+        # The newly generated tokens are the accepted non-root nodes, then the bonus choice.
+        new = [tree.tokens[i] for i in path[1:]] + [choices[path[-1]]]
+        result = self._finish_round(new, hidden[path[-1]], max_context, started, len(tree))
+        result.accepted = len(path) - 1
+        return result
+
+    def _finish_round(self, new: list[int], hidden: torch.Tensor, max_context: int, started: float,
+                      tree_size: int) -> RoundResult:
+        new, finish = self._apply_limits(new, max_context)
         self.generated.extend(new)
         self.finish = finish
-        hidden = out.hidden[last] if self.want_hidden else None
-        return RoundResult(new, hidden, finish, (time.perf_counter() - started) * 1e3, tree_size)
+        return RoundResult(new, hidden if self.want_hidden else None, finish,
+                           (time.perf_counter() - started) * 1e3, tree_size)
 
     def _apply_limits(self, new: list[int], max_context: int) -> tuple[list[int], int]:
         """Cuts the round's tokens at the first stop token, max_new_tokens and the context."""

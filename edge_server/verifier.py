@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from edge_server.kv_cache import ATTN_NAME, RaggedBatch, RaggedCache, Row
 from shared.tree import TokenTree
 
 
@@ -27,6 +28,42 @@ class TargetModel:
         self.max_context = max_context
         self.vocab_size = int(model.config.vocab_size)
         self.hidden_size = int(model.config.hidden_size)
+        self.base = getattr(model, model.base_model_prefix)
+        self.lm_head = model.get_output_embeddings()
+        cfg = getattr(model.config, "text_config", None) or model.config
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.num_layers = int(cfg.num_hidden_layers)
+
+    @torch.inference_mode()
+    def forward_rows(self, rows: list[Row]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One forward over a ragged batch of rows (trees, prefill chunks, decode steps), each over
+        its own KV slot. Returns per row: float32 logits at its `logit_rows`, and the final hidden
+        state at every one of its tokens."""
+        batch = RaggedBatch(rows, self.dtype, self.device)
+        ids = torch.tensor([[t for r in rows for t in r.tokens]], device=self.device)
+        pos = torch.tensor([[p for r in rows for p in r.positions]], device=self.device)
+        cfg = self.model.config
+        previous = cfg._attn_implementation
+        cfg._attn_implementation = ATTN_NAME
+        try:
+            out = self.base(
+                input_ids=ids, position_ids=pos, past_key_values=RaggedCache(batch), use_cache=True,
+                attention_mask=torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=self.device),
+                cache_position=torch.arange(batch.total, device=self.device), edgespec_batch=batch,
+            )
+        finally:
+            cfg._attn_implementation = previous
+        hidden = out.last_hidden_state[0]
+        want = [r.start + i for r in rows for i in r.logit_rows]
+        logits = self.lm_head(hidden[want]).float() if want else hidden.new_zeros(0, self.vocab_size)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        per_row_logits, per_row_hidden, k = [], [], 0
+        for r in rows:
+            per_row_logits.append(logits[k:k + len(r.logit_rows)])
+            k += len(r.logit_rows)
+            per_row_hidden.append(hidden[r.start:r.start + r.n])
+        return per_row_logits, per_row_hidden
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache()

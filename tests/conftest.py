@@ -1,6 +1,8 @@
 """Fixtures: the real embedded model, and a real edge-server process on 127.0.0.1."""
 from __future__ import annotations
 
+import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,9 @@ def server():
     from edge_server.launcher import ServerProcess
 
     srv = ServerProcess(["--log-level", "WARNING", "--max-tree-nodes", "64", "--max-new-tokens", "512",
-                         "--max-sessions", "16"])
+                         "--max-sessions", "16",
+                         # e.g. "--device cuda --dtype float32" (scripts/gpu_check.sh)
+                         *shlex.split(os.environ.get("EDGESPEC_TEST_SERVER_ARGS", ""))])
     yield srv
     srv.stop()
 

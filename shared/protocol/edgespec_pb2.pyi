@@ -192,3 +192,23 @@ class ArtifactChunk(_message.Message):
     total_size: int
     sha256: str
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class MetricsRequest(_message.Message):
+    __slots__ = ("reset",)
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    reset: bool
+    def __init__(self, reset: _Optional[bool] = ...) -> None: ...
+
+class ServerMetrics(_message.Message):
+    __slots__ = ("json", "prometheus", "active_sessions", "kv_used_tokens", "kv_budget_tokens")
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    PROMETHEUS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_USED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    prometheus: str
+    active_sessions: int
+    kv_used_tokens: int
+    kv_budget_tokens: int
+    def __init__(self, json: _Optional[str] = ..., prometheus: _Optional[str] = ..., active_sessions: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_budget_tokens: _Optional[int] = ...) -> None: ...

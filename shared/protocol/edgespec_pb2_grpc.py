@@ -49,6 +49,11 @@ class EdgeSpecStub:
                 request_serializer=edgespec__pb2.ArtifactRequest.SerializeToString,
                 response_deserializer=edgespec__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/edgespec.v1.EdgeSpec/GetMetrics',
+                request_serializer=edgespec__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=edgespec__pb2.ServerMetrics.FromString,
+                _registered_method=True)
 
 
 class EdgeSpecServicer:
@@ -76,6 +81,13 @@ class EdgeSpecServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetrics(self, request, context):
+        """Scheduler and session metrics (JSON and Prometheus text) for benchmarks and monitoring.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeSpecServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +105,11 @@ def add_EdgeSpecServicer_to_server(servicer, server):
                     servicer.FetchArtifact,
                     request_deserializer=edgespec__pb2.ArtifactRequest.FromString,
                     response_serializer=edgespec__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=edgespec__pb2.MetricsRequest.FromString,
+                    response_serializer=edgespec__pb2.ServerMetrics.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +193,33 @@ class EdgeSpec:
             '/edgespec.v1.EdgeSpec/FetchArtifact',
             edgespec__pb2.ArtifactRequest.SerializeToString,
             edgespec__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgespec.v1.EdgeSpec/GetMetrics',
+            edgespec__pb2.MetricsRequest.SerializeToString,
+            edgespec__pb2.ServerMetrics.FromString,
             options,
             channel_credentials,
             insecure,

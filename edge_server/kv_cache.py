@@ -1,0 +1,221 @@
+"""KV storage for batched verification: one preallocated slot per session, ragged attention.
+
+Layout. Every session owns a slot: one tensor [layers, 2 (k/v), kv_heads, capacity, head_dim]
+allocated once at admission, sized for its prompt + max_new_tokens + one tree. Position p of
+the committed sequence lives at index p of the slot. A scheduler step is a *ragged* batch: the
+new tokens of every row (a tree, a prefill chunk, a server-only decode step) are concatenated
+into one sequence [1, T] so the linear layers (QKV, MLP, LM head: nearly all the FLOPs) run
+once for the whole batch, without query padding. Attention then runs per row over that row's
+own slot view `slot[layer, k|v, :, :past + n]` — a view, never a copy — with the row's additive
+tree/causal mask. So no step copies any session's cache into a padded batch, and rows may sit
+in any slots (no compaction). The new keys of a row are written at its own offset; committing
+an accepted path moves only the accepted nodes' K/V (a few positions) into place.
+
+Memory is bounded: the pool admits a slot only while the reserved tokens fit the configured
+budget, and says how much is free when it refuses.
+
+The hook into transformers (4.57): a `Cache` subclass whose `update()` scatters the step's new
+K/V into the slots, and an attention function registered in `ALL_ATTENTION_FUNCTIONS` that the
+model uses only while a batched forward runs (the config's attention implementation is switched
+for the call and restored after). A tiny 4D dummy mask makes the model skip its own mask build.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+ATTN_NAME = "edgespec_ragged"
+
+
+class KVBudgetError(RuntimeError):
+    """The KV budget cannot hold another slot of the asked size."""
+
+
+class Slot:
+    def __init__(self, pool: "KVPool", capacity: int):
+        self.pool = pool
+        self.capacity = capacity
+        self.storage = torch.empty(pool.num_layers, 2, pool.kv_heads, capacity, pool.head_dim,
+                                   dtype=pool.dtype, device=pool.device)
+        self.length = 0  # committed positions
+        self.freed = False
+
+    def commit_path(self, past: int, path: list[int]) -> int:
+        """Keeps positions [0, past) plus the tree nodes on `path` (indices into the tree written at
+        `past`); moves only those nodes' K/V. Returns the new committed length."""
+        n = len(path)
+        if path != list(range(n)):  # identity prefix needs no move
+            src = torch.tensor(path, device=self.storage.device) + past
+            self.storage[:, :, :, past:past + n] = self.storage[:, :, :, src]
+        self.length = past + n
+        return self.length
+
+
+class KVPool:
+    """Admission-controlled slots under a token budget."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, budget_tokens: int):
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.budget_tokens = budget_tokens
+        self.used_tokens = 0
+        self.slots = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_model(cls, model, budget_mb: float) -> "KVPool":
+        cfg = model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        p = next(model.parameters())
+        per_token = cfg.num_hidden_layers * 2 * kv_heads * head_dim * p.element_size()
+        return cls(cfg.num_hidden_layers, kv_heads, head_dim, p.dtype, p.device,
+                   int(budget_mb * 2**20 // per_token))
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    @property
+    def free_tokens(self) -> int:
+        return self.budget_tokens - self.used_tokens
+
+    def allocate(self, capacity: int) -> Slot:
+        with self._lock:
+            if capacity > self.free_tokens:
+                self._refuse(capacity)
+            self.used_tokens += capacity
+            self.slots += 1
+        try:
+            return Slot(self, capacity)
+        except RuntimeError as err:  # the device itself is out of memory
+            with self._lock:
+                self.used_tokens -= capacity
+                self.slots -= 1
+            raise KVBudgetError(f"cannot allocate a KV slot of {capacity} positions: {err}") from None
+
+    def _refuse(self, capacity: int) -> None:
+        mb = self.bytes_per_token / 2**20
+        raise KVBudgetError(
+            f"KV budget exhausted: this session needs {capacity} KV positions "
+            f"({capacity * mb:.0f} MiB) but only {self.free_tokens} of {self.budget_tokens} are free "
+            f"({self.slots} sessions hold the rest)")
+
+    def free(self, slot: Slot) -> None:
+        with self._lock:
+            if slot.freed:
+                return
+            slot.freed = True
+            self.used_tokens -= slot.capacity
+            self.slots -= 1
+        slot.storage = None  # the memory goes back now, not when the session object dies
+
+
+@dataclass
+class Row:
+    """One row of a ragged step: `tokens` written at slot offset `past`, seeing slot[:past] fully
+    and the row's own tokens through `visible` (bool [n, n]; None = causal)."""
+    slot: Slot
+    past: int
+    tokens: list[int]
+    positions: list[int]
+    visible: np.ndarray | None = None
+    logit_rows: list[int] = field(default_factory=list)  # rows (within this row) that need logits
+    # filled by the batch
+    start: int = 0
+    mask: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+
+class RaggedBatch:
+    def __init__(self, rows: list[Row], dtype: torch.dtype, device: torch.device):
+        self.rows = rows
+        start = 0
+        minval = torch.finfo(dtype).min
+        for row in rows:
+            row.start = start
+            start += row.n
+            if row.n == 1:
+                row.mask = None  # one query sees everything before it: no mask needed
+                continue
+            if row.visible is None:
+                own = torch.ones(row.n, row.n, dtype=torch.bool).tril_()
+            else:
+                own = torch.from_numpy(row.visible)
+            mask = torch.zeros(row.n, row.past + row.n, dtype=dtype)
+            mask[:, row.past:].masked_fill_(~own, minval)
+            row.mask = mask[None, None].to(device)
+        self.total = start
+        self._window_masks: dict[int, list[torch.Tensor | None]] = {}
+
+    def window_masks(self, window: int) -> list[torch.Tensor | None]:
+        """Row masks with a sliding window on top (models with local-attention layers)."""
+        if window not in self._window_masks:
+            out = []
+            for row in self.rows:
+                kpos = torch.cat([torch.arange(row.past), torch.tensor(row.positions)])
+                qpos = torch.tensor(row.positions)
+                far = (qpos[:, None] - kpos[None, :]) >= window
+                base = row.mask[0, 0].clone() if row.mask is not None else torch.zeros(
+                    row.n, row.past + row.n, dtype=self.rows[0].slot.pool.dtype)
+                base = base.to("cpu").masked_fill_(far, torch.finfo(base.dtype).min)
+                out.append(base[None, None].to(row.slot.pool.device))
+            self._window_masks[window] = out
+        return self._window_masks[window]
+
+
+class RaggedCache(Cache):
+    """Writes each row's new K/V into its slot; attention reads the slots (see ragged_attention)."""
+
+    is_compileable = False
+
+    def __init__(self, batch: RaggedBatch):
+        super().__init__(layers=[])
+        self.batch = batch
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        for row in self.batch.rows:
+            store = row.slot.storage[layer_idx]
+            store[0, :, row.past:row.past + row.n] = key_states[0, :, row.start:row.start + row.n]
+            store[1, :, row.past:row.past + row.n] = value_states[0, :, row.start:row.start + row.n]
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, cache_position, layer_idx: int = 0):
+        return int(cache_position.shape[0]), 0
+
+
+def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     sliding_window=None, **kwargs):
+    """Per-row attention over each row's own slot view; query is [1, heads, T, head_dim]."""
+    batch: RaggedBatch = kwargs["edgespec_batch"]
+    layer = module.layer_idx
+    gqa = query.shape[1] != key.shape[1]
+    masks = batch.window_masks(sliding_window) if sliding_window else [r.mask for r in batch.rows]
+    outs = []
+    for row, mask in zip(batch.rows, masks):
+        store = row.slot.storage[layer]
+        end = row.past + row.n
+        q = query[:, :, row.start:row.start + row.n]
+        k = store[0, :, :end].unsqueeze(0)
+        v = store[1, :, :end].unsqueeze(0)
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+ALL_ATTENTION_FUNCTIONS.register(ATTN_NAME, ragged_attention)

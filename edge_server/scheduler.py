@@ -1,0 +1,413 @@
+"""Continuous batching: one forward per step over the ready work of every session.
+
+Work items: a prompt prefill (fed in chunks), a draft tree to verify, or a server-only decode
+step (a root-only tree). One model thread loops: apply releases (free KV slots), take the ready
+items, build one ragged batch (edge_server.kv_cache), run it, hand each session its result.
+
+Policy
+- Trees and decode steps first, oldest first (FIFO = fair: what is left over is oldest next
+  step), up to `max_batch_size` rows and `max_batch_tokens` tokens.
+- Prefills fill the remaining token room in chunks of at most `prefill_chunk`, oldest prompt
+  first; they always get at least `prefill_min_chunk` so a busy server still admits, and a long
+  prompt never holds up other sessions' rounds for more than one chunk's worth of compute.
+- Collection window: when fewer sessions are ready than are active, wait a little for more
+  (`window_ms`, or 8% of the recent step time when larger, at most `window_max_ms`: a device
+  that misses a step waits a whole step) and stop as soon as every active session is ready.
+  A lone session never waits.
+- Backpressure happens at admission (the service refuses with RESOURCE_EXHAUSTED): every session
+  has at most one item in flight, so the queue is bounded by the admitted sessions; queued
+  prefill tokens are bounded too.
+
+Load-aware speculation: `BudgetPolicy` keeps a least-squares cost model of step ms vs (rows,
+tokens) and each session's acceptance (accepted tokens per log2 of tree size, and how much of
+its budget the device actually fills), and picks per-session tree budgets that maximise the
+expected tokens/s of the whole server for the current set of sessions (greedy doubling).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from edge_server.kv_cache import KVPool, Row
+from edge_server.metrics import ServerMetrics, StepRecord
+from edge_server.session import RoundResult, Session
+from edge_server.verifier import TargetModel
+from shared.tree import TokenTree
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int = 32
+    max_batch_tokens: int = 512
+    prefill_chunk: int = 128
+    prefill_min_chunk: int = 32
+    window_ms: float = 2.0  # at least this; up to window_frac of the recent step time, capped
+    window_frac: float = 0.08
+    window_max_ms: float = 10.0
+    max_queued_prefill_tokens: int = 16384
+    adaptive_budget: bool = True
+
+
+@dataclass
+class StepInfo:
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+    batch_tokens: int
+
+
+@dataclass
+class _Item:
+    session: Session
+    tree: TokenTree | None  # None: prefill
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.perf_counter)
+    first_served: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.tree) if self.tree is not None else len(self.session.prompt_ids) - self.session.prefilled
+
+
+class CostModel:
+    """step_ms ≈ base + per_token·tokens + per_row·rows, refit by least squares on recent steps."""
+
+    def __init__(self, base_ms: float = 30.0, per_token_ms: float = 1.5, per_row_ms: float = 1.0):
+        self.coef = np.array([base_ms, per_token_ms, per_row_ms])
+        self.samples: deque[tuple[float, float, float]] = deque(maxlen=256)
+        self._since_fit = 0
+
+    def observe(self, rows: int, tokens: int, ms: float) -> None:
+        self.samples.append((rows, tokens, ms))
+        self._since_fit += 1
+        if self._since_fit >= 16 and len(self.samples) >= 24:
+            self._fit()
+
+    def _fit(self) -> None:
+        self._since_fit = 0
+        data = np.asarray(self.samples)
+        x = np.column_stack([np.ones(len(data)), data[:, 1], data[:, 0]])
+        y = data[:, 2]
+        # ridge towards the current coefficients keeps the fit sane when the load barely varies
+        lam = np.diag([1.0, 50.0, 20.0])
+        coef = np.linalg.solve(x.T @ x + lam, x.T @ y + lam @ self.coef)
+        self.coef = np.maximum(coef, [1.0, 0.05, 0.0])
+
+    def ms(self, rows: float, tokens: float) -> float:
+        return float(self.coef[0] + self.coef[1] * tokens + self.coef[2] * rows)
+
+    def as_dict(self) -> dict:
+        return dict(base_ms=float(self.coef[0]), per_token_ms=float(self.coef[1]), per_row_ms=float(self.coef[2]),
+                    samples=len(self.samples))
+
+
+@dataclass
+class _Accept:
+    gain: float = 0.6  # accepted draft tokens per log2(tree size) (prior: τ(16) ≈ 3.4)
+    fill: float = 1.0  # tree size the device sends / budget it was given
+    budget: int = 0
+    asked: int = 0  # budgets handed out (every PROBE_EVERY-th is a probe)
+    last_given: int = 0
+
+
+class BudgetPolicy:
+    """Per-session tree budgets that maximise the server's expected tokens/s.
+
+    A session held at a small budget still gets a larger probe budget every PROBE_EVERY rounds,
+    so its acceptance keeps being measured and the budget can grow back when the load drops
+    or the text turns predictable.
+    """
+
+    PROBE_EVERY = 24
+    PROBE_BUDGET = 6
+
+    def __init__(self, max_nodes: int, cost: CostModel, adaptive: bool = True):
+        self.max_nodes = max_nodes
+        self.cost = cost
+        self.adaptive = adaptive
+        self.stats: dict[str, _Accept] = {}
+        self._dirty = True
+
+    def add(self, sid: str, speculative: bool) -> None:
+        self.stats[sid] = _Accept(budget=self.max_nodes if speculative else 0)
+        self._dirty = True
+
+    def remove(self, sid: str) -> None:
+        self.stats.pop(sid, None)
+        self._dirty = True
+
+    def observe(self, sid: str, tree_size: int, accepted: int) -> None:
+        st = self.stats.get(sid)
+        if st is None or st.budget == 0:
+            return
+        given = st.last_given or st.budget
+        if given > 1:
+            st.fill = 0.8 * st.fill + 0.2 * min(1.0, tree_size / given)
+        if tree_size > 1:
+            st.gain = 0.85 * st.gain + 0.15 * accepted / math.log2(tree_size)
+
+    def current(self, sid: str) -> int:
+        st = self.stats.get(sid)
+        return st.budget if st else 0
+
+    def budget(self, sid: str) -> int:
+        """The budget for the session's next round (the policy's choice, or a probe)."""
+        st = self.stats.get(sid)
+        if not st or not st.budget:
+            return self.max_nodes
+        st.asked += 1
+        b = st.budget
+        if self.adaptive and b < self.PROBE_BUDGET and st.asked % self.PROBE_EVERY == 0:
+            b = min(self.max_nodes, self.PROBE_BUDGET)
+        st.last_given = b
+        return b
+
+    @staticmethod
+    def _tau(st: _Accept, b: int) -> tuple[float, float]:
+        size = max(1.0, st.fill * b)
+        return 1.0 + st.gain * math.log2(size), size
+
+    def refresh(self) -> None:
+        """Greedy: start every speculative session at budget 1, keep doubling the one whose
+        doubling raises total expected tokens/s most, stop when no doubling helps."""
+        self._dirty = False
+        if not self.adaptive:
+            return
+        spec = [st for st in self.stats.values() if st.budget]
+        ar = len(self.stats) - len(spec)
+        if not spec:
+            return
+        budgets = [1] * len(spec)
+        rows = len(self.stats)
+
+        def rate(bs: list[int]) -> float:
+            taus, sizes = zip(*(self._tau(st, b) for st, b in zip(spec, bs)))
+            return (sum(taus) + ar) / self.cost.ms(rows, sum(sizes) + ar)
+
+        best = rate(budgets)
+        while True:
+            pick, pick_rate = None, best
+            for i, b in enumerate(budgets):
+                if b >= self.max_nodes:
+                    continue
+                trial = budgets.copy()
+                trial[i] = min(self.max_nodes, b * 2)
+                r = rate(trial)
+                if r > pick_rate * 1.001:
+                    pick, pick_rate = i, r
+            if pick is None:
+                break
+            budgets[pick] = min(self.max_nodes, budgets[pick] * 2)
+            best = pick_rate
+        for st, b in zip(spec, budgets):
+            st.budget = b
+
+
+class Scheduler:
+    def __init__(self, target: TargetModel, pool: KVPool, config: SchedulerConfig, max_tree_nodes: int,
+                 metrics: ServerMetrics | None = None):
+        self.target = target
+        self.pool = pool
+        self.config = config
+        self.metrics = metrics or ServerMetrics()
+        self.cost = CostModel()
+        self.policy = BudgetPolicy(max_tree_nodes, self.cost, config.adaptive_budget)
+        self._cv = threading.Condition()
+        self._pending: list[_Item] = []
+        self._releases: list[Session] = []
+        self._active: set[str] = set()
+        self._stopping = False
+        self._steps = 0
+        self._recent_step_ms = 0.0
+        self._thread = threading.Thread(target=self._run, name="edgespec-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- called from the asyncio side -------------------------------------------------------
+    def admit(self, session: Session, capacity: int) -> None:
+        """Reserves the session's KV slot (KVBudgetError when the budget is full)."""
+        session.slot = self.pool.allocate(capacity)
+        with self._cv:
+            self._active.add(session.id)
+            self.policy.add(session.id, session.speculative)
+        self.metrics.session_open(session.id, "speculative" if session.speculative else "server-ar")
+
+    def queued_prefill_tokens(self) -> int:
+        with self._cv:
+            return sum(it.tokens for it in self._pending if it.tree is None)
+
+    def release(self, session: Session) -> None:
+        """Frees the session's KV on the model thread (between steps); safe at any time."""
+        with self._cv:
+            self._active.discard(session.id)
+            self._releases.append(session)
+            self._cv.notify()
+
+    async def prefill(self, session: Session) -> tuple[RoundResult, StepInfo]:
+        return await self._submit(session, None)
+
+    async def verify(self, session: Session, tree: TokenTree) -> tuple[RoundResult, StepInfo]:
+        return await self._submit(session, tree)
+
+    async def _submit(self, session: Session, tree: TokenTree | None):
+        loop = asyncio.get_running_loop()
+        item = _Item(session, tree, loop.create_future(), loop)
+        with self._cv:
+            self._pending.append(item)
+            self._cv.notify()
+        return await item.future
+
+    def next_budget(self, session: Session) -> int:
+        with self._cv:
+            return self.policy.budget(session.id)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def status(self) -> dict:
+        with self._cv:
+            return dict(kv_used_tokens=self.pool.used_tokens, kv_budget_tokens=self.pool.budget_tokens,
+                        kv_slots=self.pool.slots, queued_prefill_tokens=sum(
+                            it.tokens for it in self._pending if it.tree is None),
+                        cost_model=self.cost.as_dict())
+
+    # ---- the model thread ---------------------------------------------------------------
+    def _apply_releases(self) -> None:
+        if not self._releases:
+            return
+        gone = {s.id for s in self._releases}
+        for it in self._pending:
+            if it.session.id in gone:
+                it.loop.call_soon_threadsafe(_cancel, it.future)
+        self._pending = [it for it in self._pending if it.session.id not in gone]
+        for s in self._releases:
+            if s.slot is not None:
+                self.pool.free(s.slot)
+            self.policy.remove(s.id)
+            self.metrics.session_close(s.id)
+        self._releases.clear()
+
+    def _take(self) -> list[tuple[_Item, Row]]:
+        cfg = self.config
+        chosen: list[tuple[_Item, Row]] = []
+        tokens = 0
+        for it in sorted((i for i in self._pending if i.tree is not None), key=lambda i: i.enqueued):
+            if len(chosen) >= cfg.max_batch_size or (chosen and tokens + len(it.tree) > cfg.max_batch_tokens):
+                break
+            chosen.append((it, it.session.tree_row(it.tree)))
+            tokens += len(it.tree)
+        took_prefill = False
+        for it in sorted((i for i in self._pending if i.tree is None), key=lambda i: i.enqueued):
+            room = cfg.max_batch_tokens - tokens
+            if not took_prefill:
+                room = max(room, cfg.prefill_min_chunk)
+            room = min(room, cfg.prefill_chunk)
+            if room <= 0 or len(chosen) >= cfg.max_batch_size:
+                break
+            row = it.session.prefill_row(room)
+            chosen.append((it, row))
+            tokens += row.n
+            took_prefill = True
+        return chosen
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._pending and not self._releases and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    for it in self._pending:
+                        it.loop.call_soon_threadsafe(_cancel, it.future)
+                    return
+                self._apply_releases()
+                if not self._pending:
+                    continue
+                cfg = self.config
+                window = min(cfg.window_max_ms, max(cfg.window_ms, cfg.window_frac * self._recent_step_ms))
+                deadline = time.perf_counter() + window / 1e3
+                while len(self._pending) < len(self._active) and not self._releases:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+                self._apply_releases()
+                batch = self._take()
+                if not batch:
+                    continue
+                if self.policy._dirty or self._steps % 8 == 0:
+                    self.policy.refresh()
+            self._step(batch)
+
+    def _step(self, batch: list[tuple[_Item, Row]]) -> None:
+        started = time.perf_counter()
+        rows = [row for _, row in batch]
+        n_tokens = sum(r.n for r in rows)
+        for it, _ in batch:
+            if it.first_served is None:
+                it.first_served = started
+        try:
+            logits, hidden = self.target.forward_rows(rows)
+            results: list = []
+            for (it, row), lg, hd in zip(batch, logits, hidden):
+                s = it.session
+                if it.tree is None:
+                    results.append(s.after_prefill_row(row, lg, hd, self.target.max_context, started))
+                else:
+                    results.append(s.after_tree_row(it.tree, lg, hd, self.target.max_context, started))
+        except Exception as err:  # a bug or OOM: fail this step's sessions, keep serving others
+            log.exception("scheduler step failed")
+            with self._cv:
+                for it, _ in batch:
+                    self._pending.remove(it)
+                    it.loop.call_soon_threadsafe(_fail, it.future, err)
+            return
+        compute_ms = (time.perf_counter() - started) * 1e3
+        self.cost.observe(len(rows), n_tokens, compute_ms)
+        self._recent_step_ms = 0.8 * self._recent_step_ms + 0.2 * compute_ms
+        self._steps += 1
+        prefill_tokens = sum(row.n for (it, row) in batch if it.tree is None)
+        queue = []
+        with self._cv:
+            for (it, row), res in zip(batch, results):
+                if res is None:
+                    continue  # a prefill with chunks to go stays pending
+                self._pending.remove(it)
+                queue_ms = (it.first_served - it.enqueued) * 1e3
+                queue.append(queue_ms)
+                if it.tree is not None:
+                    self.policy.observe(it.session.id, len(it.tree), res.accepted)
+                    self.metrics.session_round(it.session.id, len(it.tree), res.accepted, len(res.tokens),
+                                               self.policy.current(it.session.id))
+                info = StepInfo(queue_ms, compute_ms, len(rows), n_tokens)
+                it.loop.call_soon_threadsafe(_resolve, it.future, (res, info))
+        self.metrics.step(StepRecord(time.monotonic(), len(rows), n_tokens, prefill_tokens, compute_ms,
+                                     float(np.mean(queue)) if queue else 0.0))
+
+
+def _resolve(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _fail(fut: asyncio.Future, err: Exception) -> None:
+    if not fut.done():
+        fut.set_exception(err)
+
+
+def _cancel(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.cancel()

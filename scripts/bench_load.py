@@ -1,0 +1,236 @@
+"""Load benchmark: N concurrent device clients on loopback against one batching edge server.
+
+For N in --clients (default 1 2 4 8 16) and every method (server-ar, none, ngram, heads), all
+N clients start together, each runs --requests generations of exactly --max-new-tokens tokens
+(--ignore-eos, so methods do the same work) over a fixed prompt set, and the run records total
+tokens/s, per-client inter-token latency p50/p95, and the server's per-step batch statistics
+(GetMetrics, reset between runs). Methods run back to back at each N in the same server, and
+their tokens/s are reported as ratios to server-ar at the same N. Greedy outputs of all methods
+are checked to be identical (lossless).
+
+Writes results/<date>/load/{results.json, table.md, tokens_per_s.png}.
+
+    .venv/bin/python scripts/bench_load.py
+    .venv/bin/python scripts/bench_load.py --clients 1 8 --methods server-ar ngram --max-new-tokens 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from bench_common import PROMPTS, markdown_table, results_dir, save_json  # noqa: E402
+
+from device_client.cli import load_tokenizer, make_drafter  # noqa: E402
+from device_client.session import Request, generate  # noqa: E402
+from edge_server.launcher import ServerProcess  # noqa: E402
+from shared.protocol import pb, rpc  # noqa: E402
+
+COLUMNS = [("clients", "N", "d"), ("method", "method", ""), ("tokens_per_s", "tok/s", ".1f"),
+           ("vs_server_ar", "× server-ar", ".2f"), ("tau", "τ", ".2f"), ("itl_ms_p50", "ITL p50 ms", ".1f"),
+           ("itl_ms_p95", "ITL p95 ms", ".1f"), ("ttft_ms_p50", "TTFT p50 ms", ".0f"),
+           ("batch_size_mean", "batch rows", ".1f"), ("batch_tokens_mean", "batch tok", ".1f"),
+           ("verify_ms_p50", "step ms p50", ".1f"), ("queue_ms_p50", "queue ms p50", ".1f"),
+           ("tree_mean", "tree nodes", ".1f")]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--methods", nargs="+", default=["server-ar", "none", "ngram", "heads"])
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--requests", type=int, default=1, help="generations per client at each N")
+    p.add_argument("--tree-budget", type=int, default=32, help="the devices' own budget cap")
+    p.add_argument("--server", default=None, help="use a running server HOST:PORT instead of starting one")
+    p.add_argument("--server-args", default="--threads 1",
+                   help="extra edge-server flags (default: one torch thread; on this shared 2-core box "
+                        "two threads oversubscribe and steps slow down ~20x)")
+    p.add_argument("--out", default=None, help="output folder (default results/<date>/load)")
+    p.add_argument("--no-plot", action="store_true")
+    return p.parse_args(argv)
+
+
+def run_load(address: str, method: str, clients: int, args) -> tuple[float, list]:
+    """All clients connect and load their drafters first, then start together on a barrier."""
+    records, errors = [], []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def client(index: int) -> None:
+        try:
+            with grpc.insecure_channel(address) as channel:
+                stub = rpc.EdgeSpecStub(channel)
+                info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+                tokenizer = load_tokenizer(stub, info)
+                drafter = make_drafter("none" if method == "server-ar" else method, stub, info)
+                prompts = [PROMPTS[(index + k * clients) % len(PROMPTS)] for k in range(args.requests)]
+                reqs = [Request(tokenizer.chat_ids(p), max_new_tokens=args.max_new_tokens,
+                                tree_budget=min(args.tree_budget, info.max_tree_nodes),
+                                server_ar=method == "server-ar", ignore_eos=True) for p in prompts]
+                barrier.wait(timeout=120)
+                for req in reqs:
+                    rec = generate(stub, req, drafter, info.tokenizer_fingerprint, timeout=900)
+                    with lock:
+                        records.append((index, rec))
+        except BaseException as err:  # reported after the join
+            errors.append(err)
+            try:
+                barrier.abort()
+            except Exception:
+                pass
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        barrier.wait(timeout=180)
+    except threading.BrokenBarrierError:
+        pass
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{method} with {clients} clients failed: {errors[0]!r}") from errors[0]
+    return wall, records
+
+
+def summarize(method: str, clients: int, wall: float, records: list, metrics: dict) -> dict:
+    recs = [r for _, r in records]
+    tokens = sum(len(r.token_ids) for r in recs)
+    rounds = sum(r.rounds for r in recs)
+    per_client_p50, per_client_p95 = [], []
+    for idx in sorted({i for i, _ in records}):
+        itl = np.concatenate([np.asarray(r.itl_ms) for i, r in records if i == idx and r.itl_ms] or [np.zeros(1)])
+        per_client_p50.append(float(np.percentile(itl, 50)))
+        per_client_p95.append(float(np.percentile(itl, 95)))
+    win = metrics.get("window", {})
+    trees = [s for r in recs for s in r.tree_sizes]
+    return {
+        "method": method, "clients": clients, "requests": len(recs), "tokens": tokens, "wall_s": wall,
+        "tokens_per_s": tokens / wall, "tau": (tokens - len(recs)) / rounds if rounds else 0.0,
+        # per-client ITL percentiles, then the median client (p50) and the worst client (p95)
+        "itl_ms_p50": float(np.median(per_client_p50)), "itl_ms_p95": float(np.max(per_client_p95)),
+        "itl_ms_p50_per_client": per_client_p50, "itl_ms_p95_per_client": per_client_p95,
+        "ttft_ms_p50": float(np.median([r.ttft_ms for r in recs])),
+        "tree_mean": float(np.mean(trees)) if trees else 1.0,
+        "batch_size_mean": win.get("batch_size", {}).get("mean", 0.0),
+        "batch_size_max": win.get("batch_size", {}).get("max", 0.0),
+        "batch_tokens_mean": win.get("batch_tokens", {}).get("mean", 0.0),
+        "batch_tokens_p95": win.get("batch_tokens", {}).get("p95", 0.0),
+        "verify_ms_p50": win.get("verify_ms", {}).get("p50", 0.0),
+        "verify_ms_p95": win.get("verify_ms", {}).get("p95", 0.0),
+        "queue_ms_p50": win.get("queue_ms", {}).get("p50", 0.0),
+        "queue_ms_p95": win.get("queue_ms", {}).get("p95", 0.0),
+        "steps": win.get("steps", 0), "cost_model": metrics.get("cost_model"),
+        "token_ids": [r.token_ids for r in recs], "prompts": [r.prompt_token_ids for r in recs],
+    }
+
+
+def check_lossless(rows: list[dict]) -> list[str]:
+    seen, problems = {}, []
+    for row in rows:
+        for prompt, out in zip(row["prompts"], row["token_ids"]):
+            key = tuple(prompt)
+            if key in seen and seen[key][0] != out:
+                problems.append(f"{row['method']} N={row['clients']} differs from {seen[key][1]}")
+            seen.setdefault(key, (out, f"{row['method']} N={row['clients']}"))
+    return problems
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["clients"], r["tokens_per_s"], r["vs_server_ar"]) for r in rows if r["method"] == method)
+        xs = [p[0] for p in pts]
+        a1.plot(xs, [p[1] for p in pts], marker="o", label=method)
+        a2.plot(xs, [p[2] for p in pts], marker="o", label=method)
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent device clients (N)")
+        ax.grid(alpha=0.3)
+    a1.set_ylabel("total tokens/s")
+    a2.set_ylabel("tokens/s ÷ server-ar")
+    a2.axhline(1.0, color="k", lw=0.8)
+    a1.legend()
+    fig.suptitle("EdgeSpec load: continuous batching, loopback")
+    fig.tight_layout()
+    fig.savefig(out / "tokens_per_s.png", dpi=120)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out) if args.out else results_dir("load")
+    out.mkdir(parents=True, exist_ok=True)
+    server = None
+    if args.server:
+        address = args.server
+    else:
+        server = ServerProcess(["--log-level", "WARNING", "--max-sessions", str(max(64, max(args.clients))),
+                                "--max-tree-nodes", "64", *args.server_args.split()])
+        address = server.address
+    rows, skipped = [], {}
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = rpc.EdgeSpecStub(channel)
+            info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+            methods = []
+            for m in args.methods:
+                try:
+                    if m != "server-ar":
+                        make_drafter(m, stub, info)
+                    methods.append(m)
+                except (SystemExit, Exception) as err:  # e.g. heads not shipped yet
+                    skipped[m] = str(err)
+                    print(f"skipping {m}: {err}", file=sys.stderr)
+            # warm up the server (first forwards are slow) before measuring
+            run_load(address, methods[0], 1, argparse.Namespace(**{**vars(args), "max_new_tokens": 8, "requests": 1}))
+            for n in args.clients:
+                for m in methods:
+                    stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30)
+                    wall, records = run_load(address, m, n, args)
+                    metrics = json.loads(stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30).json)
+                    row = summarize(m, n, wall, records, metrics)
+                    rows.append(row)
+                    print(f"N={n:2d} {m:9s} {row['tokens_per_s']:7.1f} tok/s  τ={row['tau']:.2f}  "
+                          f"ITL p50/p95 {row['itl_ms_p50']:.0f}/{row['itl_ms_p95']:.0f} ms  "
+                          f"batch {row['batch_size_mean']:.1f} rows / {row['batch_tokens_mean']:.1f} tok  "
+                          f"step p50 {row['verify_ms_p50']:.0f} ms", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    base = {(r["clients"]): r["tokens_per_s"] for r in rows if r["method"] == "server-ar"}
+    for r in rows:
+        r["vs_server_ar"] = r["tokens_per_s"] / base[r["clients"]] if r["clients"] in base else float("nan")
+    problems = check_lossless(rows)
+    table = markdown_table(rows, COLUMNS)
+    notes = [f"max_new_tokens={args.max_new_tokens} (ignore_eos), requests/client={args.requests}, "
+             f"device tree budget cap={args.tree_budget}, server args: {args.server_args or '(defaults)'}",
+             f"machine: {platform.processor() or platform.machine()}, shared CPU (noisy); same run, same server"]
+    notes += [f"skipped {m}: {why}" for m, why in skipped.items()]
+    notes.append("lossless check: " + ("OK, all methods gave identical tokens" if not problems else "; ".join(problems)))
+    (out / "table.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    save_json(out / "results.json", {"args": vars(args), "rows": rows, "skipped": skipped, "lossless": problems})
+    if not args.no_plot:
+        plot(rows, out)
+    print(table)
+    print("\n".join(notes))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Continuous batching: exactness across concurrent sessions, KV freed, backpressure."""
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from device_client.drafters.ngram import NgramDrafter
+from device_client.drafters.none import NoDrafter
+from device_client.session import Request, generate
+from edge_server.kv_cache import KVPool
+from edge_server.launcher import ServerProcess
+from edge_server.sampling import Sampling
+from edge_server.session import Session
+from edge_server.verifier import TargetModel
+from shared.protocol import pb, rpc
+from shared.tree import TokenTree
+
+from conftest import PROMPTS
+
+MAX_NEW = 24
+
+
+def _greedy(model, ids, n):
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+def test_batched_and_unbatched_accept_same_paths(loaded):
+    """The same trees through one ragged batch (slots) and one by one (DynamicCache)."""
+    target = TargetModel(loaded.model, max_context=8192)
+    pool = KVPool.for_model(loaded.model, 64)
+    tok = loaded.tokenizer
+    prompts = [tok(p).input_ids for p in ("The capital of France is", "def add(a, b):\n    return",
+                                          "1, 2, 3, 4,", "Once upon a time")]
+    refs = [_greedy(loaded.model, p, 12) for p in prompts]
+    solo = [Session(p, Sampling(), 64, frozenset(), want_hidden=True) for p in prompts]
+    batched = [Session(p, Sampling(), 64, frozenset(), want_hidden=True) for p in prompts]
+    for s in batched:
+        s.slot = pool.allocate(len(s.prompt_ids) + 64 + 16)
+    first = [s.prefill(target) for s in solo]
+    # batched prefill in chunks of 3 tokens, all sessions in the same steps
+    done = [None] * len(batched)
+    while any(d is None for d in done):
+        todo = [i for i, d in enumerate(done) if d is None]
+        rows = [batched[i].prefill_row(3) for i in todo]
+        logits, hidden = target.forward_rows(rows)
+        for i, row, lg, hd in zip(todo, rows, logits, hidden):
+            done[i] = batched[i].after_prefill_row(row, lg, hd, target.max_context, 0.0)
+    assert [r.tokens for r in first] == [d.tokens for d in done]
+
+    def tree(kind, s, ref):
+        """A fixed set: the greedy path with wrong siblings, a wrong chain, root only, a deep chain."""
+        good = ref[len(s.generated):] + [0] * 8
+        if kind == 0:
+            return TokenTree((s.bonus, 17, good[0], good[1], 99, good[2]), (-1, 0, 0, 2, 3, 3))
+        if kind == 1:
+            return TokenTree((s.bonus, 5, 6, 7), (-1, 0, 1, 2))
+        if kind == 2:
+            return TokenTree.root_only(s.bonus)
+        return TokenTree((s.bonus, *good[:4]), (-1, 0, 1, 2, 3))
+
+    for kind in range(4):
+        round_trees = [tree(kind, s, r) for s, r in zip(solo, refs)]
+        a = [s.verify(target, t) for s, t in zip(solo, round_trees)]
+        rows = [s.tree_row(t) for s, t in zip(batched, round_trees)]
+        logits, hidden = target.forward_rows(rows)
+        b = [s.after_tree_row(t, lg, hd, target.max_context, 0.0)
+             for s, t, lg, hd in zip(batched, round_trees, logits, hidden)]
+        for x, y in zip(a, b):
+            assert x.tokens == y.tokens and x.accepted == y.accepted
+            assert torch.allclose(x.hidden, y.hidden, atol=1e-4)
+        if kind in (0, 3):
+            assert all(x.accepted >= 2 for x in a)
+    for s, r in zip(batched, refs):
+        assert s.generated == r[:len(s.generated)]
+        pool.free(s.slot)
+
+
+def test_eight_concurrent_sessions_each_equal_their_greedy_reference(client, loaded):
+    stub, info, tokenizer = client
+    jobs = []
+    for i, prompt in enumerate(PROMPTS[:8]):
+        ids = tokenizer.chat_ids(prompt)
+        jobs.append((ids, _greedy(loaded.model, ids, MAX_NEW), NgramDrafter() if i % 2 else NoDrafter()))
+    results, errors = [None] * len(jobs), []
+
+    def run(i, ids, drafter):
+        try:
+            results[i] = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=16), drafter,
+                                  info.tokenizer_fingerprint, timeout=300)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i, ids, d)) for i, (ids, _, d) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (ids, expected, _), rec in zip(jobs, results):
+        assert rec.token_ids == expected
+    sizes = [s["batch_size"]["max"] for s in [_metrics(stub).get("window", {})] if s]
+    assert sizes and sizes[0] >= 2  # the sessions really shared forwards
+
+
+def _metrics(stub):
+    import json
+    return json.loads(stub.GetMetrics(pb.MetricsRequest(), timeout=10).json)
+
+
+def _start(info, max_new=8, prompt=(1, 9690, 198)):
+    return pb.ClientMessage(start=pb.Start(prompt_token_ids=list(prompt), max_new_tokens=max_new,
+                                           tokenizer_fingerprint=info.tokenizer_fingerprint))
+
+
+class _Stream:
+    """A hand-driven Generate stream: send messages one at a time."""
+
+    def __init__(self, stub, first):
+        import queue
+        self.q = queue.Queue()
+        self.q.put(first)
+        self.replies = stub.Generate(iter(self.q.get, None), timeout=120)
+
+    def send(self, msg):
+        self.q.put(msg)
+
+    def close(self):
+        self.q.put(None)
+
+
+def _wait_for(pred, timeout=30.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_cancel_and_disconnect_free_the_kv(client):
+    stub, info, _ = client
+    assert _wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
+    s = _Stream(stub, _start(info, max_new=100))
+    next(s.replies)
+    m = stub.GetMetrics(pb.MetricsRequest(), timeout=10)
+    assert m.active_sessions == 1 and m.kv_used_tokens > 0
+    s.send(pb.ClientMessage(cancel=pb.Cancel()))
+    assert list(s.replies) == []
+    s.close()
+    assert _wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
+    assert stub.GetServerInfo(pb.ServerInfoRequest(), timeout=10).active_sessions == 0
+
+    d = _Stream(stub, _start(info, max_new=100))
+    next(d.replies)
+    d.replies.cancel()  # the device goes away without a Cancel
+    d.close()
+    assert _wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
+    assert stub.GetServerInfo(pb.ServerInfoRequest(), timeout=10).active_sessions == 0
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    # 46,080 B per KV position (fp32): 12 MiB hold ~270 positions
+    srv = ServerProcess(["--log-level", "WARNING", "--max-sessions", "2", "--max-tree-nodes", "16",
+                         "--kv-budget-mb", "12", "--idle-timeout", "6"])
+    channel = grpc.insecure_channel(srv.address)
+    stub = rpc.EdgeSpecStub(channel)
+    yield stub, stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+    channel.close()
+    srv.stop()
+
+
+def _refused(stub, first):
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(iter([first]), timeout=60))
+    return err.value
+
+
+def test_backpressure_is_resource_exhausted_and_the_server_recovers(small_server):
+    stub, info = small_server
+    held = [_Stream(stub, _start(info, max_new=20)) for _ in range(2)]
+    for h in held:
+        next(h.replies)
+    err = _refused(stub, _start(info))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "server is full" in err.details() and "retry in" in err.details()
+    for h in held:
+        h.send(pb.ClientMessage(cancel=pb.Cancel()))
+        list(h.replies)
+        h.close()
+    err = _refused(stub, _start(info, max_new=400))  # more KV than the whole budget
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "KV budget exhausted" in err.details() and "retry in" in err.details()
+    assert _wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
+    rec = generate(stub, Request([1, 9690, 198, 2683], max_new_tokens=4), NoDrafter(),
+                   info.tokenizer_fingerprint, timeout=60)
+    assert len(rec.token_ids) == 4
+
+
+def test_idle_session_times_out_and_frees_its_kv(small_server):
+    stub, info = small_server
+    s = _Stream(stub, _start(info, max_new=20))
+    next(s.replies)
+    assert stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens > 0
+    with pytest.raises(grpc.RpcError) as err:
+        list(s.replies)  # the device never drafts
+    s.close()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "KV cache" in err.value.details()
+    assert _wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
