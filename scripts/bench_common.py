@@ -41,20 +41,31 @@ class MethodRun:
     method: str
     clients: int
     wall_s: float
-    records: list[GenerationRecord]
+    per_client: list[list[GenerationRecord]]
+
+    @property
+    def records(self) -> list[GenerationRecord]:
+        return [rec for recs in self.per_client for rec in recs]
 
     def row(self) -> dict:
         recs = self.records
         tokens = sum(len(r.token_ids) for r in recs)
         rounds = sum(r.rounds for r in recs)
-        itl = np.concatenate([np.asarray(r.itl_ms) for r in recs if r.itl_ms] or [np.zeros(1)])
+        p50, p95 = [], []
+        for client_recs in self.per_client:
+            itl = np.concatenate([np.asarray(r.itl_ms) for r in client_recs if r.itl_ms] or [np.zeros(1)])
+            p50.append(float(np.percentile(itl, 50)))
+            p95.append(float(np.percentile(itl, 95)))
+        trees = [s for r in recs for s in r.tree_sizes]
         return {
             "method": self.method, "clients": self.clients, "requests": len(recs), "tokens": tokens,
             "wall_s": self.wall_s, "tokens_per_s": tokens / self.wall_s,
             "tau": (tokens - len(recs)) / rounds if rounds else 0.0,
             "rounds_per_token": rounds / tokens if tokens else 0.0,
             "ttft_ms_p50": statistics.median(r.ttft_ms for r in recs),
-            "itl_ms_p50": float(np.percentile(itl, 50)), "itl_ms_p95": float(np.percentile(itl, 95)),
+            # ITL percentiles per client; the median client's p50 and the worst client's p95
+            "itl_ms_p50": statistics.median(p50), "itl_ms_p95": max(p95),
+            "tree_mean": float(np.mean(trees)) if trees else 1.0,
             "bytes_up_per_token": sum(r.bytes_up for r in recs) / tokens,
             "bytes_down_per_token": sum(r.bytes_down for r in recs) / tokens,
             "server_ms_per_token": sum(r.server_compute_ms for r in recs) / tokens,
@@ -62,12 +73,14 @@ class MethodRun:
         }
 
 
-def run_method(address: str, method: str, prompts: list[str], clients: int, max_new_tokens: int,
-               tree_budget: int, timeout: float = 600.0) -> MethodRun:
-    """`clients` concurrent device clients share the prompts round-robin; one channel each."""
-    records: list[GenerationRecord] = []
+def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tokens: int,
+                tree_budget: int, ignore_eos: bool = False, timeout: float = 900.0) -> MethodRun:
+    """One device client per entry of `prompts` (its own channel and drafter), all starting
+    together once every client has connected and loaded its drafter; each runs its prompts in
+    order."""
+    per_client: list[list[GenerationRecord]] = [[] for _ in prompts]
     errors: list[BaseException] = []
-    lock = threading.Lock()
+    barrier = threading.Barrier(len(prompts) + 1)
 
     def client(index: int) -> None:
         try:
@@ -76,36 +89,45 @@ def run_method(address: str, method: str, prompts: list[str], clients: int, max_
                 info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
                 tokenizer = load_tokenizer(stub, info)
                 drafter = make_drafter("none" if method == "server-ar" else method, stub, info)
-                for prompt in prompts[index::clients]:
-                    request = Request(tokenizer.chat_ids(prompt), max_new_tokens=max_new_tokens,
-                                      tree_budget=tree_budget, server_ar=method == "server-ar")
-                    rec = generate(stub, request, drafter, info.tokenizer_fingerprint, timeout=timeout)
-                    with lock:
-                        records.append(rec)
+                requests = [Request(tokenizer.chat_ids(p), max_new_tokens=max_new_tokens,
+                                    tree_budget=min(tree_budget, info.max_tree_nodes),
+                                    server_ar=method == "server-ar", ignore_eos=ignore_eos)
+                            for p in prompts[index]]
+                barrier.wait(timeout=180)
+                for request in requests:
+                    per_client[index].append(
+                        generate(stub, request, drafter, info.tokenizer_fingerprint, timeout=timeout))
         except BaseException as err:  # reported after the join, with the method named
             errors.append(err)
+            barrier.abort()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
+    try:
+        barrier.wait(timeout=240)
+    except threading.BrokenBarrierError:
+        pass
+    start = time.perf_counter()
     for t in threads:
         t.join()
     if errors:
-        raise RuntimeError(f"{method} with {clients} clients failed: {errors[0]!r}") from errors[0]
-    return MethodRun(method, clients, time.perf_counter() - start, records)
+        raise RuntimeError(f"{method} with {len(prompts)} clients failed: {errors[0]!r}") from errors[0]
+    return MethodRun(method, len(prompts), time.perf_counter() - start, per_client)
 
 
-def check_same_outputs(runs: list[MethodRun]) -> None:
-    """Lossless check across methods: the same prompt gave the same tokens everywhere."""
-    seen: dict[tuple[int, ...], tuple[tuple[int, ...], str]] = {}
+def lossless_problems(runs: list[MethodRun]) -> list[str]:
+    """At temperature 0 every method must give the same tokens for the same prompt (and length)."""
+    seen: dict[tuple, tuple[tuple[int, ...], str]] = {}
+    problems = []
     for run in runs:
         for rec in run.records:
-            key = tuple(rec.prompt_token_ids)
-            out = tuple(rec.token_ids)
+            key = (tuple(rec.prompt_token_ids), len(rec.token_ids))
+            out, name = tuple(rec.token_ids), f"{run.method} x{run.clients}"
             if key in seen and seen[key][0] != out:
-                raise AssertionError(f"{run.method} produced different tokens than {seen[key][1]}")
-            seen.setdefault(key, (out, run.method))
+                problems.append(f"{name} produced different tokens than {seen[key][1]}")
+            seen.setdefault(key, (out, name))
+    return problems
 
 
 def results_dir(name: str) -> Path:

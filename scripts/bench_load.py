@@ -19,20 +19,16 @@ import argparse
 import json
 import platform
 import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from bench_common import PROMPTS, markdown_table, results_dir, save_json  # noqa: E402
+from bench_common import PROMPTS, MethodRun, lossless_problems, markdown_table, results_dir, run_clients, save_json  # noqa: E402
 
-from device_client.cli import load_tokenizer, make_drafter  # noqa: E402
-from device_client.session import Request, generate  # noqa: E402
+from device_client.cli import make_drafter  # noqa: E402
 from edge_server.launcher import ServerProcess  # noqa: E402
 from shared.protocol import pb, rpc  # noqa: E402
 
@@ -60,70 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_load(address: str, method: str, clients: int, args) -> tuple[float, list]:
-    """All clients connect and load their drafters first, then start together on a barrier."""
-    records, errors = [], []
-    lock = threading.Lock()
-    barrier = threading.Barrier(clients + 1)
-
-    def client(index: int) -> None:
-        try:
-            with grpc.insecure_channel(address) as channel:
-                stub = rpc.EdgeSpecStub(channel)
-                info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
-                tokenizer = load_tokenizer(stub, info)
-                drafter = make_drafter("none" if method == "server-ar" else method, stub, info)
-                prompts = [PROMPTS[(index + k * clients) % len(PROMPTS)] for k in range(args.requests)]
-                reqs = [Request(tokenizer.chat_ids(p), max_new_tokens=args.max_new_tokens,
-                                tree_budget=min(args.tree_budget, info.max_tree_nodes),
-                                server_ar=method == "server-ar", ignore_eos=True) for p in prompts]
-                barrier.wait(timeout=120)
-                for req in reqs:
-                    rec = generate(stub, req, drafter, info.tokenizer_fingerprint, timeout=900)
-                    with lock:
-                        records.append((index, rec))
-        except BaseException as err:  # reported after the join
-            errors.append(err)
-            try:
-                barrier.abort()
-            except Exception:
-                pass
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    try:
-        barrier.wait(timeout=180)
-    except threading.BrokenBarrierError:
-        pass
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{method} with {clients} clients failed: {errors[0]!r}") from errors[0]
-    return wall, records
-
-
-def summarize(method: str, clients: int, wall: float, records: list, metrics: dict) -> dict:
-    recs = [r for _, r in records]
-    tokens = sum(len(r.token_ids) for r in recs)
-    rounds = sum(r.rounds for r in recs)
-    per_client_p50, per_client_p95 = [], []
-    for idx in sorted({i for i, _ in records}):
-        itl = np.concatenate([np.asarray(r.itl_ms) for i, r in records if i == idx and r.itl_ms] or [np.zeros(1)])
-        per_client_p50.append(float(np.percentile(itl, 50)))
-        per_client_p95.append(float(np.percentile(itl, 95)))
+def summarize(run: MethodRun, metrics: dict) -> dict:
     win = metrics.get("window", {})
-    trees = [s for r in recs for s in r.tree_sizes]
     return {
-        "method": method, "clients": clients, "requests": len(recs), "tokens": tokens, "wall_s": wall,
-        "tokens_per_s": tokens / wall, "tau": (tokens - len(recs)) / rounds if rounds else 0.0,
-        # per-client ITL percentiles, then the median client (p50) and the worst client (p95)
-        "itl_ms_p50": float(np.median(per_client_p50)), "itl_ms_p95": float(np.max(per_client_p95)),
-        "itl_ms_p50_per_client": per_client_p50, "itl_ms_p95_per_client": per_client_p95,
-        "ttft_ms_p50": float(np.median([r.ttft_ms for r in recs])),
-        "tree_mean": float(np.mean(trees)) if trees else 1.0,
+        **run.row(),
         "batch_size_mean": win.get("batch_size", {}).get("mean", 0.0),
         "batch_size_max": win.get("batch_size", {}).get("max", 0.0),
         "batch_tokens_mean": win.get("batch_tokens", {}).get("mean", 0.0),
@@ -133,19 +69,11 @@ def summarize(method: str, clients: int, wall: float, records: list, metrics: di
         "queue_ms_p50": win.get("queue_ms", {}).get("p50", 0.0),
         "queue_ms_p95": win.get("queue_ms", {}).get("p95", 0.0),
         "steps": win.get("steps", 0), "cost_model": metrics.get("cost_model"),
-        "token_ids": [r.token_ids for r in recs], "prompts": [r.prompt_token_ids for r in recs],
     }
 
 
-def check_lossless(rows: list[dict]) -> list[str]:
-    seen, problems = {}, []
-    for row in rows:
-        for prompt, out in zip(row["prompts"], row["token_ids"]):
-            key = tuple(prompt)
-            if key in seen and seen[key][0] != out:
-                problems.append(f"{row['method']} N={row['clients']} differs from {seen[key][1]}")
-            seen.setdefault(key, (out, f"{row['method']} N={row['clients']}"))
-    return problems
+def client_prompts(clients: int, requests: int) -> list[list[str]]:
+    return [[PROMPTS[(i + k * clients) % len(PROMPTS)] for k in range(requests)] for i in range(clients)]
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -183,7 +111,7 @@ def main(argv=None) -> None:
         server = ServerProcess(["--log-level", "WARNING", "--max-sessions", str(max(64, max(args.clients))),
                                 "--max-tree-nodes", "64", *args.server_args.split()])
         address = server.address
-    rows, skipped = [], {}
+    rows, runs, skipped = [], [], {}
     try:
         with grpc.insecure_channel(address) as channel:
             stub = rpc.EdgeSpecStub(channel)
@@ -198,13 +126,15 @@ def main(argv=None) -> None:
                     skipped[m] = str(err)
                     print(f"skipping {m}: {err}", file=sys.stderr)
             # warm up the server (first forwards are slow) before measuring
-            run_load(address, methods[0], 1, argparse.Namespace(**{**vars(args), "max_new_tokens": 8, "requests": 1}))
+            run_clients(address, methods[0], client_prompts(1, 1), 8, args.tree_budget, ignore_eos=True)
             for n in args.clients:
                 for m in methods:
                     stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30)
-                    wall, records = run_load(address, m, n, args)
+                    run = run_clients(address, m, client_prompts(n, args.requests), args.max_new_tokens,
+                                      args.tree_budget, ignore_eos=True)
                     metrics = json.loads(stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30).json)
-                    row = summarize(m, n, wall, records, metrics)
+                    runs.append(run)
+                    row = summarize(run, metrics)
                     rows.append(row)
                     print(f"N={n:2d} {m:9s} {row['tokens_per_s']:7.1f} tok/s  τ={row['tau']:.2f}  "
                           f"ITL p50/p95 {row['itl_ms_p50']:.0f}/{row['itl_ms_p95']:.0f} ms  "
@@ -216,7 +146,7 @@ def main(argv=None) -> None:
     base = {(r["clients"]): r["tokens_per_s"] for r in rows if r["method"] == "server-ar"}
     for r in rows:
         r["vs_server_ar"] = r["tokens_per_s"] / base[r["clients"]] if r["clients"] in base else float("nan")
-    problems = check_lossless(rows)
+    problems = lossless_problems(runs)
     table = markdown_table(rows, COLUMNS)
     notes = [f"max_new_tokens={args.max_new_tokens} (ignore_eos), requests/client={args.requests}, "
              f"device tree budget cap={args.tree_budget}, server args: {args.server_args or '(defaults)'}",
