@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from device_client.cli import make_drafter
 from device_client.drafters.ngram import NgramDrafter
 from device_client.drafters.none import NoDrafter
 from device_client.session import Request, generate
@@ -21,7 +22,7 @@ def references(loaded, client):
     """generate(do_sample=False) of the same fp32 model on the same prompt ids."""
     _, _, tokenizer = client
     refs = {}
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[:8]:
         ids = tokenizer.chat_ids(prompt)
         with torch.inference_mode():
             out = loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW,
@@ -30,11 +31,20 @@ def references(loaded, client):
     return refs
 
 
-@pytest.mark.parametrize("drafter", [NoDrafter(), NgramDrafter()], ids=["none", "ngram"])
-def test_greedy_equals_target_generate(client, references, drafter):
+DRAFTERS = {
+    "none": lambda stub, info: NoDrafter(),
+    "ngram": lambda stub, info: NgramDrafter(),
+    "heads-dynamic+ngram": lambda stub, info: make_drafter("heads", stub, info, "dynamic", True),
+    "heads-static": lambda stub, info: make_drafter("heads", stub, info, "static", False),
+}
+
+
+@pytest.mark.parametrize("name", list(DRAFTERS))
+def test_greedy_equals_target_generate(client, references, name):
     stub, info, _ = client
+    drafter = DRAFTERS[name](stub, info)
     for prompt, (ids, expected) in references.items():
-        rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=16), drafter,
+        rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=32), drafter,
                        info.tokenizer_fingerprint, timeout=120)
         assert rec.token_ids == expected, prompt
         assert sum(rec.accepted_per_round) + 1 == len(rec.token_ids)
