@@ -6,6 +6,9 @@ temperature/top-k/top-p. Thousands of sessions, each verifying a deterministic d
 must match it (chi-square); a deliberately lossy rule must fail the same test, which shows
 the test has power.
 """
+import json
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -13,10 +16,13 @@ from scipy.stats import chisquare
 from transformers import (LlamaConfig, LlamaForCausalLM, LogitsProcessorList, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
+from edge_server.kv_cache import KVPool
 from edge_server.sampling import Sampling, processed_probs
 from edge_server.session import Session
 from edge_server.verifier import TargetModel
 from shared.tree import TokenTree
+
+from conftest import ROOT
 
 VOCAB = 8
 PROMPT = [3, 1, 4]
@@ -117,6 +123,48 @@ def test_processed_probs_match_transformers_warpers():
 def test_tree_sampling_matches_target_distribution(tiny):
     exact = _exact_pairs(tiny)
     assert _pvalue(_sample_pairs(tiny), exact) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_heads(tiny, tmp_path_factory):
+    """Random low-rank heads for the tiny target, exported to ONNX and run by the device drafter."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from export_heads import export_onnx
+    from heads_model import DraftHeads
+
+    from device_client.drafters.heads import HeadsDrafter
+
+    torch.manual_seed(7)
+    folder = tmp_path_factory.mktemp("tiny-heads")
+    export_onnx(DraftHeads(32, VOCAB, num_heads=2, rank=4), top_k=3, path=folder / "heads.onnx")
+    (folder / "heads.json").write_text(json.dumps(
+        {"hidden_size": 32, "vocab_size": VOCAB, "num_heads": 2, "top_k": 3, "onnx": "heads.onnx"}))
+    return HeadsDrafter(folder, mode="dynamic", ngram=False)
+
+
+def test_heads_trees_through_batched_path_match_target_distribution(tiny, tiny_heads):
+    """The server's ragged batched path, drafting with ONNX heads on the hidden state it returns."""
+    pool = KVPool.for_model(tiny.model, 4)
+    counts = np.zeros((VOCAB, VOCAB))
+    sizes = []
+    for seed in range(SAMPLES):
+        s = Session(PROMPT, Sampling(PARAMS.temperature, PARAMS.top_p, PARAMS.top_k, seed),
+                    max_new_tokens=3, stop_ids=frozenset(), want_hidden=True)
+        s.slot = pool.allocate(len(PROMPT) + 3 + 8)
+        rows = [s.prefill_row(64)]
+        logits, hidden = tiny.forward_rows(rows)
+        result = s.after_prefill_row(rows[0], logits[0], hidden[0], tiny.max_context, 0.0)
+        while len(s.generated) < 2:
+            wire_hidden = result.hidden.numpy().astype(np.float16).astype(np.float32)
+            tree = tiny_heads.propose(s.context, wire_hidden, budget=7)
+            sizes.append(len(tree))
+            rows = [s.tree_row(tree)]
+            logits, hidden = tiny.forward_rows(rows)
+            result = s.after_tree_row(tree, logits[0], hidden[0], tiny.max_context, 0.0)
+        counts[s.generated[0], s.generated[1]] += 1
+        pool.free(s.slot)
+    assert np.mean(sizes) > 3  # the heads really drafted
+    assert _pvalue(counts, _exact_pairs(tiny)) > 1e-3
 
 
 def test_lossy_rule_fails_the_same_test(tiny):
