@@ -1,0 +1,139 @@
+"""Medusa-style draft heads with a SlimSpec low-rank shared vocabulary projection (torch side).
+
+Head k (k = 0..K-1) reads the target's final hidden state h_t (post final norm, so that
+lm_head(h_t) gives the token at t+1, the round's root/bonus token) and predicts the token at
+t+2+k:
+
+    z_k      = ResBlock_k^L(h_t)            ResBlock(x) = x + SiLU(W x + b), W zero-initialised
+    logits_k = U (A_k z_k)                  A_k: d -> r (per head), U: r -> V (shared)   [low rank]
+    logits_k = W_k z_k                      W_k: d -> V (per head)                       [full rank]
+
+`U A` starts as a truncated SVD of the target's LM head, so an untrained low-rank head 0 is
+already a rank-r approximation of the target's own next-token distribution.
+
+Only training, export and benchmarks import this module; the device never does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ResBlock(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.linear.weight)  # Medusa: the block starts as the identity
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class DraftHeads(nn.Module):
+    """K heads; `rank=None` (or 0) is the full-rank variant with a d -> V projection per head."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        vocab_size: int,
+        num_heads: int = 4,
+        rank: int | None = 64,
+        num_layers: int = 1,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.vocab_size = vocab_size
+        self.num_heads = num_heads
+        self.rank = rank or None
+        self.num_layers = num_layers
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*[ResBlock(hidden_size) for _ in range(num_layers)]) for _ in range(num_heads)
+        )
+        if self.rank:
+            self.A = nn.Parameter(torch.empty(num_heads, self.rank, hidden_size))
+            self.U = nn.Parameter(torch.empty(vocab_size, self.rank))
+            nn.init.normal_(self.A, std=1.0 / math.sqrt(hidden_size))
+            nn.init.normal_(self.U, std=1.0 / math.sqrt(self.rank))
+        else:
+            self.W = nn.Parameter(torch.empty(num_heads, vocab_size, hidden_size))
+            nn.init.normal_(self.W, std=1.0 / math.sqrt(hidden_size))
+
+    def config(self) -> dict:
+        return {
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "num_heads": self.num_heads,
+            "rank": self.rank or 0,
+            "num_layers": self.num_layers,
+        }
+
+    @torch.no_grad()
+    def init_from_lm_head(self, lm_head: torch.Tensor) -> float:
+        """Initialise the vocabulary projection from the target's LM head [V, d].
+
+        Low rank: lm_head ~= (U_r sqrt(S_r)) (sqrt(S_r) V_r^T) by truncated SVD; every A_k starts
+        as the same right factor. Returns the relative Frobenius error of the approximation
+        (0 for full rank, where each head starts as a copy of the LM head).
+        """
+        w = lm_head.detach().to(torch.float32)
+        if not self.rank:
+            self.W.copy_(w.unsqueeze(0).expand_as(self.W))
+            return 0.0
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        r = self.rank
+        root = s[:r].sqrt()
+        self.U.copy_(u[:, :r] * root)
+        self.A.copy_((root[:, None] * vh[:r]).unsqueeze(0).expand_as(self.A))
+        approx = (u[:, :r] * s[:r]) @ vh[:r]
+        return float(torch.linalg.norm(w - approx) / torch.linalg.norm(w))
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, d] -> [B, K, d] after each head's residual blocks."""
+        return torch.stack([blk(h) for blk in self.blocks], dim=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, d] -> logits [B, K, V]."""
+        z = self.features(h)
+        if self.rank:
+            low = torch.einsum("bkd,krd->bkr", z, self.A)
+            return low @ self.U.t()
+        return torch.einsum("bkd,kvd->bkv", z, self.W)
+
+
+class TopKHeads(nn.Module):
+    """The exported graph: hidden [B, d] -> (top-k ids [B, K, k] int64, log-probs [B, K, k])."""
+
+    def __init__(self, heads: DraftHeads, top_k: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.top_k = top_k
+
+    def forward(self, hidden: torch.Tensor):
+        logits = self.heads(hidden.to(torch.float32))
+        logp = torch.log_softmax(logits, dim=-1)
+        vals, ids = torch.topk(logp, self.top_k, dim=-1)
+        return ids, vals
+
+
+def head_loss(
+    logits: torch.Tensor, labels: torch.Tensor, decay: float = 0.8
+) -> tuple[torch.Tensor, list[float]]:
+    """Medusa-1 loss: sum_k decay^k CE(head k); labels [B, K] with -1 = ignore."""
+    B, K, V = logits.shape
+    ce = F.cross_entropy(
+        logits.reshape(B * K, V).float(), labels.reshape(B * K).long(), ignore_index=-1, reduction="none"
+    ).view(B, K)
+    valid = (labels >= 0).to(ce.dtype)
+    per_head = (ce * valid).sum(0) / valid.sum(0).clamp(min=1)
+    weights = decay ** torch.arange(K, dtype=ce.dtype, device=ce.device)
+    return (weights * per_head).sum(), per_head.detach().tolist()
+
+
+def build_heads(cfg: dict) -> DraftHeads:
+    return DraftHeads(
+        cfg["hidden_size"], cfg["vocab_size"], cfg["num_heads"], cfg.get("rank") or None, cfg.get("num_layers", 1)
+    )

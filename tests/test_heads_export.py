@@ -1,0 +1,112 @@
+"""ONNX export of the draft heads: fp32 parity with torch, int8 quantization, device drafter.
+
+Uses tiny random heads (no trained artifact, no target model), so it runs in seconds in CI.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from export_heads import ExportGraph, export_onnx, ort_session, quantize, run_onnx  # noqa: E402
+from heads_model import DraftHeads, TopKHeads  # noqa: E402
+
+D, V, K, TOPK = 48, 700, 3, 6
+
+
+def _heads(rank):
+    torch.manual_seed(0)
+    m = DraftHeads(D, V, K, rank)
+    for blk in m.blocks:
+        torch.nn.init.normal_(blk[0].linear.weight, std=0.1)
+    return m.eval()
+
+
+def _write_artifact(tmp: Path, onnx_path: Path, rank) -> Path:
+    meta = {"hidden_size": D, "vocab_size": V, "num_heads": K, "rank": rank or 0, "top_k": TOPK,
+            "onnx": onnx_path.name, "model_fingerprint": "test",
+            "static_tree": {"budget": 8, "paths": [[0], [1], [0, 0], [0, 1], [2], [0, 0, 0], [1, 0]]}}
+    (tmp / "heads.json").write_text(json.dumps(meta))
+    return tmp
+
+
+@pytest.mark.parametrize("rank", [8, None])
+def test_onnx_fp32_matches_torch(tmp_path, rank):
+    m = _heads(rank)
+    path = export_onnx(m, TOPK, tmp_path / "heads.fp32.onnx")
+    h = np.random.default_rng(0).standard_normal((32, D)).astype(np.float32)
+    with torch.no_grad():
+        ref_ids, ref_lp = TopKHeads(m, TOPK)(torch.from_numpy(h))
+        g_ids, g_lp = ExportGraph(m, TOPK)(torch.from_numpy(h))
+    assert torch.equal(ref_ids, g_ids)
+    ids, lp = run_onnx(ort_session(path), h)
+    assert ids.shape == (32, K, TOPK) and lp.shape == (32, K, TOPK)
+    assert (ids[..., 0] == ref_ids.numpy()[..., 0]).all()
+    np.testing.assert_allclose(lp, ref_lp.numpy(), atol=1e-4)
+    assert (np.diff(lp, axis=-1) <= 1e-6).all()  # sorted best first
+
+
+def test_int8_quantization_is_smaller_and_agrees(tmp_path):
+    m = _heads(16)
+    fp32 = export_onnx(m, TOPK, tmp_path / "heads.fp32.onnx")
+    h = np.random.default_rng(1).standard_normal((128, D)).astype(np.float32)
+    ref, _ = run_onnx(ort_session(fp32), h)
+    for scheme in ("int8-per-channel", "int8-u-fp16"):
+        q = quantize(fp32, tmp_path / f"heads.{scheme}.onnx", scheme)
+        assert q.stat().st_size < fp32.stat().st_size
+        ids, _ = run_onnx(ort_session(q), h)
+        assert (ids[..., 0] == ref[..., 0]).mean() > 0.8
+        # the true top-1 stays among the quantized top candidates
+        assert np.mean([ref[i, k, 0] in ids[i, k] for i in range(len(h)) for k in range(K)]) > 0.95
+
+
+def test_device_drafter_runs_without_torch(tmp_path):
+    m = _heads(8)
+    path = export_onnx(m, TOPK, tmp_path / "heads.fp32.onnx")
+    _write_artifact(tmp_path, path, 8)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None          # importing torch now fails
+        sys.modules["transformers"] = None
+        sys.path.insert(0, {str(ROOT)!r})
+        import numpy as np
+        from device_client.drafters.heads import HeadsDrafter
+        h = np.random.default_rng(0).standard_normal({D}).astype(np.float32)
+        ctx = [5, 6, 7, 5, 6, 7, 5, 6]
+        for mode in ("static", "dynamic"):
+            for ng in (False, True):
+                d = HeadsDrafter({str(tmp_path)!r}, mode=mode, ngram=ng, threads=1)
+                assert d.needs_hidden_state
+                t = d.propose(ctx, h, 8)
+                assert 1 < len(t) <= 8 and t.tokens[0] == 6, (mode, ng, t)
+                t.check_unique_siblings()
+                assert len(d.propose(ctx, h, 1)) == 1
+        t = HeadsDrafter({str(tmp_path)!r}, mode="dynamic", ngram=True).propose(ctx, h, 16)
+        assert 7 in [t.tokens[c] for c in t.children()[0]]  # the ngram continuation is a branch
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+def test_drafter_rejects_wrong_hidden_size(tmp_path):
+    from device_client.drafters.heads import HeadsDrafter
+
+    m = _heads(8)
+    _write_artifact(tmp_path, export_onnx(m, TOPK, tmp_path / "h.onnx"), 8)
+    d = HeadsDrafter(tmp_path, "dynamic", False, 1)
+    with pytest.raises(ValueError, match="hidden state"):
+        d.propose([1, 2], np.zeros(D + 1, np.float32), 8)

@@ -1,0 +1,93 @@
+"""A few training steps on a tiny random Llama target: data rows, loss goes down, resume works."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import build_head_data  # noqa: E402
+import train_heads  # noqa: E402
+
+V, D, K = 96, 32, 3
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    out = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, V, size=int(rng.integers(4, 9))).tolist() for _ in range(24)]
+    gens = build_head_data.generate(model, prompts, 24, {2}, 2)
+    full = [p + g for p, g in zip(prompts, gens)]
+    rows = [build_head_data.make_rows(f, len(p) - 1, h)
+            for (h, am), f, p in zip(build_head_data.hidden_states(model, full, 2), full, prompts)]
+    # the LM head's argmax at every response position is the next token (greedy data)
+    (h0, am0), = build_head_data.hidden_states(model, full[:1], 2)
+    assert (am0[len(prompts[0]) - 1:-1] == np.asarray(full[0][len(prompts[0]):])).all()
+    for part, sl in (("train", slice(0, 18)), ("heldout", slice(18, 24))):
+        H, N, L = (np.concatenate([r[i] for r in rows[sl]]) for i in range(3))
+        np.savez(out / f"{part}_00000.npz", hidden=H, nxt=N, labels=L, agree=np.array(0), sources=np.array(["x"]))
+    return out, model.get_output_embeddings().weight.detach().float().clone()
+
+
+def test_make_rows_labels_are_shifted_by_two_plus_head():
+    seq = list(range(10, 20))
+    h = np.arange(10, dtype=np.float32)[:, None].repeat(4, 1)
+    H, N, L = build_head_data.make_rows(seq, 3, h)
+    assert H[0, 0] == 3 and N[0] == 14 and L[0, 0] == 15 and L[0, 1] == 16
+    assert (L[-1] == -1).all() and N[-1] == 19
+
+
+def test_training_smoke_and_resume(tiny_data, tmp_path):
+    data, lm_head = tiny_data
+    H, _, L = train_heads.load_split(data, "train", K)
+    Hv, _, Lv = train_heads.load_split(data, "heldout", K)
+    cfg = {"hidden_size": D, "vocab_size": V, "num_heads": K, "rank": 8, "num_layers": 1}
+    args = argparse.Namespace(run_dir=str(tmp_path / "run"), seed=0, lr=3e-3, batch=32, steps=40, epochs=1,
+                              decay=0.8, ckpt_every=10, max_minutes=0, restart=False)
+    from heads_model import build_heads, head_loss
+
+    init = build_heads(cfg)
+    init.init_from_lm_head(lm_head)
+    h = torch.from_numpy(H.astype(np.float32))
+    with torch.no_grad():
+        before = head_loss(init(h), torch.from_numpy(L))[0].item()
+    heads = train_heads.train(args, cfg, lm_head, H, L, Hv, Lv, "cpu")
+    with torch.no_grad():
+        after = head_loss(heads(h), torch.from_numpy(L))[0].item()
+    assert after < before
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 40 and ck["final"]
+    # rerunning resumes from the checkpoint and does no more steps
+    again = train_heads.train(args, cfg, lm_head, H, L, Hv, Lv, "cpu")
+    for a, b in zip(heads.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    acc = train_heads.evaluate(heads, Hv, Lv, "cpu")
+    assert len(acc["top1"]) == K and all(0 <= x <= 1 for x in acc["top5"])
+
+
+def test_low_rank_init_is_truncated_svd(tiny_data):
+    _, lm_head = tiny_data
+    from heads_model import DraftHeads
+
+    m = DraftHeads(D, V, K, rank=D)  # full rank SVD reproduces the LM head exactly
+    err = m.init_from_lm_head(lm_head)
+    assert err < 1e-4
+    h = torch.randn(4, D)
+    with torch.no_grad():
+        np.testing.assert_allclose(m(h)[:, 0].numpy(), (h @ lm_head.t()).numpy(), atol=1e-3)
