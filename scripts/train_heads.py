@@ -276,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         size = q.stat().st_size
         quant_report[scheme] = {"bytes": size, "tau_dynamic": round(tau, 4), "top1_agreement_vs_torch": par["top1_agreement"]}
         print(f"{scheme}: {size/1e6:.2f} MB, tau {tau:.3f} ({tau / taus['fp32'] - 1:+.2%}), top-1 agreement {par['top1_agreement']:.4f}")
-        # among the graphs that fit and hold tau, keep the one closest to the torch heads
+        # among the graphs that fit and hold tau, ship the smallest: tau is what the device gains,
+        # bytes are what every device downloads (top-1 agreement with torch says neither)
         if size <= args.max_bytes and tau >= taus["fp32"] * (1 - args.max_tau_drop):
-            if chosen is None or par["top1_agreement"] > quant_report[chosen]["top1_agreement_vs_torch"]:
+            if chosen is None or size < quant_report[chosen]["bytes"]:
                 chosen = scheme
     if chosen is None and quant_report:
         fits = [s for s in quant_report if quant_report[s]["bytes"] <= args.max_bytes]
