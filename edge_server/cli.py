@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import time
 
@@ -22,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--cpus", default="",
+                   help="pin the server to these CPU cores, e.g. '0' or '0-3,6' (Linux; default: no pinning)")
     p.add_argument("--max-context", type=int, default=0, help="0 = the model's max positions")
     p.add_argument("--max-tree-nodes", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=4096)
@@ -36,11 +39,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="most prompt tokens of one session per step (long prompts are interleaved)")
     p.add_argument("--batch-window-ms", type=float, default=2.0,
-                   help="how long a step waits for more ready sessions (never when all are ready)")
+                   help="how long a step waits for a device with no turnaround history yet")
+    p.add_argument("--batch-window-max-ms", type=float, default=50.0,
+                   help="most a step waits for devices expected back soon (never when all are ready)")
     p.add_argument("--fixed-budget", action="store_true",
                    help="always offer --max-tree-nodes as next_tree_budget (no load-aware speculation)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
+
+
+def parse_cpus(spec: str) -> set[int]:
+    """'0-3,6' -> {0, 1, 2, 3, 6}; the message says what is wrong with a bad list."""
+    cpus: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise SystemExit(f"--cpus {spec!r}: expected core numbers and ranges like '0' or '0-3,6'") from None
+    usable = os.sched_getaffinity(0)
+    if not cpus or not cpus <= usable:
+        raise SystemExit(f"--cpus {spec!r}: this process may only use cores {sorted(usable)}")
+    return cpus
 
 
 def pick_device(name: str) -> str:
@@ -69,6 +89,8 @@ async def serve(args: argparse.Namespace) -> None:
     from shared.protocol import pb, rpc
 
     log = logging.getLogger("edge-server")
+    if args.cpus:
+        os.sched_setaffinity(0, parse_cpus(args.cpus))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -89,7 +111,8 @@ async def serve(args: argparse.Namespace) -> None:
                args.idle_timeout), __version__,
         SchedulerConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                         prefill_chunk=args.prefill_chunk, prefill_min_chunk=min(32, args.prefill_chunk),
-                        window_ms=args.batch_window_ms, adaptive_budget=not args.fixed_budget),
+                        window_ms=args.batch_window_ms, window_max_ms=args.batch_window_max_ms,
+                        adaptive_budget=not args.fixed_budget),
     )
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
     rpc.add_EdgeSpecServicer_to_server(service, server)

@@ -10,10 +10,13 @@ Policy
 - Prefills fill the remaining token room in chunks of at most `prefill_chunk`, oldest prompt
   first; they always get at least `prefill_min_chunk` so a busy server still admits, and a long
   prompt never holds up other sessions' rounds for more than one chunk's worth of compute.
-- Collection window: when fewer sessions are ready than are active, wait a little for more
-  (`window_ms`, or 8% of the recent step time when larger, at most `window_max_ms`: a device
-  that misses a step waits a whole step) and stop as soon as every active session is ready.
-  A lone session never waits.
+- Collection window: a device that misses a step waits a whole step, so when fewer sessions
+  are ready than are active the step waits for the devices expected back soon. Each session's
+  turnaround (verdict out -> next draft in: network + drafting) is tracked; the step waits for
+  those whose expected arrival falls within `recent step ms x missing / ready` (waiting w ms
+  for one more row pays while w is below the step time that row would otherwise cost), at
+  most `window_max_ms`, and at least `window_ms` for a device with no history yet. It stops
+  as soon as every active session is ready. A lone session never waits.
 - Backpressure happens at admission (the service refuses with RESOURCE_EXHAUSTED): every session
   has at most one item in flight, so the queue is bounded by the admitted sessions; queued
   prefill tokens are bounded too.
@@ -40,6 +43,7 @@ from edge_server.kv_cache import KVPool, Row
 from edge_server.metrics import ServerMetrics, StepRecord
 from edge_server.session import RoundResult, Session
 from edge_server.verifier import TargetModel
+from shared.protocol import pb
 from shared.tree import TokenTree
 
 log = logging.getLogger(__name__)
@@ -51,9 +55,8 @@ class SchedulerConfig:
     max_batch_tokens: int = 512
     prefill_chunk: int = 128
     prefill_min_chunk: int = 32
-    window_ms: float = 2.0  # at least this; up to window_frac of the recent step time, capped
-    window_frac: float = 0.08
-    window_max_ms: float = 10.0
+    window_ms: float = 2.0  # wait at least this for a device with no turnaround history
+    window_max_ms: float = 50.0
     max_queued_prefill_tokens: int = 16384
     adaptive_budget: bool = True
 
@@ -230,6 +233,8 @@ class Scheduler:
         self._stopping = False
         self._steps = 0
         self._recent_step_ms = 0.0
+        self._sent: dict[str, float] = {}  # session -> when its last result was handed back
+        self._turnaround: dict[str, float] = {}  # session -> EMA seconds from result to next item
         self._thread = threading.Thread(target=self._run, name="edgespec-scheduler", daemon=True)
         self._thread.start()
 
@@ -263,6 +268,11 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         item = _Item(session, tree, loop.create_future(), loop)
         with self._cv:
+            sent = self._sent.pop(session.id, None)
+            if sent is not None:
+                took = item.enqueued - sent
+                old = self._turnaround.get(session.id)
+                self._turnaround[session.id] = took if old is None else 0.7 * old + 0.3 * took
             self._pending.append(item)
             self._cv.notify()
         return await item.future
@@ -294,6 +304,8 @@ class Scheduler:
                 it.loop.call_soon_threadsafe(_cancel, it.future)
         self._pending = [it for it in self._pending if it.session.id not in gone]
         for s in self._releases:
+            self._sent.pop(s.id, None)
+            self._turnaround.pop(s.id, None)
             if s.slot is not None:
                 self.pool.free(s.slot)
             self.policy.remove(s.id)
@@ -336,9 +348,7 @@ class Scheduler:
                 self._apply_releases()
                 if not self._pending:
                     continue
-                cfg = self.config
-                window = min(cfg.window_max_ms, max(cfg.window_ms, cfg.window_frac * self._recent_step_ms))
-                deadline = time.perf_counter() + window / 1e3
+                deadline = self._collection_deadline()
                 while len(self._pending) < len(self._active) and not self._releases:
                     left = deadline - time.perf_counter()
                     if left <= 0:
@@ -351,6 +361,24 @@ class Scheduler:
                 if self.policy._dirty or self._steps % 8 == 0:
                     self.policy.refresh()
             self._step(batch)
+
+    def _collection_deadline(self) -> float:
+        """When to stop waiting for more ready sessions (see the module docstring)."""
+        now = time.perf_counter()
+        cfg = self.config
+        ready = {it.session.id for it in self._pending}
+        missing = [sid for sid in self._active if sid not in ready]
+        if not missing:
+            return now
+        bound = min(cfg.window_max_ms, self._recent_step_ms * len(missing) / max(1, len(ready))) / 1e3
+        wait = cfg.window_ms / 1e3
+        for sid in missing:
+            sent, took = self._sent.get(sid), self._turnaround.get(sid)
+            if sent is not None and took is not None:
+                due = sent + took - now
+                if due <= bound:
+                    wait = max(wait, min(due + cfg.window_ms / 1e3, bound))
+        return now + wait
 
     def _step(self, batch: list[tuple[_Item, Row]]) -> None:
         started = time.perf_counter()
@@ -393,6 +421,8 @@ class Scheduler:
                     self.metrics.session_round(it.session.id, len(it.tree), res.accepted, len(res.tokens),
                                                self.policy.current(it.session.id))
                 info = StepInfo(queue_ms, compute_ms, len(rows), n_tokens)
+                if res.finish == pb.FINISH_NONE:
+                    self._sent[it.session.id] = time.perf_counter()
                 it.loop.call_soon_threadsafe(_resolve, it.future, (res, info))
         self.metrics.step(StepRecord(time.monotonic(), len(rows), n_tokens, prefill_tokens, compute_ms,
                                      float(np.mean(queue)) if queue else 0.0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import statistics
 import threading
 import time
@@ -114,6 +115,20 @@ def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tok
     if errors:
         raise RuntimeError(f"{method} with {len(prompts)} clients failed: {errors[0]!r}") from errors[0]
     return MethodRun(method, len(prompts), time.perf_counter() - start, per_client)
+
+
+def split_cores(server_args: list[str], pin: bool = True) -> tuple[list[str], str]:
+    """Gives the edge server the first core and this process (the device clients) the rest.
+
+    On one shared box the devices' drafting and gRPC work would otherwise steal the server's
+    core; in a deployment they run on their own hardware. Returns the server flags and a line
+    for the notes saying what was done."""
+    cores = sorted(os.sched_getaffinity(0))
+    if not pin or len(cores) < 2 or "--cpus" in server_args:
+        return server_args, "no core pinning (server and clients share every core)"
+    os.sched_setaffinity(0, cores[1:])
+    rest = ",".join(map(str, cores[1:]))
+    return [*server_args, "--cpus", str(cores[0])], f"server pinned to core {cores[0]}, clients to core(s) {rest}"
 
 
 def lossless_problems(runs: list[MethodRun]) -> list[str]:

@@ -26,7 +26,8 @@ import grpc
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from bench_common import PROMPTS, MethodRun, lossless_problems, markdown_table, results_dir, run_clients, save_json  # noqa: E402
+from bench_common import (PROMPTS, MethodRun, lossless_problems, markdown_table, results_dir, run_clients,  # noqa: E402
+                          save_json, split_cores)
 
 from device_client.cli import make_drafter  # noqa: E402
 from edge_server.launcher import ServerProcess  # noqa: E402
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--server-args", default="--threads 1",
                    help="extra edge-server flags (default: one torch thread; on this shared 2-core box "
                         "two threads oversubscribe and steps slow down ~20x)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="let server and clients share every core (default: server on core 0, clients on the rest)")
     p.add_argument("--out", default=None, help="output folder (default results/<date>/load)")
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
@@ -105,11 +108,12 @@ def main(argv=None) -> None:
     out = Path(args.out) if args.out else results_dir("load")
     out.mkdir(parents=True, exist_ok=True)
     server = None
+    server_args, pinning = split_cores(args.server_args.split(), pin=not args.no_pin and not args.server)
     if args.server:
         address = args.server
     else:
         server = ServerProcess(["--log-level", "WARNING", "--max-sessions", str(max(64, max(args.clients))),
-                                "--max-tree-nodes", "64", *args.server_args.split()])
+                                "--max-tree-nodes", "64", *server_args])
         address = server.address
     rows, runs, skipped = [], [], {}
     try:
@@ -149,7 +153,8 @@ def main(argv=None) -> None:
     problems = lossless_problems(runs)
     table = markdown_table(rows, COLUMNS)
     notes = [f"max_new_tokens={args.max_new_tokens} (ignore_eos), requests/client={args.requests}, "
-             f"device tree budget cap={args.tree_budget}, server args: {args.server_args or '(defaults)'}",
+             f"device tree budget cap={args.tree_budget}, server args: {' '.join(server_args) or '(defaults)'}",
+             pinning,
              f"machine: {platform.processor() or platform.machine()}, shared CPU (noisy); same run, same server"]
     notes += [f"skipped {m}: {why}" for m, why in skipped.items()]
     notes.append("lossless check: " + ("OK, all methods gave identical tokens" if not problems else "; ".join(problems)))

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_common import METHODS, PROMPTS, lossless_problems, markdown_table, results_dir, run_clients, save_json  # noqa: E402
+from bench_common import (METHODS, PROMPTS, lossless_problems, markdown_table, results_dir, run_clients,  # noqa: E402
+                          save_json, split_cores)
 
 from edge_server.launcher import ServerProcess  # noqa: E402
 
@@ -96,12 +97,15 @@ def main() -> None:
     p.add_argument("--tree-budget", type=int, default=32)
     p.add_argument("--server-args", default="--threads 1",
                    help="extra edge-server flags (default one torch thread: clients share this 2-core box)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="let server and clients share every core (default: server on core 0, clients on the rest)")
     args = p.parse_args()
     prompts = PROMPTS[: args.prompts]
     out = results_dir("network")
     rows, runs = [], []
     combos = [(pr, m, c) for pr in args.profiles for c in args.clients for m in args.methods]
-    with ServerProcess(["--log-level", "WARNING", *args.server_args.split()]) as server:
+    server_args, pinning = split_cores(args.server_args.split(), pin=not args.no_pin)
+    with ServerProcess(["--log-level", "WARNING", *server_args]) as server:
         host, port = server.address.rsplit(":", 1)
         for profile_name, method, clients in tqdm(combos, desc="sweep", unit="run"):
             profile = netem.get_profile(profile_name)
@@ -122,7 +126,7 @@ def main() -> None:
     table = markdown_table(rows, COLUMNS)
     machine = f"{platform.node()} · {platform.processor() or platform.machine()} · {platform.python_version()}"
     lossless = "OK, every method gave identical tokens" if not problems else "; ".join(problems)
-    notes = f"\n- machine: {machine}; emulator: {netem.EMULATOR}\n- lossless check: {lossless}\n"
+    notes = f"\n- machine: {machine}; emulator: {netem.EMULATOR}; {pinning}\n- lossless check: {lossless}\n"
     save_json(out / "results.json", {"machine": machine, "args": vars(args), "rows": rows, "lossless": problems})
     (out / "table.md").write_text(table + "\n" + notes)
     plot(rows, out)

@@ -102,3 +102,37 @@ def test_long_prefill_does_not_stall_other_rounds(target):
         ref = target.model.generate(torch.tensor([a.prompt_ids]), do_sample=False, max_new_tokens=len(a.generated),
                                     attention_mask=torch.ones(1, len(a.prompt_ids), dtype=torch.long))
     assert a.generated == ref[0, len(a.prompt_ids):].tolist()
+
+
+def _deadline_wait_ms(ready: list[str], active: list[str], due_ms: dict[str, float],
+                      step_ms: float = 100.0) -> float:
+    """How long the scheduler would wait for more rows, with `due_ms` the expected arrival of
+    each missing session's next item (from its turnaround history)."""
+    from types import SimpleNamespace
+    import time
+
+    sched = Scheduler(None, None, SchedulerConfig(window_ms=2.0, window_max_ms=50.0), max_tree_nodes=16)
+    try:
+        now = time.perf_counter()
+        sched._active = set(active)
+        sched._pending = [SimpleNamespace(session=SimpleNamespace(id=sid)) for sid in ready]
+        sched._recent_step_ms = step_ms
+        for sid, due in due_ms.items():  # sent 10 ms ago, back after 10 + due ms
+            sched._sent[sid] = now - 0.010
+            sched._turnaround[sid] = 0.010 + due / 1e3
+        return (sched._collection_deadline() - now) * 1e3
+    finally:
+        sched.stop()
+
+
+def test_collection_window_waits_for_devices_due_soon_only():
+    everyone = ["a", "b", "c", "d"]
+    assert _deadline_wait_ms(everyone, everyone, {}) < 1.0  # all ready: no wait
+    # d is due in 5 ms; one row more is worth up to 100 ms x 1/3 of waiting: wait ~5 + 2 ms
+    assert 6.0 <= _deadline_wait_ms(everyone[:3], everyone, {"d": 5.0}) <= 8.5
+    # d is due in 40 ms: more than the step time it would save the others (33 ms): do not wait
+    assert _deadline_wait_ms(everyone[:3], everyone, {"d": 40.0}) <= 2.5
+    # no history yet: the short default window
+    assert _deadline_wait_ms(everyone[:3], everyone, {}) <= 2.5
+    # a lone waiting session among slow steps is capped by window_max_ms
+    assert _deadline_wait_ms(["a"], ["a", "b"], {"b": 45.0}, step_ms=400.0) <= 50.5
