@@ -2,12 +2,14 @@
 
 tau is measured without the server, exactly: the eval set (build_head_data.py) holds each
 eval prompt's fp32 greedy continuation and the target's hidden state at every position. A
-round with committed context c (root = last token) drafts a tree from the hidden state before
-the root; the target accepts the longest tree path equal to the greedy continuation (the
+round with committed context seq[:c] has the root seq[c-1] (the bonus token the server
+returned; the drafter takes it as context[-1], and root-conditioned heads are fed it) and
+drafts a tree from the hidden state at c-2, the position before the root, whose LM-head argmax
+is the root; the target accepts the longest tree path equal to the greedy continuation (the
 server's rule at temperature 0: a child is accepted when it equals the argmax at its parent),
 plus the bonus token. tau = tokens gained per round.
 
-    python scripts/bench_heads.py [--runs /tmp/edgespec-train/runs] [--budget 64]
+    python scripts/bench_heads.py [--runs /tmp/edgespec-train/runs] [--budgets 8,16,32,64]
 
 Prints and saves results/heads/bench.json and results/heads/bench.md (a copy of the table goes
 to results/summary/heads.md).
@@ -56,6 +58,8 @@ def load_eval(path: Path):
 
 
 def simulate(drafter, eval_path: Path, budget: int, max_prompts: int | None = None, timer: list | None = None) -> dict:
+    """Offline greedy rounds over the eval set (see the module docstring); `timer` collects
+    the seconds each propose() took."""
     seqs, hids, starts = load_eval(eval_path)
     rounds = gained = 0
     per_prompt = []
@@ -64,7 +68,7 @@ def simulate(drafter, eval_path: Path, budget: int, max_prompts: int | None = No
         c = int(s) + 1  # after prefill: committed prompt + the first (bonus) token
         r0, g0 = rounds, gained
         while c < n:
-            ctx = seq[:c]
+            ctx = seq[:c]  # root = ctx[-1] = seq[c - 1], the token after the hidden state's position
             hidden = H[c - 2].astype(np.float32) if drafter.needs_hidden_state else None
             t = time.perf_counter()
             tree = drafter.propose(ctx.tolist(), hidden, budget)
@@ -82,26 +86,29 @@ def simulate(drafter, eval_path: Path, budget: int, max_prompts: int | None = No
             "tau_min_prompt": float(np.min(per_prompt)), "tau_median_prompt": float(np.median(per_prompt))}
 
 
-def simulate_tau(eval_path: Path, variant_dir: Path | None, mode: str, budget: int, ngram: bool = False,
+def simulate_tau(eval_path: Path, variant_dir: Path | None, mode: str | None, budget: int, ngram: bool = False,
                  threads: int = 2, max_prompts: int | None = None) -> dict:
+    """simulate() with the heads drafter on the artifact folder `variant_dir` (None: ngram alone)."""
     drafter = NgramDrafter() if variant_dir is None else HeadsDrafter(variant_dir, mode, ngram, threads)
     return simulate(drafter, eval_path, budget, max_prompts)
 
 
-def head_timing(hidden: int, vocab: int, heads: int, top_k: int, ranks: list[int], work: Path, threads_list=(1, 2),
-                reps: int = 200) -> dict:
-    """Head-only ms per call for random heads with the real shapes (fp32 and int8)."""
+def head_timing(hidden: int, vocab: int, heads: int, top_k: int, variants: list[tuple[int, bool]], work: Path,
+                threads_list=(1, 2), reps: int = 200) -> dict:
+    """Head-only ms per call for random heads with the real shapes (fp32 and int8), for each
+    (rank, root_conditioned) variant."""
     import torch
 
     from export_heads import export_onnx, ort_session, quantize
     from heads_model import DraftHeads
 
     out = {}
-    h = np.random.default_rng(0).standard_normal((1, hidden)).astype(np.float32)
-    for r in ranks:
-        name = f"r{r}" if r else "full"
+    feeds_all = {"hidden": np.random.default_rng(0).standard_normal((1, hidden)).astype(np.float32),
+                 "root": np.array([vocab // 3], dtype=np.int64)}
+    for r, cond in variants:
+        name = (f"r{r}" if r else "full") + ("-root" if cond else "-plain")
         torch.manual_seed(0)
-        m = DraftHeads(hidden, vocab, heads, r or None)
+        m = DraftHeads(hidden, vocab, heads, r or None, root_conditioned=cond)
         for blk in m.blocks:
             torch.nn.init.normal_(blk[0].linear.weight, std=0.02)
         fp32 = export_onnx(m, top_k, work / f"timing-{name}.fp32.onnx")
@@ -109,12 +116,13 @@ def head_timing(hidden: int, vocab: int, heads: int, top_k: int, ranks: list[int
         for label, path in (("fp32", fp32), ("int8", q)):
             for th in threads_list:
                 sess = ort_session(path, th)
+                feeds = {i.name: feeds_all[i.name] for i in sess.get_inputs()}
                 for _ in range(10):
-                    sess.run(None, {"hidden": h})
+                    sess.run(None, feeds)
                 ts = []
                 for _ in range(reps if r else max(20, reps // 10)):
                     t = time.perf_counter()
-                    sess.run(None, {"hidden": h})
+                    sess.run(None, feeds)
                     ts.append(time.perf_counter() - t)
                 out[f"{name}/{label}/{th}t"] = round(1e3 * float(np.median(ts)), 3)
         params = sum(p.numel() for p in m.parameters())
@@ -124,12 +132,30 @@ def head_timing(hidden: int, vocab: int, heads: int, top_k: int, ranks: list[int
     return out
 
 
+DRAFTERS = {  # name -> (heads mode or None for the ngram drafter alone, merge ngram branches)
+    "ngram": (None, False),
+    "heads-static": ("static", False),
+    "heads-static+ngram": ("static", True),
+    "heads-dynamic": ("dynamic", False),
+    "heads-dynamic+ngram": ("dynamic", True),
+}
+
+
+def shipped_by(run_dir: Path, art: Path, meta: dict) -> bool:
+    """Whether `run_dir` (train_heads.py --run-dir) produced the artifact in `art`."""
+    mine, shipped = run_dir / "heads.int8.onnx", art / meta.get("onnx", "heads.int8.onnx")
+    return mine.exists() and shipped.exists() and mine.read_bytes() == shipped.read_bytes()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="/tmp/edgespec-train/data")
-    ap.add_argument("--runs", default="/tmp/edgespec-train/runs", help="run dirs r32, r64, r128, rfull from train_heads.py")
+    ap.add_argument("--runs", default="/tmp/edgespec-train/runs",
+                    help="run dirs from train_heads.py (with --no-artifact: RUN/artifact; else the shipped one)")
     ap.add_argument("--artifact-dir", default=str(SHIPPED))
-    ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--budgets", default="8,16,32,64",
+                    help="tree budgets (nodes, root included) for the drafter table; the largest is used for "
+                         "the per-run table and the timings")
     ap.add_argument("--out", default=str(ROOT / "results" / "heads"))
     ap.add_argument("--max-prompts", type=int, default=None)
     ap.add_argument("--skip-timing", action="store_true")
@@ -140,39 +166,39 @@ def main(argv: list[str] | None = None) -> int:
     ev = Path(args.data_dir) / "eval.npz"
     art = Path(args.artifact_dir)
     meta = json.loads((art / "heads.json").read_text())
-    res: dict = {"budget": args.budget, "eval_set": str(ev), "artifact": str(art), "rank": meta["rank"],
+    budgets = sorted(int(b) for b in args.budgets.split(","))
+    B, P = budgets[-1], args.max_prompts
+    res: dict = {"budget": B, "budgets": budgets, "eval_set": str(ev), "artifact": str(art), "rank": meta["rank"],
+                 "root_conditioned": meta.get("root_conditioned", False),
                  "heldout_accuracy": meta.get("heldout_accuracy"), "quantization": meta.get("quantization", {}).get("scheme")}
-    B, P = args.budget, args.max_prompts
-    tau = {}
-    tau["ngram"] = simulate(NgramDrafter(), ev, B, P)
-    for mode in ("static", "dynamic"):
-        tau[f"heads-{mode}"] = simulate(HeadsDrafter(art, mode, False, 2), ev, B, P)
-        tau[f"heads-{mode}+ngram"] = simulate(HeadsDrafter(art, mode, True, 2), ev, B, P)
-    for b in (16, 32):
-        tau[f"heads-dynamic@{b}"] = simulate(HeadsDrafter(art, "dynamic", False, 2), ev, b, P)
+    tau: dict = {}
+    for name, (mode, ng) in DRAFTERS.items():
+        tau[name] = {}
+        for b in budgets:
+            tau[name][str(b)] = v = simulate_tau(ev, art if mode else None, mode, b, ng, max_prompts=P)
+            print(f"tau {name:22s} @{b:<3d} {v['tau']:.3f}  (min prompt {v['tau_min_prompt']:.2f})")
     res["tau"] = tau
-    for k, v in tau.items():
-        print(f"tau {k:24s} {v['tau']:.3f}  (min prompt {v['tau_min_prompt']:.2f})")
 
-    # ranks and precisions from the run dirs (each has artifact/ with int8 and heads.fp32.onnx)
-    ranks = {}
-    runs = Path(args.runs)
-    for rd in sorted(runs.glob("r*")):
-        a = rd / "artifact" if (rd / "artifact" / "heads.json").exists() else None
-        if a is None and (rd / "heads.int8.onnx").exists() and rd.name == f"r{meta['rank']}":
-            a = art
+    # runs (rank, root conditioning) and precisions: int8 artifact vs the run's heads.fp32.onnx
+    runs = {}
+    for rd in sorted(Path(args.runs).glob("r*")):
+        a = rd / "artifact" if (rd / "artifact" / "heads.json").exists() else art if shipped_by(rd, art, meta) else None
         if a is None or not (rd / "heads.fp32.onnx").exists():
             continue
         m = json.loads((a / "heads.json").read_text())
-        entry = {"rank": m["rank"] or "full", "heldout_accuracy": m.get("heldout_accuracy"),
-                 "int8_bytes": (a / m.get("onnx", "heads.int8.onnx")).stat().st_size}
+        entry = {"rank": m["rank"] or "full", "root_conditioned": m.get("root_conditioned", False),
+                 "shipped": a == art, "heldout_accuracy": m.get("heldout_accuracy"),
+                 "scheme": m.get("quantization", {}).get("scheme"),
+                 "int8_bytes": (a / m.get("onnx", "heads.int8.onnx")).stat().st_size,
+                 "train_seconds": m.get("training", {}).get("train_seconds")}
         fpdir = write_variant(rd / "variant-bench-fp32", rd / "heads.fp32.onnx", m)
         for prec, d in (("int8", a), ("fp32", fpdir)):
-            for mode in ("static", "dynamic"):
-                entry[f"tau_{mode}_{prec}"] = round(simulate(HeadsDrafter(d, mode, False, 2), ev, B, P)["tau"], 4)
-        ranks[rd.name] = entry
+            for name in ("heads-static", "heads-dynamic", "heads-dynamic+ngram"):
+                mode, ng = DRAFTERS[name]
+                entry[f"tau_{name}_{prec}"] = round(simulate_tau(ev, d, mode, B, ng, max_prompts=P)["tau"], 4)
+        runs[rd.name] = entry
         print(rd.name, json.dumps(entry))
-    res["ranks"] = ranks
+    res["runs"] = runs
 
     if not args.skip_timing:
         # device draft ms per round (heads forward + tree), 1 and 2 threads
@@ -190,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             res["head_ms"] = json.loads(Path(args.head_ms_json).read_text())
         else:
             ranks_t = [int(x) for x in args.timing_ranks.split(",") if x] or [meta["rank"], 0]
+            # the shipped rank with and without root conditioning: what conditioning costs the device
+            variants = [(r, c) for r in ranks_t for c in ((False, True) if r == meta["rank"] else (True,))]
             res["head_ms"] = head_timing(meta["hidden_size"], meta["vocab_size"], meta["num_heads"], meta["top_k"],
-                                         ranks_t, work)
+                                         variants, work)
             (work / "head_ms.json").write_text(json.dumps(res["head_ms"], indent=1))
         print("head ms", res["head_ms"])
 
@@ -208,29 +236,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def to_markdown(res: dict) -> str:
-    L = [f"# Head drafter benchmark (budget {res['budget']} nodes, temperature 0)", ""]
+    """The benchmark as markdown tables (results/summary/heads.md)."""
+    B = res["budget"]
+    L = [f"# Head drafter benchmark (temperature 0, exact offline tau on the eval set)", ""]
     acc = res.get("heldout_accuracy") or {}
     if acc:
-        L += ["| head | +offset | top-1 | top-5 |", "|---|---|---|---|"]
+        L += ["Shipped heads, held-out accuracy (the torch heads, fp32):", "",
+              "| head | +offset | top-1 | top-5 |", "|---|---|---|---|"]
         for k, (a, b) in enumerate(zip(acc["top1"], acc["top5"])):
             L.append(f"| {k} | t+{k + 2} | {a:.3f} | {b:.3f} |")
         L.append("")
-    L += [f"Shipped artifact: rank {res['rank']}, quantization {res['quantization']}", "",
-          "| drafter | tau | min tau per prompt | rounds |", "|---|---|---|---|"]
-    for k, v in res["tau"].items():
-        L.append(f"| {k} | {v['tau']:.3f} | {v['tau_min_prompt']:.2f} | {v['rounds']} |")
-    if res.get("ranks"):
-        L += ["", "| rank | int8 MB | top-1 (h0..h3) | tau static int8 | tau static fp32 | tau dynamic int8 | tau dynamic fp32 |",
-              "|---|---|---|---|---|---|---|"]
-        for name, e in res["ranks"].items():
-            t1 = "/".join(f"{x:.2f}" for x in (e.get("heldout_accuracy") or {}).get("top1", []))
-            L.append(f"| {e['rank']} | {e['int8_bytes']/1e6:.2f} | {t1} | {e['tau_static_int8']:.3f} | {e['tau_static_fp32']:.3f} | "
-                     f"{e['tau_dynamic_int8']:.3f} | {e['tau_dynamic_fp32']:.3f} |")
+    cond = "root-conditioned" if res.get("root_conditioned") else "plain"
+    budgets = res["budgets"]
+    L += [f"Shipped artifact: rank {res['rank']}, {cond}, quantization {res['quantization']}. "
+          "tau (tokens per round, bonus included) by tree budget (nodes, root included):", "",
+          "| drafter | " + " | ".join(f"@{b}" for b in budgets) + f" | min tau per prompt @{B} | rounds @{B} |",
+          "|---|" + "---|" * (len(budgets) + 2)]
+    for name, per in res["tau"].items():
+        L.append(f"| {name} | " + " | ".join(f"{per[str(b)]['tau']:.3f}" for b in budgets)
+                 + f" | {per[str(B)]['tau_min_prompt']:.2f} | {per[str(B)]['rounds']} |")
+    if res.get("runs"):
+        L += ["", f"Runs (same data), int8 artifact vs the run's fp32 graph, budget {B}:", "",
+              "| run | rank | root | scheme | int8 MB | top-1 (h0..h3) | top-5 (h0..h3) | static int8 / fp32 "
+              "| dynamic int8 / fp32 | dynamic+ngram int8 / fp32 | train s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, e in res["runs"].items():
+            a = e.get("heldout_accuracy") or {}
+            t1 = "/".join(f"{x:.2f}" for x in a.get("top1", []))
+            t5 = "/".join(f"{x:.2f}" for x in a.get("top5", []))
+            taus = " | ".join(f"{e[f'tau_{m}_int8']:.3f} / {e[f'tau_{m}_fp32']:.3f}"
+                              for m in ("heads-static", "heads-dynamic", "heads-dynamic+ngram"))
+            L.append(f"| {name}{' (shipped)' if e['shipped'] else ''} | {e['rank']} | "
+                     f"{'yes' if e['root_conditioned'] else 'no'} | {e['scheme']} | {e['int8_bytes']/1e6:.2f} | "
+                     f"{t1} | {t5} | {taus} | {e['train_seconds'] or '-'} |")
     if res.get("draft_ms_per_round"):
-        L += ["", "| device draft ms/round | ms |", "|---|---|"]
+        L += ["", f"| device draft ms/round (heads + tree, budget {B}, median) | ms |", "|---|---|"]
         L += [f"| {k} | {v:.3f} |" for k, v in res["draft_ms_per_round"].items()]
     if res.get("head_ms"):
-        L += ["", "| head-only (same shapes) | value |", "|---|---|"]
+        L += ["", "| head-only ms per call (random weights, same shapes; int8 = per-channel) | value |", "|---|---|"]
         L += [f"| {k} | {v} |" for k, v in res["head_ms"].items()]
     return "\n".join(L) + "\n"
 

@@ -1,9 +1,13 @@
 """Export draft heads to ONNX (fp32) and quantize them (int8), with parity checks.
 
-Graph: input `hidden` float32 [B, hidden_size] (the device casts the fp16 wire payload up);
-outputs `ids` int64 [B, K, top_k] and `logprobs` float32 [B, K, top_k] (log-softmax over the
-full vocabulary, sorted descending). Every projection is a plain 2-D MatMul against a constant,
-so ONNX Runtime's quantizers see them.
+Graph: inputs `hidden` float32 [B, hidden_size] (the device casts the fp16 wire payload up) and,
+for root-conditioned heads, `root` int64 [B] (the round's root token); outputs `ids` int64
+[B, K, top_k] and `logprobs` float32 [B, K, top_k] (log-softmax over the full vocabulary,
+sorted descending). Every projection is a plain 2-D MatMul against a constant, so ONNX
+Runtime's quantizers see them. The root embedding is a Gather (axis 1) on the same [r, V]
+constant that the vocabulary MatMul uses, so U is stored once; after int8 quantization the
+Gather reads the quantized U and dequantizes only the gathered columns (see
+_gather_from_quantized), so the graph keeps no fp32 copy of U.
 
 Quantization schemes (pick by measured tau, see train_heads.py):
   int8-per-channel   dynamic int8, per-output-channel weight scales (default)
@@ -32,21 +36,29 @@ SCHEMES = ("int8-per-channel", "int8-per-tensor", "int8-u-fp16", "avx512-vnni", 
 
 
 class ExportGraph(nn.Module):
-    """The same function as TopKHeads, written with 2-D MatMuls only (quantizer-friendly)."""
+    """The same function as TopKHeads, written with 2-D MatMuls and one Gather (quantizer-friendly)."""
 
     def __init__(self, heads: DraftHeads, top_k: int) -> None:
         super().__init__()
         self.heads = heads
         self.top_k = top_k
 
-    def forward(self, hidden: torch.Tensor):
+    def forward(self, hidden: torch.Tensor, root: torch.Tensor | None = None):
         hd = self.heads
         h = hidden.to(torch.float32)
-        feats = [hd.blocks[k](h) for k in range(hd.num_heads)]
+        B, K, d = h.shape[0], hd.num_heads, hd.hidden_size
+        # U^T [r, V] (or E^T): the one constant that the vocabulary MatMul and the root Gather share
+        table_t = hd.root_table.t() if hd.root_conditioned or hd.rank else None
+        if hd.root_conditioned:
+            e = table_t.index_select(1, root).t()  # [B, r]
+            c = F.linear(e, hd.C.reshape(K * d, -1)).reshape(B, K, d)  # all C_k in one MatMul
+            feats = [hd.blocks[k](h + c[:, k]) for k in range(K)]
+        else:
+            feats = [hd.blocks[k](h) for k in range(K)]
         if hd.rank:
             # one MatMul against U for all heads, so U is stored (and quantized) once
             low = torch.stack([F.linear(z, hd.A[k]) for k, z in enumerate(feats)], dim=1)  # [B, K, r]
-            x = F.linear(low.reshape(-1, hd.rank), hd.U).reshape(h.shape[0], hd.num_heads, hd.vocab_size)
+            x = (low.reshape(-1, hd.rank) @ table_t).reshape(B, K, hd.vocab_size)
         else:
             x = torch.stack([F.linear(z, hd.W[k]) for k, z in enumerate(feats)], dim=1)
         logp = torch.log_softmax(x, dim=-1)
@@ -55,14 +67,19 @@ class ExportGraph(nn.Module):
 
 
 def export_onnx(heads: DraftHeads, top_k: int, path: Path) -> Path:
+    """fp32 ONNX graph; root-conditioned heads get the second input `root`."""
     heads = heads.eval().float()
     graph = ExportGraph(heads, top_k)
-    dummy = torch.zeros(1, heads.hidden_size)
+    args: tuple = (torch.zeros(1, heads.hidden_size),)
+    names = ["hidden"]
+    if heads.root_conditioned:
+        args += (torch.zeros(1, dtype=torch.int64),)
+        names.append("root")
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(
-            graph, (dummy,), str(path), input_names=["hidden"], output_names=["ids", "logprobs"],
-            dynamic_axes={"hidden": {0: "batch"}, "ids": {0: "batch"}, "logprobs": {0: "batch"}},
+            graph, args, str(path), input_names=names, output_names=["ids", "logprobs"],
+            dynamic_axes={**{n: {0: "batch"} for n in names}, "ids": {0: "batch"}, "logprobs": {0: "batch"}},
             opset_version=17, dynamo=False,
         )
     return path
@@ -77,16 +94,74 @@ def _u_initializer_name(model) -> str | None:
     return best[0] if best else None
 
 
-def quantize(fp32_path: Path, out_path: Path, scheme: str = "int8-per-channel") -> Path:
+def _gather_from_quantized(model) -> None:
+    """Point Gathers on a quantized constant at its int8 copy, in place.
+
+    ORT's dynamic quantizer quantizes a MatMul's constant (U^T [r, V]) but keeps the fp32
+    original for any other consumer, here the root-embedding Gather, which would ship U twice
+    (+4 bytes per entry). Instead the Gather reads the int8 columns and dequantizes only
+    those, with the same scale/zero point as the MatMul, so the root embedding is exactly the
+    U that the vocabulary projection uses. Per-channel scales must run along the gathered
+    axis (ORT quantizes a MatMul's B per output column, i.e. per vocabulary entry: they do).
+    """
+    from onnx import TensorProto, helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    new_nodes = []
+    for node in model.graph.node:
+        data = node.input[0] if node.op_type == "Gather" else None
+        if data not in inits or data + "_quantized" not in inits:
+            new_nodes.append(node)
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        n_axis = inits[data].dims[axis]
+        idx, out, tag = node.input[1], node.output[0], node.name or out
+
+        def per_index(name: str) -> str:
+            """The scale / zero point for the gathered entries: gathered if per channel."""
+            size = int(np.prod(inits[name].dims)) if inits[name].dims else 1
+            if size == 1:
+                return name
+            if size != n_axis:
+                raise ValueError(f"{name}: per-channel quantization along another axis than the Gather's")
+            new_nodes.append(helper.make_node("Gather", [name, idx], [f"{tag}_{name}_g"], axis=0))
+            return f"{tag}_{name}_g"
+
+        scale, zp = per_index(data + "_scale"), per_index(data + "_zero_point")
+        new_nodes += [
+            helper.make_node("Gather", [data + "_quantized", idx], [f"{tag}_q"], axis=axis),
+            helper.make_node("Cast", [f"{tag}_q"], [f"{tag}_qf"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", [zp], [f"{tag}_zpf"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", [f"{tag}_qf", f"{tag}_zpf"], [f"{tag}_c"]),
+            helper.make_node("Mul", [f"{tag}_c", scale], [out]),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    for init in list(model.graph.initializer):
+        if init.name not in used:
+            model.graph.initializer.remove(init)
+
+
+def _quantize_dynamic_int8(fp32_path: Path, out_path: Path, per_channel: bool, exclude: list[str] | None = None) -> None:
+    """ORT dynamic int8 of every constant MatMul/Gemm weight, then _gather_from_quantized."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    quantize_dynamic(
+        str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=per_channel,
+        op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=exclude or [],
+        extra_options={"MatMulConstBOnly": True},
+    )
+    model = onnx.load(str(out_path))
+    _gather_from_quantized(model)
+    onnx.save(model, str(out_path))
+
+
+def quantize(fp32_path: Path, out_path: Path, scheme: str = "int8-per-channel") -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if scheme in ("int8-per-channel", "int8-per-tensor"):
-        quantize_dynamic(
-            str(fp32_path), str(out_path), weight_type=QuantType.QInt8,
-            per_channel=scheme == "int8-per-channel", op_types_to_quantize=["MatMul", "Gemm"],
-            extra_options={"MatMulConstBOnly": True},
-        )
+        _quantize_dynamic_int8(fp32_path, out_path, per_channel=scheme == "int8-per-channel")
         return out_path
     if scheme == "int8-u-fp16":
         import onnx
@@ -96,11 +171,7 @@ def quantize(fp32_path: Path, out_path: Path, scheme: str = "int8-per-channel") 
         uname = _u_initializer_name(model)
         excl = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and uname in n.input]
         tmp = out_path.with_suffix(".tmp.onnx")
-        quantize_dynamic(
-            str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excl,
-            extra_options={"MatMulConstBOnly": True},
-        )
+        _quantize_dynamic_int8(fp32_path, tmp, per_channel=True, exclude=excl)
         model = onnx.load(str(tmp))
         for i, init in enumerate(model.graph.initializer):
             if init.name == uname:
@@ -114,6 +185,7 @@ def quantize(fp32_path: Path, out_path: Path, scheme: str = "int8-per-channel") 
         tmp.unlink()
         return out_path
     if scheme in ("avx512-vnni", "arm64"):
+        import onnx
         from optimum.onnxruntime import ORTQuantizer
         from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
@@ -125,7 +197,9 @@ def quantize(fp32_path: Path, out_path: Path, scheme: str = "int8-per-channel") 
         shutil.copy(fp32_path, work / "model.onnx")
         q = ORTQuantizer.from_pretrained(work, file_name="model.onnx")
         q.quantize(save_dir=work, quantization_config=cfg)
-        shutil.move(str(work / "model_quantized.onnx"), out_path)
+        model = onnx.load(str(work / "model_quantized.onnx"))
+        _gather_from_quantized(model)
+        onnx.save(model, str(out_path))
         shutil.rmtree(work, ignore_errors=True)
         return out_path
     raise ValueError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
@@ -141,20 +215,27 @@ def ort_session(path: Path, threads: int = 1):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(sess, hidden: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def run_onnx(sess, hidden: np.ndarray, root: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Batched graph outputs; `root` (the token after each hidden state's position) is fed only
+    to graphs that take it, so plain (format 1) graphs run on the same data."""
+    takes_root = "root" in {i.name for i in sess.get_inputs()}
     ids, lps = [], []
     for i in range(0, len(hidden), batch):
-        a, b = sess.run(None, {"hidden": np.ascontiguousarray(hidden[i:i + batch], dtype=np.float32)})
+        feeds = {"hidden": np.ascontiguousarray(hidden[i:i + batch], dtype=np.float32)}
+        if takes_root:
+            feeds["root"] = np.ascontiguousarray(root[i:i + batch], dtype=np.int64)
+        a, b = sess.run(None, feeds)
         ids.append(a)
         lps.append(b)
     return np.concatenate(ids), np.concatenate(lps)
 
 
-def parity(heads: DraftHeads, onnx_path: Path, hidden: np.ndarray, top_k: int) -> dict:
+def parity(heads: DraftHeads, onnx_path: Path, hidden: np.ndarray, root: np.ndarray, top_k: int) -> dict:
     """Top-1 agreement and max |log-prob| gap of an ONNX graph against the torch heads."""
     with torch.no_grad():
-        ref_ids, ref_lp = ExportGraph(heads.eval().float(), top_k)(torch.from_numpy(hidden.astype(np.float32)))
-    ids, lp = run_onnx(ort_session(onnx_path), hidden)
+        ref_ids, ref_lp = ExportGraph(heads.eval().float(), top_k)(
+            torch.from_numpy(hidden.astype(np.float32)), torch.from_numpy(root.astype(np.int64)))
+    ids, lp = run_onnx(ort_session(onnx_path), hidden, root)
     ref_ids, ref_lp = ref_ids.numpy(), ref_lp.numpy()
     return {
         "top1_agreement": float((ids[..., 0] == ref_ids[..., 0]).mean()),
@@ -180,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     heads = load_checkpoint(args.checkpoint)
     fp32 = export_onnx(heads, args.top_k, args.out_dir / "heads.fp32.onnx")
     q = quantize(fp32, args.out_dir / "heads.int8.onnx", args.scheme)
-    h = np.random.default_rng(0).standard_normal((64, heads.hidden_size)).astype(np.float32)
-    print("fp32", parity(heads, fp32, h, args.top_k))
-    print("int8", parity(heads, q, h, args.top_k), q.stat().st_size, "bytes")
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((64, heads.hidden_size)).astype(np.float32)
+    root = rng.integers(0, heads.vocab_size, size=64)
+    print("fp32", parity(heads, fp32, h, root, args.top_k))
+    print("int8", parity(heads, q, h, root, args.top_k), q.stat().st_size, "bytes")
     return 0
 
 

@@ -4,12 +4,22 @@ Head k (k = 0..K-1) reads the target's final hidden state h_t (post final norm, 
 lm_head(h_t) gives the token at t+1, the round's root/bonus token) and predicts the token at
 t+2+k:
 
-    z_k      = ResBlock_k^L(h_t)            ResBlock(x) = x + SiLU(W x + b), W zero-initialised
+    x_k      = h_t + C_k e(root)            root-conditioned (default); plain Medusa: x_k = h_t
+    z_k      = ResBlock_k^L(x_k)            ResBlock(x) = x + SiLU(W x + b), W zero-initialised
     logits_k = U (A_k z_k)                  A_k: d -> r (per head), U: r -> V (shared)   [low rank]
     logits_k = W_k z_k                      W_k: d -> V (per head)                       [full rank]
 
 `U A` starts as a truncated SVD of the target's LM head, so an untrained low-rank head 0 is
 already a rank-r approximation of the target's own next-token distribution.
+
+Root conditioning (our take on the Hydra/EAGLE idea): the device already knows token t+1 (the
+round's root, the bonus token the server returned), so a head need not guess it. The root is
+embedded with the vocabulary matrix the heads already carry, e = U[root] (weight tying, as the
+target ties its embeddings: no second vocabulary-sized table, the artifact stays small), and
+mapped into the hidden space by C_k: r -> d per head. C_k starts at zero, so training starts
+exactly from the plain Medusa heads. The full-rank variant has no U; it gets its own
+[V, ROOT_EMBED_RANK] table, initialised like U from the truncated SVD of the LM head, so that a
+comparison between ranks is fair.
 
 Only training, export and benchmarks import this module; the device never does.
 """
@@ -33,8 +43,16 @@ class ResBlock(nn.Module):
         return x + F.silu(self.linear(x))
 
 
+ROOT_EMBED_RANK = 64  # width of the full-rank variant's own root-embedding table (at most hidden_size)
+
+
 class DraftHeads(nn.Module):
-    """K heads; `rank=None` (or 0) is the full-rank variant with a d -> V projection per head."""
+    """K heads; `rank=None` (or 0) is the full-rank variant with a d -> V projection per head.
+
+    With `root_conditioned`, forward() also takes the round's root token (int64 [B]); a root
+    of -1 means "unknown" and contributes nothing (training rows whose labels do not follow
+    the stored root, see train_heads.load_split).
+    """
 
     def __init__(
         self,
@@ -43,6 +61,7 @@ class DraftHeads(nn.Module):
         num_heads: int = 4,
         rank: int | None = 64,
         num_layers: int = 1,
+        root_conditioned: bool = True,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
@@ -50,6 +69,7 @@ class DraftHeads(nn.Module):
         self.num_heads = num_heads
         self.rank = rank or None
         self.num_layers = num_layers
+        self.root_conditioned = root_conditioned
         self.blocks = nn.ModuleList(
             nn.Sequential(*[ResBlock(hidden_size) for _ in range(num_layers)]) for _ in range(num_heads)
         )
@@ -61,6 +81,18 @@ class DraftHeads(nn.Module):
         else:
             self.W = nn.Parameter(torch.empty(num_heads, vocab_size, hidden_size))
             nn.init.normal_(self.W, std=1.0 / math.sqrt(hidden_size))
+        if root_conditioned:
+            if not self.rank:
+                width = min(ROOT_EMBED_RANK, hidden_size)
+                self.E = nn.Parameter(torch.empty(vocab_size, width))
+                nn.init.normal_(self.E, std=1.0 / math.sqrt(width))
+            # C_k: r -> d, zero so that the untrained conditioned heads equal the plain ones
+            self.C = nn.Parameter(torch.zeros(num_heads, hidden_size, self.root_table.shape[1]))
+
+    @property
+    def root_table(self) -> torch.Tensor:
+        """[V, r] root-embedding table: the shared U (tied), or the full-rank variant's own E."""
+        return self.U if self.rank else self.E
 
     def config(self) -> dict:
         return {
@@ -69,6 +101,7 @@ class DraftHeads(nn.Module):
             "num_heads": self.num_heads,
             "rank": self.rank or 0,
             "num_layers": self.num_layers,
+            "root_conditioned": self.root_conditioned,
         }
 
     @torch.no_grad()
@@ -76,28 +109,45 @@ class DraftHeads(nn.Module):
         """Initialise the vocabulary projection from the target's LM head [V, d].
 
         Low rank: lm_head ~= (U_r sqrt(S_r)) (sqrt(S_r) V_r^T) by truncated SVD; every A_k starts
-        as the same right factor. Returns the relative Frobenius error of the approximation
-        (0 for full rank, where each head starts as a copy of the LM head).
+        as the same right factor. Full rank: each head starts as a copy of the LM head, and a
+        root-conditioned head's own embedding table E starts as the rank-ROOT_EMBED_RANK left
+        factor (what U would be). Returns the relative Frobenius error of the low-rank
+        approximation (0 for full rank).
         """
         w = lm_head.detach().to(torch.float32)
         if not self.rank:
             self.W.copy_(w.unsqueeze(0).expand_as(self.W))
-            return 0.0
+            if not self.root_conditioned:
+                return 0.0
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        r = self.rank
-        root = s[:r].sqrt()
-        self.U.copy_(u[:, :r] * root)
-        self.A.copy_((root[:, None] * vh[:r]).unsqueeze(0).expand_as(self.A))
+        r = self.rank or self.E.shape[1]
+        sq = s[:r].sqrt()
+        if not self.rank:
+            self.E.copy_(u[:, :r] * sq)
+            return 0.0
+        self.U.copy_(u[:, :r] * sq)
+        self.A.copy_((sq[:, None] * vh[:r]).unsqueeze(0).expand_as(self.A))
         approx = (u[:, :r] * s[:r]) @ vh[:r]
         return float(torch.linalg.norm(w - approx) / torch.linalg.norm(w))
 
-    def features(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, d] -> [B, K, d] after each head's residual blocks."""
-        return torch.stack([blk(h) for blk in self.blocks], dim=1)
+    def head_inputs(self, h: torch.Tensor, root: torch.Tensor | None) -> torch.Tensor:
+        """[B, d] (+ root [B]) -> x_k [B, K, d]: h, plus C_k U[root] when root-conditioned."""
+        x = h.unsqueeze(1).expand(-1, self.num_heads, -1)
+        if not self.root_conditioned:
+            return x
+        if root is None:
+            raise ValueError("root-conditioned heads need the round's root token")
+        e = F.embedding(root.clamp(min=0), self.root_table) * (root >= 0).unsqueeze(-1)  # [B, r]
+        return x + torch.einsum("br,kdr->bkd", e, self.C)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, d] -> logits [B, K, V]."""
-        z = self.features(h)
+    def features(self, h: torch.Tensor, root: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, d] (+ root [B]) -> [B, K, d] after each head's residual blocks."""
+        x = self.head_inputs(h, root)
+        return torch.stack([blk(x[:, k]) for k, blk in enumerate(self.blocks)], dim=1)
+
+    def forward(self, h: torch.Tensor, root: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, d] and root int64 [B] (ignored by plain heads) -> logits [B, K, V]."""
+        z = self.features(h, root)
         if self.rank:
             low = torch.einsum("bkd,krd->bkr", z, self.A)
             return low @ self.U.t()
@@ -105,15 +155,16 @@ class DraftHeads(nn.Module):
 
 
 class TopKHeads(nn.Module):
-    """The exported graph: hidden [B, d] -> (top-k ids [B, K, k] int64, log-probs [B, K, k])."""
+    """The exported function: hidden [B, d], root int64 [B] -> (top-k ids [B, K, k] int64,
+    log-probs [B, K, k])."""
 
     def __init__(self, heads: DraftHeads, top_k: int) -> None:
         super().__init__()
         self.heads = heads
         self.top_k = top_k
 
-    def forward(self, hidden: torch.Tensor):
-        logits = self.heads(hidden.to(torch.float32))
+    def forward(self, hidden: torch.Tensor, root: torch.Tensor):
+        logits = self.heads(hidden.to(torch.float32), root)
         logp = torch.log_softmax(logits, dim=-1)
         vals, ids = torch.topk(logp, self.top_k, dim=-1)
         return ids, vals
@@ -134,6 +185,8 @@ def head_loss(
 
 
 def build_heads(cfg: dict) -> DraftHeads:
+    """Heads from a config() dict; configs from before root conditioning build plain heads."""
     return DraftHeads(
-        cfg["hidden_size"], cfg["vocab_size"], cfg["num_heads"], cfg.get("rank") or None, cfg.get("num_layers", 1)
+        cfg["hidden_size"], cfg["vocab_size"], cfg["num_heads"], cfg.get("rank") or None, cfg.get("num_layers", 1),
+        cfg.get("root_conditioned", False),
     )

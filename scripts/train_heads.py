@@ -2,12 +2,14 @@
 
     python scripts/train_heads.py                       # default model, rank 64, 4 heads
     python scripts/train_heads.py --rank 0 --run-dir /tmp/edgespec-train/runs/full --no-artifact
+    python scripts/train_heads.py --plain --run-dir /tmp/edgespec-train/runs/r64-plain --no-artifact
 
 Steps (each resumable; rerunning skips what is done):
  1. data: scripts/build_head_data.py (corpus prompts, the target's greedy responses, fp32
     hidden-state cache as float16) under --data-dir;
  2. train Medusa-1 heads on the cache (frozen target, loss sum_k 0.8^k CE_k), seeded,
     checkpointed to --run-dir every --ckpt-every steps, bf16 autocast on CPU, CUDA if present;
+    the heads are conditioned on the round's root token (the token at t+1) unless --plain;
  3. per-head top-1/top-5 accuracy on the held-out split;
  4. ONNX fp32 export + parity vs torch; int8 quantization, scheme chosen by measured tau on the
     eval prompts (the smallest file whose tau is within --max-tau-drop of fp32);
@@ -39,8 +41,16 @@ DEFAULT_ARTIFACTS = ROOT / "edge_server" / "heads" / "smollm2-135m-instruct"
 
 
 def load_split(data_dir: Path, part: str, K: int, limit: int | None = None, distill_repeat: int = 1):
-    """Rows of one split; for "train" also the teacher-forced corpus shards, with the
-    self-distilled (generated) rows repeated `distill_repeat` times."""
+    """Rows (hidden, root, labels) of one split; for "train" also the teacher-forced corpus
+    shards, with the self-distilled (generated) rows repeated `distill_repeat` times.
+
+    The root is the token at t+1, what the device feeds root-conditioned heads. In generated
+    rows it is the token the labels follow. In teacher-forced corpus rows the labels are the
+    target's argmax after each *text* token, while `nxt` there is the target's argmax at t,
+    which differs from the text token at t+1 wherever the target would not have written the
+    text (the shards do not keep the text token). A root that the labels do not follow would
+    teach the heads to distrust the root, so corpus rows get root -1 ("unknown": no root
+    embedding) and train the heads on h_t alone, as plain Medusa heads."""
     globs = [f"{part}_*.npz"] + (["corpus_*.npz"] if part == "train" else [])
     files = sorted(f for g in globs for f in data_dir.glob(g) if ".tmp" not in f.name)
     if not files:
@@ -49,8 +59,9 @@ def load_split(data_dir: Path, part: str, K: int, limit: int | None = None, dist
     for f in files:
         d = np.load(f)
         rep = distill_repeat if f.name.startswith("train_") else 1
+        root = np.full(len(d["nxt"]), -1, np.int64) if f.name.startswith("corpus_") else d["nxt"].astype(np.int64)
         for _ in range(rep):
-            H.append(d["hidden"]); N.append(d["nxt"]); L.append(d["labels"][:, :K])
+            H.append(d["hidden"]); N.append(root); L.append(d["labels"][:, :K])
     H, N, L = np.concatenate(H), np.concatenate(N), np.concatenate(L)
     keep = L[:, 0] >= 0  # positions with at least head 0's label
     H, N, L = H[keep], N[keep], L[keep]
@@ -60,15 +71,17 @@ def load_split(data_dir: Path, part: str, K: int, limit: int | None = None, dist
 
 
 @torch.no_grad()
-def evaluate(heads: DraftHeads, H: np.ndarray, L: np.ndarray, device: str, batch: int = 256) -> dict:
+def evaluate(heads: DraftHeads, H: np.ndarray, N: np.ndarray, L: np.ndarray, device: str, batch: int = 256) -> dict:
+    """Per-head top-1/top-5 accuracy of the torch heads on rows (hidden, root, labels)."""
     heads.eval()
     K = heads.num_heads
     c1 = np.zeros(K); c5 = np.zeros(K); n = np.zeros(K)
     for i in range(0, len(H), batch):
         h = torch.from_numpy(H[i:i + batch].astype(np.float32)).to(device)
+        root = torch.from_numpy(N[i:i + batch]).to(device).long()
         lab = torch.from_numpy(L[i:i + batch]).to(device).long()
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device == "cpu"):
-            logits = heads(h)
+            logits = heads(h, root)
         top = logits.float().topk(5, dim=-1).indices
         for k in range(K):
             ok = lab[:, k] >= 0
@@ -80,7 +93,9 @@ def evaluate(heads: DraftHeads, H: np.ndarray, L: np.ndarray, device: str, batch
             "positions": int(n[0])}
 
 
-def train(args, cfg: dict, lm_head: torch.Tensor, H: np.ndarray, L: np.ndarray, Hv, Lv, device: str) -> DraftHeads:
+def train(args, cfg: dict, lm_head: torch.Tensor, H: np.ndarray, N: np.ndarray, L: np.ndarray,
+          Hv: np.ndarray | None, Nv: np.ndarray | None, Lv: np.ndarray | None, device: str) -> DraftHeads:
+    """Train (or resume) heads on rows (hidden H, root N, labels L); held-out rows for logging."""
     from tqdm import tqdm
 
     run = Path(args.run_dir)
@@ -115,6 +130,7 @@ def train(args, cfg: dict, lm_head: torch.Tensor, H: np.ndarray, L: np.ndarray, 
         tmp.replace(ck_path)
 
     Ht = torch.from_numpy(H)  # float16 in memory; cast per batch
+    Nt = torch.from_numpy(N).long()
     Lt = torch.from_numpy(L).long()
     bar = tqdm(total=total, initial=step, desc=f"train r={cfg['rank'] or 'full'}")
     t0 = time.time()
@@ -128,7 +144,7 @@ def train(args, cfg: dict, lm_head: torch.Tensor, H: np.ndarray, L: np.ndarray, 
             h = Ht[idx].to(device, torch.float32)
             lab = Lt[idx].to(device)
             with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
-                logits = heads(h)
+                logits = heads(h, Nt[idx].to(device))
             loss, per = head_loss(logits, lab, args.decay)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -140,7 +156,7 @@ def train(args, cfg: dict, lm_head: torch.Tensor, H: np.ndarray, L: np.ndarray, 
                 bar.set_postfix(loss=f"{loss.item():.3f}", h0=f"{per[0]:.2f}")
             if step % args.ckpt_every == 0 or step == total:
                 if Hv is not None and (step % (args.ckpt_every * 4) == 0 or step == total):
-                    acc = evaluate(heads, Hv[:2048], Lv[:2048], device)
+                    acc = evaluate(heads, Hv[:2048], Nv[:2048], Lv[:2048], device)
                     log.append({"step": step, "loss": float(loss.detach()), "heldout": acc, "elapsed_s": time.time() - t0})
                     bar.write(f"step {step}: loss {loss.item():.3f} held-out top1 {acc['top1']} top5 {acc['top5']}")
                 save(final=step == total)
@@ -165,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-heads", type=int, default=4)
     ap.add_argument("--rank", type=int, default=64, help="0 = full rank (d -> V per head)")
     ap.add_argument("--num-layers", type=int, default=1)
+    ap.add_argument("--plain", action="store_true", help="plain Medusa heads (no root conditioning): the baseline")
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--steps", type=int, default=0, help="overrides --epochs")
@@ -208,20 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("model_fingerprint") not in (None, fingerprint):
         raise SystemExit(f"{data_dir} was built for model {summary['model_fingerprint']}, not {fingerprint}")
     cfg = {"hidden_size": lm_head.shape[1], "vocab_size": lm_head.shape[0], "num_heads": args.num_heads,
-           "rank": args.rank, "num_layers": args.num_layers}
+           "rank": args.rank, "num_layers": args.num_layers, "root_conditioned": not args.plain}
     del lm
 
     # 2. train
-    H, _, L = load_split(data_dir, "train", args.num_heads, distill_repeat=args.distill_repeat)
+    H, N, L = load_split(data_dir, "train", args.num_heads, distill_repeat=args.distill_repeat)
     Hv, Nv, Lv = load_split(data_dir, "heldout", args.num_heads)
-    heads = train(args, cfg, lm_head, H, L, Hv, Lv, device)
+    t_train = time.time()
+    heads = train(args, cfg, lm_head, H, N, L, Hv, Nv, Lv, device)
+    train_s = time.time() - t_train
     heads = heads.to("cpu").float().eval()
     steps_done = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
     train_positions = len(H)
-    del H, L
+    del H, N, L
 
     # 3. accuracy
-    acc = evaluate(heads, Hv, Lv, "cpu")
+    acc = evaluate(heads, Hv, Nv, Lv, "cpu")
     print("held-out accuracy", json.dumps(acc))
 
     # 4. export, parity, quantization by measured tau
@@ -229,29 +248,38 @@ def main(argv: list[str] | None = None) -> int:
     from export_heads import export_onnx, parity, quantize, run_onnx, ort_session
 
     fp32 = export_onnx(heads, args.top_k, run / "heads.fp32.onnx")
-    probe = Hv[:1024].astype(np.float32)
-    par_fp32 = parity(heads, fp32, probe, args.top_k)
+    probe, probe_root = Hv[:1024].astype(np.float32), Nv[:1024]
+    par_fp32 = parity(heads, fp32, probe, probe_root, args.top_k)
     print("onnx fp32 vs torch", par_fp32)
+    inputs = [{"name": "hidden", "dtype": "float32", "shape": ["batch", cfg["hidden_size"]],
+               "semantics": "target final hidden state (post-norm) at the node before the root"}]
+    if heads.root_conditioned:
+        inputs.append({"name": "root", "dtype": "int64", "shape": ["batch"],
+                       "semantics": "the round's root token (the bonus token the server returned), i.e. the "
+                                    "token after the hidden state's position"})
     meta = {
-        "format": 1,
+        "format": 2,
         "model": summary.get("model", args.model if args.model != "default" else "smollm2-135m-instruct"),
         "model_fingerprint": fingerprint,
         "hidden_size": cfg["hidden_size"], "vocab_size": cfg["vocab_size"], "num_heads": cfg["num_heads"],
-        "rank": cfg["rank"], "num_layers": cfg["num_layers"], "top_k": args.top_k,
-        "input": {"name": "hidden", "dtype": "float32", "shape": ["batch", cfg["hidden_size"]],
-                  "semantics": "target final hidden state (post-norm) at the node before the root"},
+        "rank": cfg["rank"], "num_layers": cfg["num_layers"], "root_conditioned": cfg["root_conditioned"],
+        "top_k": args.top_k, "inputs": inputs,
         "outputs": {"ids": "int64 [batch, num_heads, top_k]", "logprobs": "float32 [batch, num_heads, top_k]"},
         "head_offsets": [2 + k for k in range(cfg["num_heads"])],
         "training": {"data": summary, "epochs": args.epochs, "steps": args.steps, "steps_done": steps_done,
                      "train_rows": train_positions, "batch": args.batch,
-                     "lr": args.lr, "decay": args.decay, "distill_repeat": args.distill_repeat, "seed": args.seed, "objective": "Medusa-1 self-distillation"},
+                     "lr": args.lr, "decay": args.decay, "distill_repeat": args.distill_repeat, "seed": args.seed,
+                     "objective": "Medusa-1 self-distillation" + (
+                         "; heads conditioned on the root token (teacher-forced corpus rows: root unknown)"
+                         if heads.root_conditioned else ""),
+                     "train_seconds": round(train_s, 1), "threads": torch.get_num_threads(), "device": device},
         "heldout_accuracy": acc,
     }
     # calibration (fp32 graph) gives a provisional static tree for tau comparisons between schemes
     from device_client.tree_builders import expected_accepted, measure_acceptance, static_topology
 
     def calibrate(onnx_path: Path) -> dict:
-        ids, _ = run_onnx(ort_session(onnx_path, threads=2), Hv.astype(np.float32))
+        ids, _ = run_onnx(ort_session(onnx_path, threads=2), Hv.astype(np.float32), Nv)
         accm = measure_acceptance(ids, Lv)
         topo = static_topology(accm, args.tree_budget)
         return {"budget": args.tree_budget, "acceptance": accm.round(4).tolist(),
@@ -272,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         vdir = write_variant(run / f"variant-{scheme}", q, meta)
         tau = simulate_tau(data_dir / "eval.npz", vdir, "dynamic", args.tree_budget)["tau"]
-        par = parity(heads, q, probe, args.top_k)
+        par = parity(heads, q, probe, probe_root, args.top_k)
         size = q.stat().st_size
         quant_report[scheme] = {"bytes": size, "tau_dynamic": round(tau, 4), "top1_agreement_vs_torch": par["top1_agreement"]}
         print(f"{scheme}: {size/1e6:.2f} MB, tau {tau:.3f} ({tau / taus['fp32'] - 1:+.2%}), top-1 agreement {par['top1_agreement']:.4f}")

@@ -1,4 +1,5 @@
-"""ONNX export of the draft heads: fp32 parity with torch, int8 quantization, device drafter.
+"""ONNX export of the draft heads: fp32 parity with torch, int8 quantization, device drafter,
+root conditioning (the graph's `root` input really changes the drafts; hidden-only graphs load).
 
 Uses tiny random heads (no trained artifact, no target model), so it runs in seconds in CI.
 """
@@ -26,12 +27,20 @@ from heads_model import DraftHeads, TopKHeads  # noqa: E402
 D, V, K, TOPK = 48, 700, 3, 6
 
 
-def _heads(rank):
+def _heads(rank, root_conditioned=True):
+    """Random heads; C is set nonzero (trained heads' C is) so that the root matters."""
     torch.manual_seed(0)
-    m = DraftHeads(D, V, K, rank)
+    m = DraftHeads(D, V, K, rank, root_conditioned=root_conditioned)
     for blk in m.blocks:
         torch.nn.init.normal_(blk[0].linear.weight, std=0.1)
+    if root_conditioned:
+        torch.nn.init.normal_(m.C, std=0.5)
     return m.eval()
+
+
+def _inputs(n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, D)).astype(np.float32), rng.integers(0, V, size=n)
 
 
 def _write_artifact(tmp: Path, onnx_path: Path, rank) -> Path:
@@ -43,37 +52,63 @@ def _write_artifact(tmp: Path, onnx_path: Path, rank) -> Path:
 
 
 @pytest.mark.parametrize("rank", [8, None])
-def test_onnx_fp32_matches_torch(tmp_path, rank):
-    m = _heads(rank)
+@pytest.mark.parametrize("root_conditioned", [True, False])
+def test_onnx_fp32_matches_torch(tmp_path, rank, root_conditioned):
+    m = _heads(rank, root_conditioned)
     path = export_onnx(m, TOPK, tmp_path / "heads.fp32.onnx")
-    h = np.random.default_rng(0).standard_normal((32, D)).astype(np.float32)
+    names = [i.name for i in ort_session(path).get_inputs()]
+    assert names == (["hidden", "root"] if root_conditioned else ["hidden"])
+    h, root = _inputs(32, 0)
     with torch.no_grad():
-        ref_ids, ref_lp = TopKHeads(m, TOPK)(torch.from_numpy(h))
-        g_ids, g_lp = ExportGraph(m, TOPK)(torch.from_numpy(h))
+        ref_ids, ref_lp = TopKHeads(m, TOPK)(torch.from_numpy(h), torch.from_numpy(root))
+        g_ids, g_lp = ExportGraph(m, TOPK)(torch.from_numpy(h), torch.from_numpy(root))
     assert torch.equal(ref_ids, g_ids)
-    ids, lp = run_onnx(ort_session(path), h)
+    ids, lp = run_onnx(ort_session(path), h, root)
     assert ids.shape == (32, K, TOPK) and lp.shape == (32, K, TOPK)
     assert (ids[..., 0] == ref_ids.numpy()[..., 0]).all()
     np.testing.assert_allclose(lp, ref_lp.numpy(), atol=1e-4)
     assert (np.diff(lp, axis=-1) <= 1e-6).all()  # sorted best first
 
 
-def test_int8_quantization_is_smaller_and_agrees(tmp_path):
+def test_root_changes_the_drafts_and_zero_c_is_plain_medusa():
+    m = _heads(8)
+    h, root = _inputs(16, 3)
+    ht, rt = torch.from_numpy(h), torch.from_numpy(root)
+    with torch.no_grad():
+        a, b = m(ht, rt), m(ht, (rt + 1) % V)
+        assert (a - b).abs().amax(-1).min() > 1e-3  # every row and head depends on the root
+        m.C.zero_()  # the untrained state: exactly the plain heads, whatever the root
+        plain = DraftHeads(D, V, K, 8, root_conditioned=False)
+        plain.load_state_dict({k: v for k, v in m.state_dict().items() if k != "C"})
+        assert torch.equal(m(ht, rt), plain(ht)) and torch.equal(m(ht, rt), m(ht, torch.full_like(rt, -1)))
+
+
+@pytest.mark.parametrize("scheme", ["int8-per-channel", "int8-per-tensor", "int8-u-fp16"])
+def test_int8_quantization_is_smaller_and_agrees(tmp_path, scheme):
+    import onnx
+
     m = _heads(16)
     fp32 = export_onnx(m, TOPK, tmp_path / "heads.fp32.onnx")
-    h = np.random.default_rng(1).standard_normal((128, D)).astype(np.float32)
-    ref, _ = run_onnx(ort_session(fp32), h)
-    for scheme in ("int8-per-channel", "int8-u-fp16"):
-        q = quantize(fp32, tmp_path / f"heads.{scheme}.onnx", scheme)
-        assert q.stat().st_size < fp32.stat().st_size
-        ids, _ = run_onnx(ort_session(q), h)
-        assert (ids[..., 0] == ref[..., 0]).mean() > 0.8
-        # the true top-1 stays among the quantized top candidates
-        assert np.mean([ref[i, k, 0] in ids[i, k] for i in range(len(h)) for k in range(K)]) > 0.95
+    h, root = _inputs(128, 1)
+    ref, _ = run_onnx(ort_session(fp32), h, root)
+    q = quantize(fp32, tmp_path / f"heads.{scheme}.onnx", scheme)
+    assert q.stat().st_size < fp32.stat().st_size
+    # U is stored once: the root Gather reads the quantized (or fp16) U, no fp32 copy is left
+    big_fp32 = [i.name for i in onnx.load(str(q)).graph.initializer if i.data_type == 1 and np.prod(i.dims) > V]
+    assert big_fp32 == []
+    ids, _ = run_onnx(ort_session(q), h, root)
+    assert (ids[..., 0] == ref[..., 0]).mean() > 0.8
+    # the true top-1 stays among the quantized top candidates
+    assert np.mean([ref[i, k, 0] in ids[i, k] for i in range(len(h)) for k in range(K)]) > 0.95
+    # and the quantized graph still follows the root
+    other, _ = run_onnx(ort_session(q), h, (root + 1) % V)
+    assert (other[..., 0] != ids[..., 0]).mean() > 0.3
 
 
-def test_device_drafter_runs_without_torch(tmp_path):
-    m = _heads(8)
+@pytest.mark.parametrize("root_conditioned", [True, False])
+def test_device_drafter_runs_without_torch(tmp_path, root_conditioned):
+    """Root-conditioned graphs get context[-1] as the root; hidden-only (format 1) graphs still work."""
+    m = _heads(8, root_conditioned)
     path = export_onnx(m, TOPK, tmp_path / "heads.fp32.onnx")
     _write_artifact(tmp_path, path, 8)
     code = textwrap.dedent(f"""
@@ -95,6 +130,11 @@ def test_device_drafter_runs_without_torch(tmp_path):
                 assert len(d.propose(ctx, h, 1)) == 1
         t = HeadsDrafter({str(tmp_path)!r}, mode="dynamic", ngram=True).propose(ctx, h, 16)
         assert 7 in [t.tokens[c] for c in t.children()[0]]  # the ngram continuation is a branch
+        d = HeadsDrafter({str(tmp_path)!r}, mode="dynamic")
+        assert d.takes_root == {root_conditioned}
+        a, b = d.candidates(h, 6)[0], d.candidates(h, 7)[0]
+        assert (a != b).any() == {root_conditioned}  # the root is context[-1]; plain heads ignore it
+        assert (d.propose(ctx, h, 8).tokens[1:] == d.propose(ctx[:-1] + [7], h, 8).tokens[1:]) != {root_conditioned}
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

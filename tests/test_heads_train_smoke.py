@@ -1,4 +1,5 @@
-"""A few training steps on a tiny random Llama target: data rows, loss goes down, resume works."""
+"""A few training steps on a tiny random Llama target: data rows, loss goes down, resume works,
+the root-conditioned heads learn to use the root."""
 from __future__ import annotations
 
 import argparse
@@ -53,31 +54,49 @@ def test_make_rows_labels_are_shifted_by_two_plus_head():
     assert (L[-1] == -1).all() and N[-1] == 19
 
 
-def test_training_smoke_and_resume(tiny_data, tmp_path):
+def test_load_split_roots(tmp_path):
+    """Generated rows keep their root (`nxt`); teacher-forced corpus rows get -1 (unknown)."""
+    rows = lambda n, nxt: dict(hidden=np.zeros((n, D), np.float16), nxt=np.full(n, nxt, np.int32),  # noqa: E731
+                               labels=np.full((n, 8), 5, np.int32))
+    np.savez(tmp_path / "train_00000.npz", **rows(3, 7))
+    np.savez(tmp_path / "corpus_00000.npz", **rows(2, 9))
+    H, N, L = train_heads.load_split(tmp_path, "train", K, distill_repeat=2)
+    assert len(H) == len(L) == 8 and L.shape[1] == K
+    assert sorted(N.tolist()) == [-1, -1] + [7] * 6
+
+
+@pytest.mark.parametrize("root_conditioned", [True, False])
+def test_training_smoke_and_resume(tiny_data, tmp_path, root_conditioned):
     data, lm_head = tiny_data
-    H, _, L = train_heads.load_split(data, "train", K)
-    Hv, _, Lv = train_heads.load_split(data, "heldout", K)
-    cfg = {"hidden_size": D, "vocab_size": V, "num_heads": K, "rank": 8, "num_layers": 1}
+    H, N, L = train_heads.load_split(data, "train", K)
+    Hv, Nv, Lv = train_heads.load_split(data, "heldout", K)
+    assert (N >= 0).all() and len(N) == len(H)
+    cfg = {"hidden_size": D, "vocab_size": V, "num_heads": K, "rank": 8, "num_layers": 1,
+           "root_conditioned": root_conditioned}
     args = argparse.Namespace(run_dir=str(tmp_path / "run"), seed=0, lr=3e-3, batch=32, steps=40, epochs=1,
                               decay=0.8, ckpt_every=10, max_minutes=0, restart=False)
     from heads_model import build_heads, head_loss
 
     init = build_heads(cfg)
     init.init_from_lm_head(lm_head)
-    h = torch.from_numpy(H.astype(np.float32))
+    h, root, lab = torch.from_numpy(H.astype(np.float32)), torch.from_numpy(N).long(), torch.from_numpy(L)
     with torch.no_grad():
-        before = head_loss(init(h), torch.from_numpy(L))[0].item()
-    heads = train_heads.train(args, cfg, lm_head, H, L, Hv, Lv, "cpu")
+        before = head_loss(init(h, root), lab)[0].item()
+    heads = train_heads.train(args, cfg, lm_head, H, N, L, Hv, Nv, Lv, "cpu")
     with torch.no_grad():
-        after = head_loss(heads(h), torch.from_numpy(L))[0].item()
+        after = head_loss(heads(h, root), lab)[0].item()
+        other = heads(h, (root + 1) % V)
     assert after < before
+    if root_conditioned:  # C started at zero; training made the heads use the root
+        assert heads.C.abs().max() > 0
+        assert (other - heads(h, root)).abs().amax(-1).mean() > 1e-3
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 40 and ck["final"]
     # rerunning resumes from the checkpoint and does no more steps
-    again = train_heads.train(args, cfg, lm_head, H, L, Hv, Lv, "cpu")
+    again = train_heads.train(args, cfg, lm_head, H, N, L, Hv, Nv, Lv, "cpu")
     for a, b in zip(heads.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
-    acc = train_heads.evaluate(heads, Hv, Lv, "cpu")
+    acc = train_heads.evaluate(heads, Hv, Nv, Lv, "cpu")
     assert len(acc["top1"]) == K and all(0 <= x <= 1 for x in acc["top5"])
 
 
@@ -88,6 +107,20 @@ def test_low_rank_init_is_truncated_svd(tiny_data):
     m = DraftHeads(D, V, K, rank=D)  # full rank SVD reproduces the LM head exactly
     err = m.init_from_lm_head(lm_head)
     assert err < 1e-4
-    h = torch.randn(4, D)
+    h, root = torch.randn(4, D), torch.arange(4)
     with torch.no_grad():
-        np.testing.assert_allclose(m(h)[:, 0].numpy(), (h @ lm_head.t()).numpy(), atol=1e-3)
+        np.testing.assert_allclose(m(h, root)[:, 0].numpy(), (h @ lm_head.t()).numpy(), atol=1e-3)
+
+
+def test_full_rank_root_table_is_the_svd_left_factor(tiny_data):
+    """The full-rank variant's own root table starts as what U would be (a fair comparison)."""
+    _, lm_head = tiny_data
+    from heads_model import ROOT_EMBED_RANK, DraftHeads
+
+    width = min(D, ROOT_EMBED_RANK)  # the tiny target's hidden size is below 64
+    full, low = DraftHeads(D, V, K, rank=None), DraftHeads(D, V, K, rank=width)
+    assert full.init_from_lm_head(lm_head) == 0.0
+    low.init_from_lm_head(lm_head)
+    assert full.E.shape == (V, width)
+    assert torch.equal(full.E, low.U)
+    torch.testing.assert_close(full.W[0], lm_head)

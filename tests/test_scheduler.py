@@ -122,6 +122,7 @@ def _deadline_wait_ms(ready: list[str], active: list[str], due_ms: dict[str, flo
             sched._turnaround[sid] = 0.010 + due / 1e3
         return (sched._collection_deadline() - now) * 1e3
     finally:
+        sched._pending = []  # stand-ins, not real items: nothing for the model thread to cancel
         sched.stop()
 
 

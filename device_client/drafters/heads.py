@@ -1,8 +1,10 @@
 """Medusa-style ONNX draft heads on the device (onnxruntime + numpy; no torch).
 
 The artifact folder holds `heads.json` (metadata) and the ONNX graph it names (int8 by
-default). Each round the server's hidden state at the node before the root goes through the
-heads once; their top-k candidates become a token tree:
+default). Each round the server's hidden state at the node before the root, and the root token
+itself (the bonus token the server just returned, `context[-1]`) when the graph takes a `root`
+input (root-conditioned heads, heads.json format 2; older hidden-only graphs still load), go
+through the heads once; their top-k candidates become a token tree:
 
 - mode "static": the topology calibrated at training time (heads.json `static_tree.paths`,
   rank paths chosen to maximise expected accepted length for its node budget), cut to the
@@ -75,21 +77,28 @@ class HeadsDrafter:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"])
+        self.takes_root = "root" in {i.name for i in self.session.get_inputs()}
         self._ngram = None
         if ngram:
             from device_client.drafters.ngram import NgramDrafter
 
             self._ngram = NgramDrafter(max_ngram=4, min_ngram=2, depth=8)
 
-    def candidates(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k ids [K, k] and log-probs [K, k] for one hidden state [hidden_size]."""
+    def candidates(self, hidden: np.ndarray, root: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ids [K, k] and log-probs [K, k] for one hidden state [hidden_size] and the
+        round's root token (used by root-conditioned graphs only)."""
         h = np.asarray(hidden, dtype=np.float32).reshape(1, -1)
         if h.shape[1] != self.hidden_size:
             raise ValueError(
                 f"hidden state has {h.shape[1]} values but the heads expect {self.hidden_size}; "
                 "the heads belong to another model"
             )
-        ids, lps = self.session.run(None, {"hidden": h})
+        feeds = {"hidden": h}
+        if self.takes_root:
+            if not 0 <= root < self.vocab_size:
+                raise ValueError(f"root token {root} is outside the heads' vocabulary of {self.vocab_size}")
+            feeds["root"] = np.array([root], dtype=np.int64)
+        ids, lps = self.session.run(None, feeds)
         return ids[0], lps[0]
 
     def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int) -> TokenTree:
@@ -100,7 +109,7 @@ class HeadsDrafter:
             if self._ngram is not None:
                 return self._ngram.propose(context, None, budget)
             return TokenTree.root_only(root)
-        ids, lps = self.candidates(hidden)
+        ids, lps = self.candidates(hidden, root)
         if self.mode == "static":
             tree = tree_from_topology(root, self.topology, ids, budget)
         else:
