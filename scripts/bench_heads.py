@@ -241,7 +241,7 @@ def to_markdown(res: dict) -> str:
     L = [f"# Head drafter benchmark (temperature 0, exact offline tau on the eval set)", ""]
     acc = res.get("heldout_accuracy") or {}
     if acc:
-        L += ["Shipped heads, held-out accuracy (the torch heads, fp32):", "",
+        L += ["Shipped heads, held-out accuracy (the torch heads before export):", "",
               "| head | +offset | top-1 | top-5 |", "|---|---|---|---|"]
         for k, (a, b) in enumerate(zip(acc["top1"], acc["top5"])):
             L.append(f"| {k} | t+{k + 2} | {a:.3f} | {b:.3f} |")
