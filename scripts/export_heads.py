@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heads_model import DraftHeads, build_heads  # noqa: E402
+from heads_model import DraftHeads, build_heads, unit_rms  # noqa: E402
 
 SCHEMES = ("int8-per-channel", "int8-per-tensor", "int8-u-fp16", "avx512-vnni", "arm64")
 
@@ -50,7 +50,7 @@ class ExportGraph(nn.Module):
         # U^T [r, V] (or E^T): the one constant that the vocabulary MatMul and the root Gather share
         table_t = hd.root_table.t() if hd.root_conditioned or hd.rank else None
         if hd.root_conditioned:
-            e = table_t.index_select(1, root).t()  # [B, r]
+            e = unit_rms(table_t.index_select(1, root).t())  # [B, r]
             c = F.linear(e, hd.C.reshape(K * d, -1)).reshape(B, K, d)  # all C_k in one MatMul
             feats = [hd.blocks[k](h + c[:, k]) for k in range(K)]
         else:

@@ -5,6 +5,7 @@ lm_head(h_t) gives the token at t+1, the round's root/bonus token) and predicts 
 t+2+k:
 
     x_k      = h_t + C_k e(root)            root-conditioned (default); plain Medusa: x_k = h_t
+    e(root)  = U[root] / rms(U[root])       C_k: r -> d per head, zero-initialised
     z_k      = ResBlock_k^L(x_k)            ResBlock(x) = x + SiLU(W x + b), W zero-initialised
     logits_k = U (A_k z_k)                  A_k: d -> r (per head), U: r -> V (shared)   [low rank]
     logits_k = W_k z_k                      W_k: d -> V (per head)                       [full rank]
@@ -44,6 +45,17 @@ class ResBlock(nn.Module):
 
 
 ROOT_EMBED_RANK = 64  # width of the full-rank variant's own root-embedding table (at most hidden_size)
+
+
+def unit_rms(e: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Scale each root embedding [.., r] to unit RMS.
+
+    U's rows are small (norm ~0.3 for SmolLM2 against |h_t| ~45) and vary in size; the
+    zero-initialised C_k is trained by Adam, whose steps are ~lr per parameter whatever the
+    gradient's scale, so on raw rows C_k e would need thousands of steps to matter next to h_t.
+    Normalised, it does within the first hundred.
+    """
+    return e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + eps)
 
 
 class DraftHeads(nn.Module):
@@ -137,7 +149,7 @@ class DraftHeads(nn.Module):
             return x
         if root is None:
             raise ValueError("root-conditioned heads need the round's root token")
-        e = F.embedding(root.clamp(min=0), self.root_table) * (root >= 0).unsqueeze(-1)  # [B, r]
+        e = unit_rms(F.embedding(root.clamp(min=0), self.root_table)) * (root >= 0).unsqueeze(-1)  # [B, r]
         return x + torch.einsum("br,kdr->bkd", e, self.C)
 
     def features(self, h: torch.Tensor, root: torch.Tensor | None = None) -> torch.Tensor:
