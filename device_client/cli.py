@@ -10,7 +10,7 @@ import grpc
 
 from device_client import artifacts
 from device_client.drafters.base import Drafter
-from device_client.session import Request, generate
+from device_client.session import MODES, Request, generate
 from device_client.text import DeviceTokenizer, TextStream
 from shared.protocol import pb, rpc
 
@@ -28,8 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads-ngram", choices=["on", "off"], default="on",
                    help="heads: merge prompt-lookup candidates into the heads' tree")
     p.add_argument("--draft-threads", type=int, default=1, help="onnxruntime threads for the heads")
-    p.add_argument("--mode", choices=["speculative", "server-ar"], default="speculative",
-                   help="server-ar: the server decodes alone (baseline, no drafting)")
+    p.add_argument("--mode", choices=list(MODES), default="speculative",
+                   help="speculative: lock-step rounds (the server waits for each draft); pipelined: the "
+                        "server decodes without waiting and verifies the latest draft when it arrives "
+                        "(best on slow links); server-ar: the server decodes alone (baseline, no drafting)")
     p.add_argument("--tree-budget", type=int, default=16, help="most tree nodes per round, root included")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
 
         request = Request(prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                           args.seed, min(args.tree_budget, info.max_tree_nodes),
-                          server_ar=args.mode == "server-ar", ignore_eos=args.ignore_eos)
+                          mode=args.mode, ignore_eos=args.ignore_eos)
         record = generate(stub, request, drafter, info.tokenizer_fingerprint, on_tokens=show,
                           timeout=args.timeout)
         record.text = tokenizer.decode(record.token_ids)

@@ -1,10 +1,15 @@
-"""One generation over the Generate stream: draft, send, receive the verdict, repeat.
+"""One generation over the Generate stream: draft, send, receive verdicts, repeat.
 
-The loop is strictly one round in flight: a verdict's bonus token is the next tree's root.
+Lock-step ("speculative"): one round in flight; a verdict's bonus token is the next tree's
+root and the server waits for that tree. Pipelined: the server decodes on without waiting and
+verifies whichever draft it holds; the device drafts on the newest verdict it has whenever it
+is free, so a slow link or a slow drafter costs acceptance, never the server's pace.
+Server-ar: the server decodes alone.
 """
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +25,9 @@ FINISH_NAMES = {pb.FINISH_NONE: "none", pb.FINISH_STOP: "stop", pb.FINISH_LENGTH
                 pb.FINISH_CONTEXT: "context", pb.FINISH_CANCELLED: "cancelled"}
 
 
+MODES = {"speculative": pb.MODE_SPECULATIVE, "pipelined": pb.MODE_PIPELINED, "server-ar": pb.MODE_SERVER_AR}
+
+
 @dataclass
 class Request:
     prompt_ids: list[int]
@@ -29,9 +37,13 @@ class Request:
     top_k: int = 0
     seed: int = 0
     tree_budget: int = 16
-    server_ar: bool = False
+    mode: str = "speculative"  # a key of MODES
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+
+    @property
+    def drafts(self) -> bool:
+        return self.mode != "server-ar"
 
 
 def _wire(msg) -> int:
@@ -56,13 +68,53 @@ class _Uplink:
         return iter(self.queue.get, None)
 
 
+class _Downlink:
+    """Receives the response stream on its own thread, stamping each message on arrival, so the
+    loop can take every verdict that is already in (pipelined mode streams them without
+    waiting for drafts) and draft once, on the newest."""
+
+    def __init__(self, responses) -> None:
+        self.inbox: queue.Queue = queue.Queue()
+        self.responses = responses
+        threading.Thread(target=self._pump, name="edgespec-downlink", daemon=True).start()
+
+    def _pump(self) -> None:
+        try:
+            for msg in self.responses:
+                self.inbox.put((time.perf_counter(), msg))
+        except grpc.RpcError as err:
+            self.inbox.put((time.perf_counter(), err))
+        self.inbox.put((time.perf_counter(), None))
+
+    def take(self) -> list[tuple[float, pb.ServerMessage]]:
+        """Blocks for the next message, then adds every one already waiting. The end of the
+        stream is an error only where a message was still due."""
+        got = []
+        item = self.inbox.get()
+        while True:
+            arrived, msg = item
+            if isinstance(msg, grpc.RpcError):
+                raise msg
+            if msg is None:
+                if got:
+                    self.inbox.put(item)  # leave the end for a later take
+                    return got
+                raise RuntimeError("the server closed the stream before the generation finished")
+            got.append((arrived, msg))
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return got
+
+
 def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokenizer_fingerprint: str,
              on_tokens: Callable[[list[int]], None] | None = None,
              timeout: float | None = None) -> GenerationRecord:
     """Runs one generation; on_tokens sees each verdict's new tokens as they arrive."""
+    if request.mode not in MODES:
+        raise ValueError(f"mode {request.mode!r} is not one of {', '.join(MODES)}")
     rec = GenerationRecord(prompt_token_ids=list(request.prompt_ids),
-                           drafter="server-ar" if request.server_ar else drafter.name,
-                           mode="server-ar" if request.server_ar else "speculative")
+                           drafter=drafter.name if request.drafts else "server-ar", mode=request.mode)
     up = _Uplink()
     start = pb.Start(
         prompt_token_ids=request.prompt_ids,
@@ -70,31 +122,47 @@ def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokeniz
                                    top_k=request.top_k, seed=request.seed),
         max_new_tokens=request.max_new_tokens, stop_token_ids=request.stop_token_ids,
         tokenizer_fingerprint=tokenizer_fingerprint, ignore_eos=request.ignore_eos,
-        mode=pb.MODE_SERVER_AR if request.server_ar else pb.MODE_SPECULATIVE,
-        want_hidden_state=drafter.needs_hidden_state and not request.server_ar,
+        mode=MODES[request.mode], want_hidden_state=drafter.needs_hidden_state and request.drafts,
     )
     t0 = time.perf_counter()
     up.send(pb.ClientMessage(start=start))
     responses = stub.Generate(iter(up), timeout=timeout)
     try:
-        first = next(responses)
+        down = _Downlink(responses)
+        (arrived, first), *rest = down.take()
         rec.bytes_down += _wire(first)
-        verdict = first.started.first
-        now = time.perf_counter()
-        rec.ttft_ms = (now - t0) * 1e3
-        last = now
-        budget = request.tree_budget
+        rec.ttft_ms = (arrived - t0) * 1e3
+        last = arrived
+
+        def unpack(arrivals) -> list[pb.Verdict]:
+            """Counts rounds, bytes and inter-token latency of verdicts as they arrived."""
+            nonlocal last
+            out = []
+            for arrived, msg in arrivals:
+                rec.bytes_down += _wire(msg)
+                out.append(msg.verdict)
+                rec.rounds += 1
+                rec.accepted_per_round.append(len(msg.verdict.tokens))
+                if msg.verdict.tokens:
+                    n = len(msg.verdict.tokens)
+                    rec.itl_ms.extend([(arrived - last) * 1e3 / n] * n)
+                last = arrived
+            return out
+
+        verdicts = [first.started.first, *unpack(rest)]
         while True:
-            rec.token_ids.extend(verdict.tokens)
-            rec.server_compute_ms += verdict.timings.compute_ms if verdict.round else 0.0
-            rec.server_queue_ms += verdict.timings.queue_ms
-            if on_tokens and verdict.tokens:
-                on_tokens(list(verdict.tokens))
+            for verdict in verdicts:
+                rec.token_ids.extend(verdict.tokens)
+                rec.server_compute_ms += verdict.timings.compute_ms if verdict.round else 0.0
+                rec.server_queue_ms += verdict.timings.queue_ms
+                if on_tokens and verdict.tokens:
+                    on_tokens(list(verdict.tokens))
+            verdict = verdicts[-1]
             if verdict.finish_reason != pb.FINISH_NONE:
                 rec.finish_reason = FINISH_NAMES[verdict.finish_reason]
                 break
-            budget = min(request.tree_budget, verdict.next_tree_budget or request.tree_budget)
-            if not request.server_ar:
+            if request.drafts:
+                budget = min(request.tree_budget, verdict.next_tree_budget or request.tree_budget)
                 d0 = time.perf_counter()
                 hidden = (np.frombuffer(verdict.hidden_state, dtype=np.float16).astype(np.float32)
                           if verdict.hidden_state else None)
@@ -103,15 +171,7 @@ def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokeniz
                 rec.draft_ms += (time.perf_counter() - d0) * 1e3
                 rec.tree_sizes.append(len(tree))
                 up.send(pb.ClientMessage(draft=pb.Draft(round=verdict.round + 1, tokens=tokens, parents=parents)))
-            msg = next(responses)
-            rec.bytes_down += _wire(msg)
-            verdict = msg.verdict
-            now = time.perf_counter()
-            rec.rounds += 1
-            rec.accepted_per_round.append(len(verdict.tokens))
-            if verdict.tokens:
-                rec.itl_ms.extend([(now - last) * 1e3 / len(verdict.tokens)] * len(verdict.tokens))
-            last = now
+            verdicts = unpack(down.take())
     finally:
         up.close()
         if isinstance(responses, grpc.Future):

@@ -1,7 +1,8 @@
 """Continuous batching: one forward per step over the ready work of every session.
 
-Work items: a prompt prefill (fed in chunks), a draft tree to verify, or a server-only decode
-step (a root-only tree). One model thread loops: apply releases (free KV slots), take the ready
+Work items: a prompt prefill (fed in chunks), a draft tree to verify, a server-only decode
+step (a root-only tree), or a pipelined step, whose tree is taken when the step is built: the
+session's latest draft re-rooted at its current token (Session.pipelined_tree). One model thread loops: apply releases (free KV slots), take the ready
 items, build one ragged batch (edge_server.kv_cache), run it, hand each session its result.
 
 Policy
@@ -16,7 +17,9 @@ Policy
   those whose expected arrival falls within `recent step ms x missing / ready` (waiting w ms
   for one more row pays while w is below the step time that row would otherwise cost), at
   most `window_max_ms`, and at least `window_ms` for a device with no history yet. It stops
-  as soon as every active session is ready. A lone session never waits.
+  as soon as every active session is ready. A lone session never waits for rows. A pipelined
+  session is always ready, but a step waits up to half a step for its fresh draft when the
+  device's turnaround says it is due by then (a slow link's draft is re-rooted later instead).
 - Backpressure happens at admission (the service refuses with RESOURCE_EXHAUSTED): every session
   has at most one item in flight, so the queue is bounded by the admitted sessions; queued
   prefill tokens are bounded too.
@@ -72,15 +75,20 @@ class StepInfo:
 @dataclass
 class _Item:
     session: Session
-    tree: TokenTree | None  # None: prefill
+    tree: TokenTree | None  # None: prefill (or a pipelined step until the step takes its tree)
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    pipelined: bool = False  # the tree is taken from the session's latest draft at step time
     enqueued: float = field(default_factory=time.perf_counter)
     first_served: float | None = None
 
     @property
+    def prefill(self) -> bool:
+        return self.tree is None and not self.pipelined
+
+    @property
     def tokens(self) -> int:
-        return len(self.tree) if self.tree is not None else len(self.session.prompt_ids) - self.session.prefilled
+        return len(self.tree) if not self.prefill else len(self.session.prompt_ids) - self.session.prefilled
 
 
 class CostModel:
@@ -249,7 +257,7 @@ class Scheduler:
 
     def queued_prefill_tokens(self) -> int:
         with self._cv:
-            return sum(it.tokens for it in self._pending if it.tree is None)
+            return sum(it.tokens for it in self._pending if it.prefill)
 
     def release(self, session: Session) -> None:
         """Frees the session's KV on the model thread (between steps); safe at any time."""
@@ -264,15 +272,32 @@ class Scheduler:
     async def verify(self, session: Session, tree: TokenTree) -> tuple[RoundResult, StepInfo]:
         return await self._submit(session, tree)
 
-    async def _submit(self, session: Session, tree: TokenTree | None):
-        loop = asyncio.get_running_loop()
-        item = _Item(session, tree, loop.create_future(), loop)
+    async def step_pipelined(self, session: Session) -> tuple[RoundResult, StepInfo]:
+        """One decoding step that verifies whatever draft the session holds when it runs."""
+        return await self._submit(session, None, pipelined=True)
+
+    def offer_draft(self, session: Session, draft_round: int, tree: TokenTree) -> None:
+        """A pipelined session's new draft (validated); wakes a step that may be waiting for it."""
         with self._cv:
-            sent = self._sent.pop(session.id, None)
-            if sent is not None:
-                took = item.enqueued - sent
-                old = self._turnaround.get(session.id)
-                self._turnaround[session.id] = took if old is None else 0.7 * old + 0.3 * took
+            session.draft = (draft_round, tree)
+            if draft_round == session.round + 1:
+                self._arrived(session.id, time.perf_counter())
+            self._cv.notify()
+
+    def _arrived(self, sid: str, now: float) -> None:
+        """Turnaround (result handed back -> the device's next item) for the collection window."""
+        sent = self._sent.pop(sid, None)
+        if sent is not None:
+            took = now - sent
+            old = self._turnaround.get(sid)
+            self._turnaround[sid] = took if old is None else 0.7 * old + 0.3 * took
+
+    async def _submit(self, session: Session, tree: TokenTree | None, pipelined: bool = False):
+        loop = asyncio.get_running_loop()
+        item = _Item(session, tree, loop.create_future(), loop, pipelined)
+        with self._cv:
+            if not pipelined:
+                self._arrived(session.id, item.enqueued)
             self._pending.append(item)
             self._cv.notify()
         return await item.future
@@ -291,7 +316,7 @@ class Scheduler:
         with self._cv:
             return dict(kv_used_tokens=self.pool.used_tokens, kv_budget_tokens=self.pool.budget_tokens,
                         kv_slots=self.pool.slots, queued_prefill_tokens=sum(
-                            it.tokens for it in self._pending if it.tree is None),
+                            it.tokens for it in self._pending if it.prefill),
                         cost_model=self.cost.as_dict())
 
     # ---- the model thread ---------------------------------------------------------------
@@ -316,13 +341,16 @@ class Scheduler:
         cfg = self.config
         chosen: list[tuple[_Item, Row]] = []
         tokens = 0
-        for it in sorted((i for i in self._pending if i.tree is not None), key=lambda i: i.enqueued):
+        for it in self._pending:
+            if it.pipelined:
+                it.tree = it.session.pipelined_tree()
+        for it in sorted((i for i in self._pending if not i.prefill), key=lambda i: i.enqueued):
             if len(chosen) >= cfg.max_batch_size or (chosen and tokens + len(it.tree) > cfg.max_batch_tokens):
                 break
             chosen.append((it, it.session.tree_row(it.tree)))
             tokens += len(it.tree)
         took_prefill = False
-        for it in sorted((i for i in self._pending if i.tree is None), key=lambda i: i.enqueued):
+        for it in sorted((i for i in self._pending if i.prefill), key=lambda i: i.enqueued):
             room = cfg.max_batch_tokens - tokens
             if not took_prefill:
                 room = max(room, cfg.prefill_min_chunk)
@@ -349,7 +377,7 @@ class Scheduler:
                 if not self._pending:
                     continue
                 deadline = self._collection_deadline()
-                while len(self._pending) < len(self._active) and not self._releases:
+                while self._incomplete() and not self._releases:
                     left = deadline - time.perf_counter()
                     if left <= 0:
                         break
@@ -362,17 +390,35 @@ class Scheduler:
                     self.policy.refresh()
             self._step(batch)
 
-    def _collection_deadline(self) -> float:
-        """When to stop waiting for more ready sessions (see the module docstring)."""
-        now = time.perf_counter()
-        cfg = self.config
+    def _late(self) -> tuple[list[str], list[str]]:
+        """Sessions without a pending item, and pipelined ones whose draft for this round is
+        not in yet."""
         ready = {it.session.id for it in self._pending}
         missing = [sid for sid in self._active if sid not in ready]
-        if not missing:
+        drafting = [it.session.id for it in self._pending
+                    if it.pipelined and (it.session.draft is None or it.session.draft[0] <= it.session.round)]
+        return missing, drafting
+
+    def _incomplete(self) -> bool:
+        missing, drafting = self._late()
+        return bool(missing or drafting)
+
+    def _collection_deadline(self) -> float:
+        """When to stop waiting for more ready sessions or fresh drafts (see the module docstring).
+
+        A missing row is worth up to `step ms x missing / ready` of waiting; a pipelined
+        session's fresh draft (instead of a stale or no tree) up to half a step."""
+        now = time.perf_counter()
+        cfg = self.config
+        missing, drafting = self._late()
+        if not missing and not drafting:
             return now
-        bound = min(cfg.window_max_ms, self._recent_step_ms * len(missing) / max(1, len(ready))) / 1e3
+        ready = len(self._pending)
+        bounds = {sid: self._recent_step_ms * len(missing) / max(1, ready) for sid in missing}
+        bounds.update({sid: self._recent_step_ms / 2 for sid in drafting})
         wait = cfg.window_ms / 1e3
-        for sid in missing:
+        for sid, bound_ms in bounds.items():
+            bound = min(cfg.window_max_ms, bound_ms) / 1e3
             sent, took = self._sent.get(sid), self._turnaround.get(sid)
             if sent is not None and took is not None:
                 due = sent + took - now
@@ -392,7 +438,7 @@ class Scheduler:
             results: list = []
             for (it, row), lg, hd in zip(batch, logits, hidden):
                 s = it.session
-                if it.tree is None:
+                if it.prefill:
                     results.append(s.after_prefill_row(row, lg, hd, self.target.max_context, started))
                 else:
                     results.append(s.after_tree_row(it.tree, lg, hd, self.target.max_context, started))
@@ -407,7 +453,7 @@ class Scheduler:
         self.cost.observe(len(rows), n_tokens, compute_ms)
         self._recent_step_ms = 0.8 * self._recent_step_ms + 0.2 * compute_ms
         self._steps += 1
-        prefill_tokens = sum(row.n for (it, row) in batch if it.tree is None)
+        prefill_tokens = sum(row.n for (it, row) in batch if it.prefill)
         queue = []
         with self._cv:
             for (it, row), res in zip(batch, results):
@@ -416,7 +462,7 @@ class Scheduler:
                 self._pending.remove(it)
                 queue_ms = (it.first_served - it.enqueued) * 1e3
                 queue.append(queue_ms)
-                if it.tree is not None:
+                if not it.prefill:
                     self.policy.observe(it.session.id, len(it.tree), res.accepted)
                     self.metrics.session_round(it.session.id, len(it.tree), res.accepted, len(res.tokens),
                                                self.policy.current(it.session.id))

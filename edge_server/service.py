@@ -118,7 +118,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             result, step = await self.scheduler.prefill(session)
             yield pb.ServerMessage(started=pb.Started(
                 session_id=session.id, first=self._verdict(session, result, step)))
-            if first.start.mode == pb.MODE_SERVER_AR:
+            if first.start.mode in (pb.MODE_SERVER_AR, pb.MODE_PIPELINED):
                 async for msg in self._decode_alone(session, request_iterator):
                     yield msg
                 return
@@ -129,7 +129,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                 if msg is None or msg.WhichOneof("kind") == "cancel":
                     session.finish = pb.FINISH_CANCELLED
                     return
-                tree = self._check_draft(session, msg)
+                _, tree = self._check_draft(session, msg)
                 result, step = await self.scheduler.verify(session, tree)
                 yield pb.ServerMessage(verdict=self._verdict(session, result, step))
         except BadRequest as bad:
@@ -151,21 +151,35 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                              "were freed; start a new generation") from None
 
     async def _decode_alone(self, session: Session, request_iterator) -> AsyncIterator[pb.ServerMessage]:
-        """Server-only autoregressive decoding (the baseline), batched with everything else."""
+        """The server decodes every step without waiting for the device, batched with everything
+        else: server-only (the baseline), or pipelined, where each step verifies the device's
+        latest draft re-rooted at the current token (drafts arrive on the side, any time)."""
+        pipelined = session.speculative
         cancelled = asyncio.Event()
+        refused: list[BadRequest] = []
 
         async def watch() -> None:
-            async for msg in request_iterator:
-                if msg.WhichOneof("kind") == "cancel":
-                    break
+            try:
+                async for msg in request_iterator:
+                    if msg.WhichOneof("kind") == "cancel":
+                        break
+                    if pipelined and session.finish == pb.FINISH_NONE:
+                        draft_round, tree = self._check_draft(session, msg, pipelined=True)
+                        self.scheduler.offer_draft(session, draft_round, tree)
+            except BadRequest as bad:
+                refused.append(bad)
             cancelled.set()
 
         watcher = asyncio.ensure_future(watch())
         try:
             while session.finish == pb.FINISH_NONE and not cancelled.is_set():
-                tree = TokenTree.root_only(session.bonus)
-                result, step = await self.scheduler.verify(session, tree)
+                if pipelined:
+                    result, step = await self.scheduler.step_pipelined(session)
+                else:
+                    result, step = await self.scheduler.verify(session, TokenTree.root_only(session.bonus))
                 yield pb.ServerMessage(verdict=self._verdict(session, result, step))
+            if refused:
+                raise refused[0]
         finally:
             watcher.cancel()
 
@@ -233,13 +247,24 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         raise BadRequest(grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"{why}; retry in about {retry_s} s (retry-after-s={retry_s})")
 
-    def _check_draft(self, session: Session, msg: pb.ClientMessage) -> TokenTree:
+    def _check_draft(self, session: Session, msg: pb.ClientMessage,
+                     pipelined: bool = False) -> tuple[int, TokenTree]:
+        """The draft's round and its tree, rooted at the last token of the verdict it was built on."""
         kind = msg.WhichOneof("kind")
         _require(kind == "draft", grpc.StatusCode.FAILED_PRECONDITION,
                  f"expected Draft or Cancel after Start, got {kind or 'an empty message'}")
         draft = msg.draft
-        _require(draft.round == session.round + 1, grpc.StatusCode.FAILED_PRECONDITION,
-                 f"draft round {draft.round} is out of order; the next round is {session.round + 1}")
+        newest = len(session.round_ends)  # rounds with a verdict out (the prefill's included) + 1
+        if pipelined:
+            last = session.draft[0] if session.draft else 0
+            _require(draft.round <= newest, grpc.StatusCode.FAILED_PRECONDITION,
+                     f"draft round {draft.round} is ahead of the server (its latest verdict is round "
+                     f"{newest - 1}); build each draft on a verdict you received and send that round + 1")
+            _require(draft.round > last, grpc.StatusCode.FAILED_PRECONDITION,
+                     f"draft round {draft.round} is out of order; the previous draft was round {last}")
+        else:
+            _require(draft.round == newest, grpc.StatusCode.FAILED_PRECONDITION,
+                     f"draft round {draft.round} is out of order; the next round is {newest}")
         n = len(draft.tokens) + 1
         _require(n <= self.limits.max_tree_nodes, grpc.StatusCode.INVALID_ARGUMENT,
                  f"tree has {n} nodes (root included) but this server takes at most "
@@ -249,12 +274,14 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         _require(bad is None, grpc.StatusCode.INVALID_ARGUMENT,
                  f"draft token id {bad} is out of range; ids must be < vocab size {vocab}")
         try:
-            tree = TokenTree.from_wire(session.bonus, draft.tokens, draft.parents)
+            tree = TokenTree.from_wire(session.root_for_round(draft.round), draft.tokens, draft.parents)
             tree.check_unique_siblings()
         except TreeError as err:
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"bad tree: {err}") from None
-        _require(session.committed + tree.max_depth < self.target.max_context,
+        # KV positions in use when the root was the last token (re-rooting keeps depth + position)
+        committed = len(session.prompt_ids) + session.round_ends[draft.round - 1] - 1
+        _require(committed + tree.max_depth < self.target.max_context,
                  grpc.StatusCode.OUT_OF_RANGE,
                  f"tree depth {tree.max_depth} runs past the context ({self.target.max_context} tokens, "
-                 f"{session.committed + 1} used); send a shallower tree")
-        return tree
+                 f"{committed + 1} used); send a shallower tree")
+        return draft.round, tree

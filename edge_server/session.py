@@ -51,6 +51,9 @@ class Session:
     speculative: bool = True
     accepted_tokens: int = 0  # accepted draft tokens over all rounds (bonus tokens not counted)
     tree_tokens: int = 0
+    round_ends: list[int] = field(default_factory=list)  # len(generated) after each round (0 = prefill)
+    # pipelined mode: the device's latest draft and its round, set by the service as drafts arrive
+    draft: tuple[int, TokenTree] | None = None
 
     def __post_init__(self) -> None:
         if not self.params.greedy:
@@ -64,6 +67,23 @@ class Session:
     @property
     def context(self) -> list[int]:
         return self.prompt_ids + self.generated
+
+    def root_for_round(self, draft_round: int) -> int:
+        """The root of a Draft for `draft_round`: the last token of the verdict before it."""
+        return self.generated[self.round_ends[draft_round - 1] - 1]
+
+    def pipelined_tree(self) -> TokenTree:
+        """What this step verifies in pipelined mode: the latest draft re-rooted at the current
+        bonus token (the tokens generated since the draft's root must lie on one of its
+        paths), or the root alone when there is no draft or generation has left it. The same
+        draft serves later steps too while it still reaches ahead."""
+        latest = self.draft
+        if latest is not None:
+            draft_round, tree = latest
+            ahead = tree.reroot(self.generated[self.round_ends[draft_round - 1]:])
+            if ahead is not None:
+                return ahead
+        return TokenTree.root_only(self.bonus)
 
     def release(self) -> None:
         self.cache = None
@@ -133,6 +153,7 @@ class Session:
                       tree_size: int) -> RoundResult:
         new, finish = self._apply_limits(new, max_context)
         self.generated.extend(new)
+        self.round_ends.append(len(self.generated))
         self.finish = finish
         return RoundResult(new, hidden if self.want_hidden else None, finish,
                            (time.perf_counter() - started) * 1e3, tree_size)

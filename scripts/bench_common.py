@@ -34,7 +34,15 @@ PROMPTS = [
     "Translate into French: 'The meeting is moved to Thursday at ten.'",
     "What are the differences between TCP and UDP?",
 ]
-METHODS = ("server-ar", "none", "ngram", "heads")
+METHODS = ("server-ar", "none", "ngram", "heads", "heads/pipelined")  # DRAFTER/MODE: a drafter in a mode
+
+
+def parse_method(method: str) -> tuple[str, str]:
+    """'server-ar' | DRAFTER | DRAFTER/MODE -> (drafter, device_client.session mode)."""
+    if method == "server-ar":
+        return "none", "server-ar"
+    drafter, _, mode = method.partition("/")
+    return drafter, mode or "speculative"
 
 
 @dataclass
@@ -89,10 +97,11 @@ def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tok
                 stub = rpc.EdgeSpecStub(channel)
                 info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
                 tokenizer = load_tokenizer(stub, info)
-                drafter = make_drafter("none" if method == "server-ar" else method, stub, info)
+                drafter_name, mode = parse_method(method)
+                drafter = make_drafter(drafter_name, stub, info)
                 requests = [Request(tokenizer.chat_ids(p), max_new_tokens=max_new_tokens,
                                     tree_budget=min(tree_budget, info.max_tree_nodes),
-                                    server_ar=method == "server-ar", ignore_eos=ignore_eos)
+                                    mode=mode, ignore_eos=ignore_eos)
                             for p in prompts[index]]
                 barrier.wait(timeout=180)
                 for request in requests:

@@ -26,8 +26,8 @@ import grpc
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from bench_common import (PROMPTS, MethodRun, lossless_problems, markdown_table, results_dir, run_clients,  # noqa: E402
-                          save_json, split_cores)
+from bench_common import (PROMPTS, MethodRun, lossless_problems, markdown_table, parse_method,  # noqa: E402
+                          results_dir, run_clients, save_json, split_cores)
 
 from device_client.cli import make_drafter  # noqa: E402
 from edge_server.launcher import ServerProcess  # noqa: E402
@@ -44,7 +44,8 @@ COLUMNS = [("clients", "N", "d"), ("method", "method", ""), ("tokens_per_s", "to
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--methods", nargs="+", default=["server-ar", "none", "ngram", "heads"])
+    p.add_argument("--methods", nargs="+", default=["server-ar", "none", "ngram", "heads", "heads/pipelined"],
+                   help="server-ar, or a drafter (none, ngram, heads) with an optional /MODE (pipelined)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=1, help="generations per client at each N")
     p.add_argument("--tree-budget", type=int, default=32, help="the devices' own budget cap")
@@ -123,8 +124,7 @@ def main(argv=None) -> None:
             methods = []
             for m in args.methods:
                 try:
-                    if m != "server-ar":
-                        make_drafter(m, stub, info)
+                    make_drafter(parse_method(m)[0], stub, info)
                     methods.append(m)
                 except (SystemExit, Exception) as err:  # e.g. heads not shipped yet
                     skipped[m] = str(err)

@@ -90,7 +90,8 @@ def main() -> None:
     netem = load_netem()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profiles", nargs="+", default=["lan", "wifi", "5g", "4g", "3g", "satellite"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   help=f"of {', '.join(METHODS)}; a drafter may name a mode: heads/pipelined")
     p.add_argument("--clients", nargs="+", type=int, default=[1, 4])
     p.add_argument("--prompts", type=int, default=4, help="how many of the fixed prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)

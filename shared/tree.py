@@ -95,6 +95,30 @@ class TokenTree:
             mask[i, i] = True
         return mask
 
+    def reroot(self, generated: Sequence[int]) -> "TokenTree | None":
+        """The subtree under the node reached by following `generated` down from the root.
+
+        Pipelined decoding: the server has generated these tokens after the draft's root while
+        the draft was on its way; the part of the tree still ahead is the subtree rooted at the
+        current last token, reindexed (its order kept, so parents still come first). None when
+        the generated tokens leave the tree."""
+        kids = self.children()
+        node = 0
+        for tok in generated:
+            node = next((c for c in kids[node] if self.tokens[c] == tok), None)
+            if node is None:
+                return None
+        if node == 0:
+            return self
+        index = {node: 0}
+        tokens, parents = [self.tokens[node]], [-1]
+        for i in range(node + 1, len(self.tokens)):
+            if self.parents[i] in index:
+                index[i] = len(tokens)
+                tokens.append(self.tokens[i])
+                parents.append(index[self.parents[i]])
+        return TokenTree(tuple(tokens), tuple(parents))
+
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root down to `node`."""
         path = []

@@ -17,6 +17,11 @@ def _start(info, prompt_ids=(1, 9690, 198), **overrides):
     return pb.ClientMessage(start=pb.Start(**fields))
 
 
+def _pipelined(info):
+    # long enough that the server is still decoding when the drafts are checked
+    return _start(info, mode=pb.MODE_PIPELINED, max_new_tokens=64)
+
+
 def _draft(round_, tokens, parents):
     return pb.ClientMessage(draft=pb.Draft(round=round_, tokens=tokens, parents=parents))
 
@@ -74,6 +79,13 @@ CASES = {
                       grpc.StatusCode.INVALID_ARGUMENT, "--tree-budget"),
     "wrong round": (lambda info: [_start(info), _draft(7, [5], [0])], grpc.StatusCode.FAILED_PRECONDITION, "round"),
     "second start": (lambda info: [_start(info), _start(info)], grpc.StatusCode.FAILED_PRECONDITION, "Draft"),
+    # pipelined: the server decodes on its own; drafts come on the side and are checked as they arrive
+    "pipelined draft ahead of the server": (lambda info: [_pipelined(info), _draft(9, [5], [0])],
+                                            grpc.StatusCode.FAILED_PRECONDITION, "ahead of the server"),
+    "pipelined draft out of order": (lambda info: [_pipelined(info), _draft(1, [], []), _draft(1, [], [])],
+                                     grpc.StatusCode.FAILED_PRECONDITION, "previous draft was round 1"),
+    "pipelined bad tree": (lambda info: [_pipelined(info), _draft(1, [5, 6], [2, 0])],
+                           grpc.StatusCode.INVALID_ARGUMENT, "parents must come before"),
 }
 
 

@@ -50,11 +50,23 @@ def test_greedy_equals_target_generate(client, references, name):
         assert sum(rec.accepted_per_round) + 1 == len(rec.token_ids)
 
 
+@pytest.mark.parametrize("name", ["ngram", "heads-dynamic+ngram"])
+def test_pipelined_greedy_equals_target_generate(client, references, name):
+    """The server decodes without waiting for drafts and verifies each one re-rooted."""
+    stub, info, _ = client
+    drafter = DRAFTERS[name](stub, info)
+    for prompt, (ids, expected) in list(references.items())[:4]:
+        rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=32, mode="pipelined"), drafter,
+                       info.tokenizer_fingerprint, timeout=120)
+        assert rec.token_ids == expected, prompt
+        assert sum(rec.accepted_per_round) + 1 == len(rec.token_ids)
+
+
 def test_server_ar_mode_equals_target_generate(client, references):
     stub, info, _ = client
     prompt = PROMPTS[0]
     ids, expected = references[prompt]
-    rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, server_ar=True), NoDrafter(),
+    rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, mode="server-ar"), NoDrafter(),
                    info.tokenizer_fingerprint, timeout=120)
     assert rec.token_ids == expected
 

@@ -5,6 +5,7 @@ import sys
 import grpc
 import torch
 
+from device_client.cli import make_drafter
 from device_client.drafters.ngram import NgramDrafter
 from device_client.session import Request, generate
 from shared.protocol import rpc
@@ -34,3 +35,20 @@ def test_client_through_4g_proxy_matches_greedy_reference(server, client, loaded
     assert rec.token_ids == ref
     # every round pays the emulated 50 ms RTT
     assert rec.total_ms >= 50 * rec.rounds
+
+
+def test_pipelined_client_through_4g_proxy_matches_greedy_reference(server, client, loaded):
+    """Drafts arrive a round trip late; the server re-roots them (or decodes alone), exactly."""
+    stub, info, tokenizer = client
+    ids = tokenizer.chat_ids(PROMPTS[0])
+    with torch.inference_mode():
+        ref = loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32,
+                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    drafter = make_drafter("heads", stub, info)
+    host, port = server.address.rsplit(":", 1)
+    with _netem().run_proxy_in_thread("4g", upstream=(host, int(port))) as (phost, pport):
+        with grpc.insecure_channel(f"{phost}:{pport}") as channel:
+            rec = generate(rpc.EdgeSpecStub(channel), Request(ids, max_new_tokens=32, mode="pipelined"), drafter,
+                           info.tokenizer_fingerprint, timeout=120)
+    assert rec.token_ids == ref
+    assert rec.mode == "pipelined" and rec.tree_sizes

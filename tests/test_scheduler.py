@@ -105,9 +105,10 @@ def test_long_prefill_does_not_stall_other_rounds(target):
 
 
 def _deadline_wait_ms(ready: list[str], active: list[str], due_ms: dict[str, float],
-                      step_ms: float = 100.0) -> float:
+                      step_ms: float = 100.0, drafting: tuple[str, ...] = ()) -> float:
     """How long the scheduler would wait for more rows, with `due_ms` the expected arrival of
-    each missing session's next item (from its turnaround history)."""
+    each missing session's next item (from its turnaround history); `drafting` sessions are
+    pipelined ones whose draft for this round is not in yet."""
     from types import SimpleNamespace
     import time
 
@@ -115,7 +116,8 @@ def _deadline_wait_ms(ready: list[str], active: list[str], due_ms: dict[str, flo
     try:
         now = time.perf_counter()
         sched._active = set(active)
-        sched._pending = [SimpleNamespace(session=SimpleNamespace(id=sid)) for sid in ready]
+        sched._pending = [SimpleNamespace(session=SimpleNamespace(id=sid, draft=None, round=3),
+                                          pipelined=sid in drafting) for sid in ready]
         sched._recent_step_ms = step_ms
         for sid, due in due_ms.items():  # sent 10 ms ago, back after 10 + due ms
             sched._sent[sid] = now - 0.010
@@ -137,3 +139,10 @@ def test_collection_window_waits_for_devices_due_soon_only():
     assert _deadline_wait_ms(everyone[:3], everyone, {}) <= 2.5
     # a lone waiting session among slow steps is capped by window_max_ms
     assert _deadline_wait_ms(["a"], ["a", "b"], {"b": 45.0}, step_ms=400.0) <= 50.5
+
+
+def test_pipelined_step_waits_briefly_for_a_fresh_draft():
+    # a lone pipelined session: its draft due in 4 ms is worth waiting for (half a step: 50 ms)
+    assert 5.0 <= _deadline_wait_ms(["a"], ["a"], {"a": 4.0}, drafting=("a",)) <= 7.5
+    # a draft a 4g round trip away (60 ms) is not: decode on, and re-root it when it comes
+    assert _deadline_wait_ms(["a"], ["a"], {"a": 60.0}, drafting=("a",)) <= 2.5

@@ -60,3 +60,27 @@ def test_merge_paths_shares_prefixes_and_respects_budget():
     assert tree.parents == (-1, 0, 1, 2, 2, 0)
     small = merge_paths(1, [[2, 3, 4], [6]], budget=3)
     assert small.tokens == (1, 2, 3)
+
+
+def test_reroot_keeps_the_subtree_still_ahead():
+    #        10
+    #      /    \
+    #     11     12
+    #    /  \      \
+    #   13   15     16
+    #   |
+    #   14
+    tree = TokenTree((10, 11, 12, 13, 14, 15, 16), (-1, 0, 0, 1, 3, 1, 2))
+    assert tree.reroot([]) is tree
+    sub = tree.reroot([11])
+    assert sub.tokens == (11, 13, 14, 15) and sub.parents == (-1, 0, 1, 0)
+    assert tree.reroot([11, 13]).tokens == (13, 14)
+    assert tree.reroot([11, 13, 14]) == TokenTree.root_only(14)
+    assert tree.reroot([12, 16]) == TokenTree.root_only(16)
+    assert tree.reroot([13]) is None  # 13 is not a child of the root
+    assert tree.reroot([11, 13, 14, 99]) is None  # generation ran past the tree
+    # the re-rooted tree accepts what the original would have accepted further down
+    choices = {10: 11, 11: 13, 13: 14, 14: 7, 12: 0, 15: 0, 16: 0}
+    full = tree.accepted_path([choices[t] for t in tree.tokens])
+    assert [tree.tokens[i] for i in full] == [10, 11, 13, 14]
+    assert [sub.tokens[i] for i in sub.accepted_path([choices[t] for t in sub.tokens])] == [11, 13, 14]

@@ -11,6 +11,7 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODE_SPECULATIVE: _ClassVar[Mode]
     MODE_SERVER_AR: _ClassVar[Mode]
+    MODE_PIPELINED: _ClassVar[Mode]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -21,6 +22,7 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_CANCELLED: _ClassVar[FinishReason]
 MODE_SPECULATIVE: Mode
 MODE_SERVER_AR: Mode
+MODE_PIPELINED: Mode
 FINISH_NONE: FinishReason
 FINISH_STOP: FinishReason
 FINISH_LENGTH: FinishReason
