@@ -241,7 +241,7 @@ class Scheduler:
         self._stopping = False
         self._steps = 0
         self._recent_step_ms = 0.0
-        self._sent: dict[str, float] = {}  # session -> when its last result was handed back
+        self._sent: dict[str, dict[int, float]] = {}  # session -> round -> when its result was handed back
         self._turnaround: dict[str, float] = {}  # session -> EMA seconds from result to next item
         self._thread = threading.Thread(target=self._run, name="edgespec-scheduler", daemon=True)
         self._thread.start()
@@ -280,13 +280,14 @@ class Scheduler:
         """A pipelined session's new draft (validated); wakes a step that may be waiting for it."""
         with self._cv:
             session.draft = (draft_round, tree)
-            if draft_round == session.round + 1:
-                self._arrived(session.id, time.perf_counter())
+            self._arrived(session.id, draft_round - 1, time.perf_counter())
             self._cv.notify()
 
-    def _arrived(self, sid: str, now: float) -> None:
-        """Turnaround (result handed back -> the device's next item) for the collection window."""
-        sent = self._sent.pop(sid, None)
+    def _arrived(self, sid: str, answered_round: int, now: float) -> None:
+        """Turnaround (a round's result handed back -> the device's item built on it) for the
+        collection window; late drafts of a pipelined session count too, so a link that slows
+        down stops holding steps."""
+        sent = self._sent.get(sid, {}).pop(answered_round, None)
         if sent is not None:
             took = now - sent
             old = self._turnaround.get(sid)
@@ -297,7 +298,7 @@ class Scheduler:
         item = _Item(session, tree, loop.create_future(), loop, pipelined)
         with self._cv:
             if not pipelined:
-                self._arrived(session.id, item.enqueued)
+                self._arrived(session.id, session.round, item.enqueued)
             self._pending.append(item)
             self._cv.notify()
         return await item.future
@@ -420,8 +421,8 @@ class Scheduler:
         for sid, bound_ms in bounds.items():
             bound = min(cfg.window_max_ms, bound_ms) / 1e3
             sent, took = self._sent.get(sid), self._turnaround.get(sid)
-            if sent is not None and took is not None:
-                due = sent + took - now
+            if sent and took is not None:
+                due = sent[max(sent)] + took - now
                 if due <= bound:
                     wait = max(wait, min(due + cfg.window_ms / 1e3, bound))
         return now + wait
@@ -468,7 +469,10 @@ class Scheduler:
                                                self.policy.current(it.session.id))
                 info = StepInfo(queue_ms, compute_ms, len(rows), n_tokens)
                 if res.finish == pb.FINISH_NONE:
-                    self._sent[it.session.id] = time.perf_counter()
+                    sent = self._sent.setdefault(it.session.id, {})
+                    sent[it.session.round] = time.perf_counter()
+                    for old in [r for r in sent if r < it.session.round - 8]:
+                        del sent[old]  # a device this far behind answers no round it could still use
                 it.loop.call_soon_threadsafe(_resolve, it.future, (res, info))
         self.metrics.step(StepRecord(time.monotonic(), len(rows), n_tokens, prefill_tokens, compute_ms,
                                      float(np.mean(queue)) if queue else 0.0))

@@ -120,7 +120,7 @@ def _deadline_wait_ms(ready: list[str], active: list[str], due_ms: dict[str, flo
                                           pipelined=sid in drafting) for sid in ready]
         sched._recent_step_ms = step_ms
         for sid, due in due_ms.items():  # sent 10 ms ago, back after 10 + due ms
-            sched._sent[sid] = now - 0.010
+            sched._sent[sid] = {3: now - 0.010}
             sched._turnaround[sid] = 0.010 + due / 1e3
         return (sched._collection_deadline() - now) * 1e3
     finally:
