@@ -44,7 +44,8 @@ class ServerMetrics:
         self.finished: deque[SessionRecord] = deque(maxlen=256)
         self.counters = dict(steps=0, batch_tokens=0, rows=0, verify_ms=0.0, rounds=0, accepted_tokens=0,
                              generated_tokens=0, sessions_started=0, sessions_rejected=0,
-                             sessions_idle_closed=0, device_wait_ms=0.0, device_waits=0)
+                             sessions_idle_closed=0, device_wait_ms=0.0, device_waits=0,
+                             pipelined_steps=0, pipelined_steps_with_tree=0)
         self.device_waits: deque[float] = deque(maxlen=window)
         self.started = time.monotonic()
 
@@ -146,7 +147,9 @@ def render_prometheus(snapshot: dict, prefix: str = "edgespec") -> str:
                  rounds="verification rounds", accepted_tokens="accepted draft tokens",
                  generated_tokens="generated tokens", sessions_started="sessions admitted",
                  sessions_rejected="sessions refused (backpressure)",
-                 sessions_idle_closed="sessions closed for idleness")
+                 sessions_idle_closed="sessions closed for idleness",
+                 pipelined_steps="steps of pipelined sessions",
+                 pipelined_steps_with_tree="pipelined steps that verified a (re-rooted) device draft")
     for key, value in snapshot.get("counters", {}).items():
         emit(f"{key}_total", "counter", value, helps.get(key, key))
     for key in ("active_sessions", "kv_used_tokens", "kv_budget_tokens", "queued_prefill_tokens"):

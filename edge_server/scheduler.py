@@ -463,6 +463,9 @@ class Scheduler:
                 self._pending.remove(it)
                 queue_ms = (it.first_served - it.enqueued) * 1e3
                 queue.append(queue_ms)
+                if it.pipelined:
+                    self.metrics.count("pipelined_steps")
+                    self.metrics.count("pipelined_steps_with_tree", int(len(it.tree) > 1))
                 if not it.prefill:
                     self.policy.observe(it.session.id, len(it.tree), res.accepted)
                     self.metrics.session_round(it.session.id, len(it.tree), res.accepted, len(res.tokens),

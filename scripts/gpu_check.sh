@@ -67,7 +67,7 @@ EDGESPEC_TEST_SERVER_ARGS="--device cuda --dtype float32" timeout 170 "$PY" -m p
   tests/test_lossless.py tests/test_batching.py tests/test_tree_forward.py || STATUS=1
 
 step "3/3 short load run on CUDA (bf16)"
-timeout 150 "$PY" scripts/bench_load.py --clients 1 4 16 --methods server-ar none ngram heads \
+timeout 150 "$PY" scripts/bench_load.py --clients 1 4 16 --methods server-ar none ngram heads heads/pipelined \
   --max-new-tokens 48 --no-plot --out results/gpu_check || STATUS=1
 
 step "done"
