@@ -146,3 +146,17 @@ def test_pipelined_step_waits_briefly_for_a_fresh_draft():
     assert 5.0 <= _deadline_wait_ms(["a"], ["a"], {"a": 4.0}, drafting=("a",)) <= 7.5
     # a draft a 4g round trip away (60 ms) is not: decode on, and re-root it when it comes
     assert _deadline_wait_ms(["a"], ["a"], {"a": 60.0}, drafting=("a",)) <= 2.5
+
+
+def test_pipelined_tree_follows_generation_into_the_latest_draft():
+    s = Session([1, 2, 3], Sampling(), max_new_tokens=64, stop_ids=frozenset(), want_hidden=False)
+    s.generated, s.round_ends, s.round = [10], [1], 0  # the prefill's verdict: bonus 10
+    assert s.pipelined_tree() == TokenTree.root_only(10)  # no draft yet: decode alone
+    # a draft built on round 0 (root 10): 10 -> 11 -> 13 -> 14, and 10 -> 12
+    s.draft = (1, TokenTree((10, 11, 12, 13, 14), (-1, 0, 0, 1, 3)))
+    assert s.root_for_round(1) == 10
+    assert s.pipelined_tree() == s.draft[1]  # fresh: verified as sent
+    s.generated, s.round_ends, s.round = [10, 11], [1, 2], 1  # the server decoded 11 meanwhile
+    assert s.pipelined_tree() == TokenTree((11, 13, 14), (-1, 0, 1))  # re-rooted, still ahead
+    s.generated, s.round_ends, s.round = [10, 11, 99], [1, 2, 3], 2  # generation left the tree
+    assert s.pipelined_tree() == TokenTree.root_only(99)
