@@ -162,6 +162,6 @@ def render_prometheus(snapshot: dict, prefix: str = "edgespec") -> str:
                      f'{{quantile="{0.5 if q == "p50" else 0.95}"}}')
     cost = snapshot.get("cost_model")
     if cost:
-        for key in ("base_ms", "per_token_ms", "per_row_ms"):
+        for key in ("base_ms", "per_token_ms", "per_row_ms", "wide_ms"):
             emit(f"cost_{key}", "gauge", cost[key], f"fitted step cost model {key}")
     return "\n".join(lines) + "\n"

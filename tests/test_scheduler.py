@@ -160,3 +160,14 @@ def test_pipelined_tree_follows_generation_into_the_latest_draft():
     assert s.pipelined_tree() == TokenTree((11, 13, 14), (-1, 0, 1))  # re-rooted, still ahead
     s.generated, s.round_ends, s.round = [10, 11, 99], [1, 2, 3], 2  # generation left the tree
     assert s.pipelined_tree() == TokenTree.root_only(99)
+
+
+def test_cost_model_learns_the_jump_from_one_token_to_a_wide_step():
+    cost = CostModel()
+    rng = np.random.default_rng(1)
+    for _ in range(200):  # a lone session: root-only steps and trees of 2..32 nodes
+        tokens = int(rng.choice([1, 2, 4, 8, 16, 32]))
+        cost.observe(1, tokens, (56 if tokens == 1 else 78 + 2.8 * tokens) + rng.normal(0, 0.5))
+    assert cost.ms(1, 1) == pytest.approx(56, abs=3)
+    assert cost.ms(1, 4) == pytest.approx(89, abs=4)
+    assert cost.ms(1, 32) == pytest.approx(168, abs=6)
