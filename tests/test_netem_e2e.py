@@ -21,17 +21,24 @@ def _netem():
     return mod
 
 
-def test_client_through_4g_proxy_matches_greedy_reference(server, client, loaded):
+def _through_4g(server, client, loaded, prompt: str, request_args: dict, drafter):
+    """Generates through the emulated 4g link; returns the record and the greedy reference."""
     _, info, tokenizer = client
-    ids = tokenizer.chat_ids(PROMPTS[7])
+    ids = tokenizer.chat_ids(prompt)
+    n = request_args["max_new_tokens"]
     with torch.inference_mode():
-        ref = loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24,
+        ref = loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n,
                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
     host, port = server.address.rsplit(":", 1)
     with _netem().run_proxy_in_thread("4g", upstream=(host, int(port))) as (phost, pport):
         with grpc.insecure_channel(f"{phost}:{pport}") as channel:
-            rec = generate(rpc.EdgeSpecStub(channel), Request(ids, max_new_tokens=24), NgramDrafter(),
+            rec = generate(rpc.EdgeSpecStub(channel), Request(ids, **request_args), drafter,
                            info.tokenizer_fingerprint, timeout=120)
+    return rec, ref
+
+
+def test_client_through_4g_proxy_matches_greedy_reference(server, client, loaded):
+    rec, ref = _through_4g(server, client, loaded, PROMPTS[7], dict(max_new_tokens=24), NgramDrafter())
     assert rec.token_ids == ref
     # every round pays the emulated 50 ms RTT
     assert rec.total_ms >= 50 * rec.rounds
@@ -39,16 +46,8 @@ def test_client_through_4g_proxy_matches_greedy_reference(server, client, loaded
 
 def test_pipelined_client_through_4g_proxy_matches_greedy_reference(server, client, loaded):
     """Drafts arrive a round trip late; the server re-roots them (or decodes alone), exactly."""
-    stub, info, tokenizer = client
-    ids = tokenizer.chat_ids(PROMPTS[0])
-    with torch.inference_mode():
-        ref = loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32,
-                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
-    drafter = make_drafter("heads", stub, info)
-    host, port = server.address.rsplit(":", 1)
-    with _netem().run_proxy_in_thread("4g", upstream=(host, int(port))) as (phost, pport):
-        with grpc.insecure_channel(f"{phost}:{pport}") as channel:
-            rec = generate(rpc.EdgeSpecStub(channel), Request(ids, max_new_tokens=32, mode="pipelined"), drafter,
-                           info.tokenizer_fingerprint, timeout=120)
+    stub, info, _ = client
+    rec, ref = _through_4g(server, client, loaded, PROMPTS[0], dict(max_new_tokens=32, mode="pipelined"),
+                           make_drafter("heads", stub, info))
     assert rec.token_ids == ref
     assert rec.mode == "pipelined" and rec.tree_sizes
