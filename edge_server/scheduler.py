@@ -2,7 +2,8 @@
 
 Work items: a prompt prefill (fed in chunks), a draft tree to verify, a server-only decode
 step (a root-only tree), or a pipelined step, whose tree is taken when the step is built: the
-session's latest draft re-rooted at its current token (Session.pipelined_tree). One model thread loops: apply releases (free KV slots), take the ready
+session's latest draft re-rooted at its current token (Session.pipelined_tree). One model
+thread loops: apply releases (free KV slots), take the ready
 items, build one ragged batch (edge_server.kv_cache), run it, hand each session its result.
 
 Policy
@@ -151,7 +152,8 @@ class BudgetPolicy:
 
     PROBE_EVERY = 24  # steps of the whole server between probes (each session probes N times rarer)
     PROBE_BUDGET = 6
-    MARGIN = 1.03  # a doubling must promise 3% more tokens/s: the cost model is linear, steps are not
+    MARGIN = 1.03  # a growth must promise 3% more tokens/s: under load one session's gain is small
+    # against the error of the tau and cost estimates
 
     def __init__(self, max_nodes: int, cost: CostModel, adaptive: bool = True):
         self.max_nodes = max_nodes
