@@ -160,8 +160,7 @@ def render_prometheus(snapshot: dict, prefix: str = "edgespec") -> str:
             for q in ("p50", "p95"):
                 emit(f"step_{key}", "summary", stats[q], f"per-step {key} over the recent window",
                      f'{{quantile="{0.5 if q == "p50" else 0.95}"}}')
-    cost = snapshot.get("cost_model")
-    if cost:
-        for key in ("base_ms", "per_token_ms", "per_row_ms", "wide_ms"):
-            emit(f"cost_{key}", "gauge", cost[key], f"fitted step cost model {key}")
+    budget = snapshot.get("budget")
+    if budget:
+        emit("tree_budget", "gauge", budget["level"], "tree budget the verdicts hand out now (load-aware)")
     return "\n".join(lines) + "\n"

@@ -25,16 +25,14 @@ Policy
   has at most one item in flight, so the queue is bounded by the admitted sessions; queued
   prefill tokens are bounded too.
 
-Load-aware speculation: `BudgetPolicy` keeps a least-squares cost model of step ms vs (rows,
-tokens) and each session's acceptance (accepted tokens per log2 of tree size, and how much of
-its budget the device actually fills), and picks per-session tree budgets that maximise the
-expected tokens/s of the whole server for the current set of sessions (greedy doubling).
+Load-aware speculation: `edge_server.budget.BudgetController` picks the tree budget the
+verdicts hand out, from the generated tokens/s it measures at each budget and load; every step
+reports its rows, tokens and duration (wait included) to it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -43,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from edge_server.budget import BudgetController
 from edge_server.kv_cache import KVPool, Row
 from edge_server.metrics import ServerMetrics, StepRecord
 from edge_server.session import RoundResult, Session
@@ -92,155 +91,6 @@ class _Item:
         return len(self.tree) if not self.prefill else len(self.session.prompt_ids) - self.session.prefilled
 
 
-class CostModel:
-    """step_ms ≈ base + per_token·tokens + per_row·rows + wide·[tokens > 1], refit by ridge
-    least squares on recent steps. `wide` is the jump from a one-token step (matrix-vector
-    products, memory-bound) to any wider one (matrix-matrix kernels): on this CPU 56 ms for
-    1 token against 82 ms for 2-4, then ~3 ms a token; on a GPU it is about 0."""
-
-    def __init__(self, base_ms: float = 30.0, per_token_ms: float = 1.5, per_row_ms: float = 1.0,
-                 wide_ms: float = 0.0):
-        self.coef = np.array([base_ms, per_token_ms, per_row_ms, wide_ms])
-        self.samples: deque[tuple[float, float, float]] = deque(maxlen=256)
-        self._since_fit = 0
-
-    def observe(self, rows: int, tokens: int, ms: float) -> None:
-        self.samples.append((rows, tokens, ms))
-        self._since_fit += 1
-        if self._since_fit >= 16 and len(self.samples) >= 24:
-            self._fit()
-
-    @staticmethod
-    def _features(rows, tokens) -> np.ndarray:
-        rows, tokens = np.asarray(rows, dtype=float), np.asarray(tokens, dtype=float)
-        return np.stack([np.ones_like(tokens), tokens, rows, (tokens > 1).astype(float)], axis=-1)
-
-    def _fit(self) -> None:
-        self._since_fit = 0
-        data = np.asarray(self.samples)
-        x = self._features(data[:, 0], data[:, 1])
-        y = data[:, 2]
-        # ridge towards the current coefficients keeps the fit sane when the load barely varies
-        lam = np.diag([1.0, 50.0, 20.0, 5.0])
-        coef = np.linalg.solve(x.T @ x + lam, x.T @ y + lam @ self.coef)
-        self.coef = np.maximum(coef, [1.0, 0.05, 0.0, 0.0])
-
-    def ms(self, rows: float, tokens: float) -> float:
-        return float(self._features(rows, tokens) @ self.coef)
-
-    def as_dict(self) -> dict:
-        return dict(base_ms=float(self.coef[0]), per_token_ms=float(self.coef[1]), per_row_ms=float(self.coef[2]),
-                    wide_ms=float(self.coef[3]), samples=len(self.samples))
-
-
-@dataclass
-class _Accept:
-    gain: float = 0.6  # accepted draft tokens per log2(tree size) (prior: τ(16) ≈ 3.4)
-    fill: float = 1.0  # tree size the device sends / budget it was given
-    budget: int = 0
-    asked: int = 0  # budgets handed out (every PROBE_EVERY-th is a probe)
-    last_given: int = 0
-
-
-class BudgetPolicy:
-    """Per-session tree budgets that maximise the server's expected tokens/s.
-
-    A session held at a small budget still gets a larger probe budget every PROBE_EVERY rounds,
-    so its acceptance keeps being measured and the budget can grow back when the load drops
-    or the text turns predictable.
-    """
-
-    PROBE_EVERY = 24  # steps of the whole server between probes (each session probes N times rarer)
-    PROBE_BUDGET = 6
-    MARGIN = 1.03  # a growth must promise 3% more tokens/s: under load one session's gain is small
-    # against the error of the tau and cost estimates
-
-    def __init__(self, max_nodes: int, cost: CostModel, adaptive: bool = True):
-        self.max_nodes = max_nodes
-        self.cost = cost
-        self.adaptive = adaptive
-        self.stats: dict[str, _Accept] = {}
-        self._dirty = True
-
-    def add(self, sid: str, speculative: bool) -> None:
-        self.stats[sid] = _Accept(budget=self.max_nodes if speculative else 0)
-        self._dirty = True
-
-    def remove(self, sid: str) -> None:
-        self.stats.pop(sid, None)
-        self._dirty = True
-
-    def observe(self, sid: str, tree_size: int, accepted: int) -> None:
-        st = self.stats.get(sid)
-        if st is None or st.budget == 0:
-            return
-        given = st.last_given or st.budget
-        if given > 1:
-            st.fill = 0.8 * st.fill + 0.2 * min(1.0, tree_size / given)
-        if tree_size > 1:
-            st.gain = 0.85 * st.gain + 0.15 * accepted / math.log2(tree_size)
-
-    def current(self, sid: str) -> int:
-        st = self.stats.get(sid)
-        return st.budget if st else 0
-
-    def budget(self, sid: str) -> int:
-        """The budget for the session's next round (the policy's choice, or a probe)."""
-        st = self.stats.get(sid)
-        if not st or not st.budget:
-            return self.max_nodes
-        st.asked += 1
-        b = st.budget
-        spec = sum(1 for other in self.stats.values() if other.budget)
-        if self.adaptive and b < self.PROBE_BUDGET and st.asked % (self.PROBE_EVERY * spec) == 0:
-            b = min(self.max_nodes, self.PROBE_BUDGET)
-        st.last_given = b
-        return b
-
-    @staticmethod
-    def _tau(st: _Accept, b: int) -> tuple[float, float]:
-        size = max(1.0, st.fill * b)
-        return 1.0 + st.gain * math.log2(size), size
-
-    def refresh(self) -> None:
-        """Greedy: start every speculative session at budget 1, keep growing (by doublings) the
-        one whose growth raises total expected tokens/s most, stop when none helps by MARGIN."""
-        self._dirty = False
-        if not self.adaptive:
-            return
-        spec = [st for st in self.stats.values() if st.budget]
-        ar = len(self.stats) - len(spec)
-        if not spec:
-            return
-        budgets = [1] * len(spec)
-        rows = len(self.stats)
-
-        def rate(bs: list[int]) -> float:
-            taus, sizes = zip(*(self._tau(st, b) for st, b in zip(spec, bs)))
-            return (sum(taus) + ar) / self.cost.ms(rows, sum(sizes) + ar)
-
-        best = rate(budgets)
-        while True:
-            # look past the next doubling: the step cost jumps from 1 token to 2, so 1 -> 2 can
-            # lose while 1 -> 8 wins
-            pick, pick_rate = None, 0.0
-            for i, b in enumerate(budgets):
-                grown = b
-                while grown < self.max_nodes:
-                    grown = min(self.max_nodes, grown * 2)
-                    trial = budgets.copy()
-                    trial[i] = grown
-                    r = rate(trial)
-                    if r > pick_rate:
-                        pick, pick_rate = (i, grown), r
-            if pick is None or pick_rate <= best * self.MARGIN:
-                break
-            budgets[pick[0]] = pick[1]
-            best = pick_rate
-        for st, b in zip(spec, budgets):
-            st.budget = b
-
-
 class Scheduler:
     def __init__(self, target: TargetModel, pool: KVPool, config: SchedulerConfig, max_tree_nodes: int,
                  metrics: ServerMetrics | None = None):
@@ -248,15 +98,14 @@ class Scheduler:
         self.pool = pool
         self.config = config
         self.metrics = metrics or ServerMetrics()
-        self.cost = CostModel()
-        self.policy = BudgetPolicy(max_tree_nodes, self.cost, config.adaptive_budget)
+        self.budgets = BudgetController(max_tree_nodes, config.adaptive_budget)
         self._cv = threading.Condition()
         self._pending: list[_Item] = []
         self._releases: list[Session] = []
         self._active: set[str] = set()
         self._stopping = False
-        self._steps = 0
-        self._recent_step_ms = 0.0
+        self.recent_step_ms = 0.0  # EMA of step compute, for the collection window and retry hints
+        self._last_step_end = time.perf_counter()
         self._sent: dict[str, dict[int, float]] = {}  # session -> round -> when its result was handed back
         self._turnaround: dict[str, float] = {}  # session -> EMA seconds from result to next item
         self._pipelined: set[str] = set()  # sessions whose next step the server itself queues
@@ -269,7 +118,7 @@ class Scheduler:
         session.slot = self.pool.allocate(capacity)
         with self._cv:
             self._active.add(session.id)
-            self.policy.add(session.id, session.speculative)
+            self.budgets.add(session.id, session.speculative)
         self.metrics.session_open(session.id, "speculative" if session.speculative else "server-ar")
 
     def queued_prefill_tokens(self) -> int:
@@ -324,7 +173,7 @@ class Scheduler:
 
     def next_budget(self, session: Session) -> int:
         with self._cv:
-            return self.policy.budget(session.id)
+            return self.budgets.level
 
     def stop(self) -> None:
         with self._cv:
@@ -337,7 +186,7 @@ class Scheduler:
             return dict(kv_used_tokens=self.pool.used_tokens, kv_budget_tokens=self.pool.budget_tokens,
                         kv_slots=self.pool.slots, queued_prefill_tokens=sum(
                             it.tokens for it in self._pending if it.prefill),
-                        cost_model=self.cost.as_dict())
+                        budget=self.budgets.as_dict())
 
     # ---- the model thread ---------------------------------------------------------------
     def _apply_releases(self) -> None:
@@ -354,7 +203,7 @@ class Scheduler:
             self._pipelined.discard(s.id)
             if s.slot is not None:
                 self.pool.free(s.slot)
-            self.policy.remove(s.id)
+            self.budgets.remove(s.id)
             self.metrics.session_close(s.id)
         self._releases.clear()
 
@@ -407,17 +256,16 @@ class Scheduler:
                 batch = self._take()
                 if not batch:
                     continue
-                if self.policy._dirty or self._steps % 8 == 0:
-                    self.policy.refresh()
             self._step(batch)
 
     def _late(self) -> tuple[list[str], list[str]]:
         """Sessions without a pending item, and pipelined ones whose draft for this round is
-        not in yet."""
+        not in yet (none is worth waiting for at budget 1)."""
         ready = {it.session.id for it in self._pending}
         missing = [sid for sid in self._active if sid not in ready]
         drafting = [it.session.id for it in self._pending
-                    if it.pipelined and (it.session.draft is None or it.session.draft[0] <= it.session.round)]
+                    if it.pipelined and self.budgets.level > 1
+                    and (it.session.draft is None or it.session.draft[0] <= it.session.round)]
         return missing, drafting
 
     def _incomplete(self) -> bool:
@@ -435,8 +283,8 @@ class Scheduler:
         if not missing and not drafting:
             return now
         ready = len(self._pending)
-        bounds = {sid: self._recent_step_ms * len(missing) / max(1, ready) for sid in missing}
-        bounds.update({sid: self._recent_step_ms / 2 for sid in drafting})
+        bounds = {sid: self.recent_step_ms * len(missing) / max(1, ready) for sid in missing}
+        bounds.update({sid: self.recent_step_ms / 2 for sid in drafting})
         wait = cfg.window_ms / 1e3
         for sid, bound_ms in bounds.items():
             bound = min(cfg.window_max_ms, bound_ms) / 1e3
@@ -472,13 +320,16 @@ class Scheduler:
                     self._pending.remove(it)
                     it.loop.call_soon_threadsafe(_fail, it.future, err)
             return
-        compute_ms = (time.perf_counter() - started) * 1e3
-        self.cost.observe(len(rows), n_tokens, compute_ms)
-        self._recent_step_ms = 0.8 * self._recent_step_ms + 0.2 * compute_ms
-        self._steps += 1
+        ended = time.perf_counter()
+        compute_ms = (ended - started) * 1e3
+        self.recent_step_ms = 0.8 * self.recent_step_ms + 0.2 * compute_ms
         prefill_tokens = sum(row.n for (it, row) in batch if it.prefill)
         queue = []
         with self._cv:
+            decoded = [len(res.tokens) for (it, _), res in zip(batch, results) if not it.prefill]
+            self.budgets.observe_step(len(decoded), sum(decoded), ended - self._last_step_end,
+                                      prefill=prefill_tokens > 0)
+            self._last_step_end = ended
             for (it, row), res in zip(batch, results):
                 if res is None:
                     continue  # a prefill with chunks to go stays pending
@@ -489,9 +340,8 @@ class Scheduler:
                     self.metrics.count("pipelined_steps")
                     self.metrics.count("pipelined_steps_with_tree", int(len(it.tree) > 1))
                 if not it.prefill:
-                    self.policy.observe(it.session.id, len(it.tree), res.accepted)
                     self.metrics.session_round(it.session.id, len(it.tree), res.accepted, len(res.tokens),
-                                               self.policy.current(it.session.id))
+                                               self.budgets.level)
                 info = StepInfo(queue_ms, compute_ms, len(rows), n_tokens)
                 if res.finish != pb.FINISH_NONE:
                     self._pipelined.discard(it.session.id)  # no next step to hold a batch for

@@ -242,8 +242,8 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
     def _busy(self, why: str) -> None:
         """Backpressure: RESOURCE_EXHAUSTED with a retry hint from the current load."""
         self.metrics.count("sessions_rejected")
-        # a rough wait: a few rounds of every active session at the current step cost
-        retry_s = max(1, math.ceil(len(self.sessions) * self.scheduler.cost.ms(1, 8) / 1e3))
+        # a rough wait: one step per active session at the recent step cost
+        retry_s = max(1, math.ceil(len(self.sessions) * self.scheduler.recent_step_ms / 1e3))
         raise BadRequest(grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"{why}; retry in about {retry_s} s (retry-after-s={retry_s})")
 

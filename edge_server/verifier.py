@@ -35,9 +35,8 @@ def pad_small_products(model: nn.Module) -> None:
     """CPU BLAS computes a 2- or 3-row product row by row (as GEMVs) and only switches to its
     GEMM kernel at 4 rows: measured here (1 thread), the LM head takes 10.6 ms for 1 row, 24 for
     2, 35 for 3 and 18 for 4. A step of 2-3 tokens (two decoding sessions, a 3-node tree) would
-    cost more than one of 4, which also breaks the scheduler's linear cost model. So 2-3 rows
-    are padded to 4 with zeros; each output row is still that row's own product (the same GEMM
-    kernel every wider step uses)."""
+    cost more than one of 4. So 2-3 rows are padded to 4 with zeros; each output row is still
+    that row's own product (the same GEMM kernel every wider step uses)."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             module.forward = types.MethodType(_padded_linear, module)

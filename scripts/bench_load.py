@@ -72,7 +72,10 @@ def summarize(run: MethodRun, metrics: dict) -> dict:
         "verify_ms_p95": win.get("verify_ms", {}).get("p95", 0.0),
         "queue_ms_p50": win.get("queue_ms", {}).get("p50", 0.0),
         "queue_ms_p95": win.get("queue_ms", {}).get("p95", 0.0),
-        "steps": win.get("steps", 0), "cost_model": metrics.get("cost_model"),
+        # verdict sent -> that device's next draft in (network + client drafting), lock-step only
+        "device_wait_ms_p50": win.get("device_wait_ms", {}).get("p50", 0.0),
+        "device_wait_ms_p95": win.get("device_wait_ms", {}).get("p95", 0.0),
+        "steps": win.get("steps", 0), "budget": metrics.get("budget"),
         # pipelined runs: the share of steps that verified a device draft (the rest decoded alone)
         "pipelined_tree_share": (metrics["counters"]["pipelined_steps_with_tree"]
                                  / max(1, metrics["counters"]["pipelined_steps"])),

@@ -1,0 +1,88 @@
+"""The load-aware budget controller against synthetic servers (rate = tokens / step seconds)."""
+import math
+
+import numpy as np
+import pytest
+
+from edge_server.budget import BudgetController
+
+
+def _run(ctl: BudgetController, steps: int, rows: int, tau, step_s, noise: float = 0.0, seed: int = 0) -> list[int]:
+    """Feeds `steps` steps whose tokens and seconds follow the controller's current level;
+    returns the level of every step."""
+    rng = np.random.default_rng(seed)
+    levels = []
+    for _ in range(steps):
+        b = ctl.level
+        levels.append(b)
+        jitter = 1.0 + noise * rng.standard_normal()
+        ctl.observe_step(rows, round(rows * tau(b)), step_s(rows, b) * jitter, prefill=False)
+    return levels
+
+
+def _cpu_like_tau(b: int) -> float:
+    return 1.0 + 0.6 * math.log2(b)
+
+
+def _cpu_like_step_s(rows: int, b: int) -> float:
+    """One token is cheap (matrix-vector), any wider step jumps, then ~3 ms a token."""
+    tokens = rows * b
+    return (0.056 if tokens == 1 else 0.080 + 0.003 * tokens) + 0.004 * (rows - 1)
+
+
+def _controller(n_sessions: int, max_nodes: int = 64) -> BudgetController:
+    ctl = BudgetController(max_nodes)
+    for i in range(n_sessions):
+        ctl.add(str(i), speculative=True)
+    return ctl
+
+
+def _share(levels: list[int], wanted) -> float:
+    return sum(lv in wanted for lv in levels) / len(levels)
+
+
+def test_a_lone_session_climbs_to_the_best_budget():
+    # tokens/s by budget: 1: 17.9, 2: 18.6, 4: 23.9, 8: 26.9, 16: 26.6, 32: 22.7, 64: 16.9
+    levels = _run(_controller(1), 600, 1, _cpu_like_tau, _cpu_like_step_s, noise=0.05)
+    assert _share(levels[-300:], {8, 16}) >= 0.8
+
+
+def test_speculation_is_switched_off_when_it_never_pays():
+    # 8 sessions whose drafts are rarely accepted: every wider tree loses
+    levels = _run(_controller(8), 3000, 8, lambda b: 1.0 + 0.05 * math.log2(b), _cpu_like_step_s, noise=0.05)
+    assert _share(levels[-1500:], {1}) >= 0.9  # the probes that check again cost under 10% of steps
+
+
+def test_under_load_a_small_tree_is_kept_when_it_pays():
+    # 8 sessions: budget 2 gains 12% (tokens/s at 1: 60.6, 2: 67.6, 4: 64.4, 8: 60.6, 16: 55.5)
+    tau = {1: 1.0, 2: 1.45, 4: 1.7, 8: 1.9, 16: 2.1, 32: 2.3, 64: 2.4}.get
+    step_s = lambda rows, b: 0.132 * (1.0 + 0.3 * math.log2(b))  # noqa: E731
+    levels = _run(_controller(8), 2000, 8, tau, step_s, noise=0.05)
+    assert _share(levels[-1000:], {2, 4}) >= 0.8
+
+
+def test_a_heavier_load_starts_from_smaller_trees():
+    ctl = _controller(1)
+    _run(ctl, 400, 1, _cpu_like_tau, _cpu_like_step_s)
+    lone = ctl.level
+    for i in range(1, 8):
+        ctl.add(str(i), speculative=True)
+    assert ctl.level == max(1, lone // 8)
+    for i in range(1, 8):
+        ctl.remove(str(i))
+    assert ctl.level == lone  # the lone load's table is kept
+
+
+def test_prefill_steps_are_not_measured_and_fixed_budgets_stay_fixed():
+    ctl = _controller(1)
+    for _ in range(200):  # prompt chunks at any budget: no evidence either way
+        ctl.observe_step(1, 0, 1.0, prefill=True)
+    assert all(not load.rates for load in ctl.loads.values())
+    fixed = BudgetController(16, adaptive=False)
+    fixed.add("a", speculative=True)
+    assert _run(fixed, 100, 1, _cpu_like_tau, _cpu_like_step_s) == [16] * 100
+
+
+@pytest.mark.parametrize("max_nodes, levels", [(64, [1, 2, 4, 8, 16, 32, 64]), (12, [1, 2, 4, 8, 12]), (1, [1])])
+def test_levels_are_powers_of_two_up_to_the_cap(max_nodes, levels):
+    assert BudgetController(max_nodes).levels == levels
