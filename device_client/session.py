@@ -123,6 +123,7 @@ def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokeniz
         max_new_tokens=request.max_new_tokens, stop_token_ids=request.stop_token_ids,
         tokenizer_fingerprint=tokenizer_fingerprint, ignore_eos=request.ignore_eos,
         mode=MODES[request.mode], want_hidden_state=drafter.needs_hidden_state and request.drafts,
+        tree_budget=request.tree_budget if request.drafts else 0,
     )
     t0 = time.perf_counter()
     up.send(pb.ClientMessage(start=start))

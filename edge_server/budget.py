@@ -10,7 +10,9 @@ at 4-8 clients. The objective itself, generated tokens per second of server time
 measure, so the controller climbs it directly:
 
 - The level is the tree budget (nodes, root included) that every speculative session is given
-  for its next round: 1, 2, 4, ... up to `max_nodes`. Level 1 means decoding alone.
+  for its next round: 1, 2, 4, ... up to `max_nodes`, or up to the largest cap its devices
+  declared (Start.tree_budget): levels no device fills would measure the same and stall the
+  climb. Level 1 means decoding alone.
 - Each load (the number of sessions, rounded up to a power of two) keeps its own table of
   tokens/s per level, so what was learned at 8 clients is reused when 8 clients return. A load
   seen for the first time starts from the level of the nearest smaller load it knows, divided
@@ -62,21 +64,24 @@ class BudgetController:
     def __init__(self, max_nodes: int, adaptive: bool = True) -> None:
         self.max_nodes = max(1, int(max_nodes))
         self.adaptive = adaptive
-        powers = {1 << i for i in range(self.max_nodes.bit_length())}
-        self.levels = sorted({p for p in powers if p <= self.max_nodes} | {self.max_nodes})
         self.speculative: dict[str, bool] = {}
+        self.caps: dict[str, int] = {}
         self.loads: dict[int, _Load] = {}
         self._epoch = _Epoch()
         self._settle = 0
 
     # ---- sessions ------------------------------------------------------------------------
-    def add(self, sid: str, speculative: bool) -> None:
+    def add(self, sid: str, speculative: bool, cap: int = 0) -> None:
+        """`cap`: the most nodes the session's device drafts (0: the server's max)."""
         key = self._key()
         self.speculative[sid] = speculative
+        if speculative:
+            self.caps[sid] = min(cap or self.max_nodes, self.max_nodes)
         self._restart_epoch(key)
 
     def remove(self, sid: str) -> None:
         key = self._key()
+        self.caps.pop(sid, None)
         if self.speculative.pop(sid, None) is not None:
             self._restart_epoch(key)
 
@@ -88,9 +93,18 @@ class BudgetController:
 
     # ---- budgets -------------------------------------------------------------------------
     @property
+    def cap(self) -> int:
+        return max(self.caps.values(), default=self.max_nodes)
+
+    @property
+    def levels(self) -> list[int]:
+        cap = self.cap
+        return sorted({1 << i for i in range(cap.bit_length())} | {cap})
+
+    @property
     def level(self) -> int:
         """The tree budget every speculative session gets for its next round."""
-        return self._load().level if self.adaptive else self.max_nodes
+        return self._load().level if self.adaptive else self.cap
 
     def _key(self) -> int:
         n = max(1, len(self.speculative))
@@ -103,6 +117,8 @@ class BudgetController:
             known = [k for k in self.loads if k < key]
             start = self.loads[max(known)].level * max(known) / key if known else self.max_nodes / key
             load = self.loads[key] = _Load(level=self._snap(start))
+        if load.level not in self.levels:  # devices with another cap than when it was learned
+            load.level, load.probing_from = self._snap(load.level), None
         return load
 
     def _snap(self, budget: float) -> int:

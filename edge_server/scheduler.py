@@ -118,7 +118,7 @@ class Scheduler:
         session.slot = self.pool.allocate(capacity)
         with self._cv:
             self._active.add(session.id)
-            self.budgets.add(session.id, session.speculative)
+            self.budgets.add(session.id, session.speculative, session.tree_cap)
         self.metrics.session_open(session.id, "speculative" if session.speculative else "server-ar")
 
     def queued_prefill_tokens(self) -> int:

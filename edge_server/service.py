@@ -227,6 +227,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             params=Sampling(sp.temperature, sp.top_p if sp.top_p > 0 else 1.0, sp.top_k, sp.seed),
             max_new_tokens=start.max_new_tokens, stop_ids=frozenset(stops),
             want_hidden=start.want_hidden_state, speculative=start.mode != pb.MODE_SERVER_AR,
+            tree_cap=min(start.tree_budget or self.limits.max_tree_nodes, self.limits.max_tree_nodes),
         )
         queued = self.scheduler.queued_prefill_tokens()
         if queued + len(ids) > self.scheduler.config.max_queued_prefill_tokens and queued:

@@ -49,6 +49,7 @@ class Session:
     slot: Slot | None = None
     prefilled: int = 0
     speculative: bool = True
+    tree_cap: int = 0  # the device's own most tree nodes per round (0 = none declared)
     accepted_tokens: int = 0  # accepted draft tokens over all rounds (bonus tokens not counted)
     tree_tokens: int = 0
     round_ends: list[int] = field(default_factory=list)  # len(generated) after each round (0 = prefill)

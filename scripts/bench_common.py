@@ -51,6 +51,7 @@ class MethodRun:
     clients: int
     wall_s: float
     per_client: list[list[GenerationRecord]]
+    starts: list[list[float]]  # perf_counter when each record's request was sent
 
     @property
     def records(self) -> list[GenerationRecord]:
@@ -79,7 +80,25 @@ class MethodRun:
             "bytes_down_per_token": sum(r.bytes_down for r in recs) / tokens,
             "server_ms_per_token": sum(r.server_compute_ms for r in recs) / tokens,
             "draft_ms_per_round": sum(r.draft_ms for r in recs) / rounds if rounds else 0.0,
+            "steady_tokens_per_s": self.steady_tokens_per_s(),
         }
+
+    def steady_tokens_per_s(self) -> float:
+        """Tokens/s while every client is generating: from the last client's first token to the
+        first client's last one. A fixed amount of work per client ends with a tail in which
+        the clients that drew lower acceptance run alone in small batches; a server under
+        steady load has no such tail. 0.0 when the clients never all generate at once."""
+        arrivals = []
+        for recs, starts in zip(self.per_client, self.starts):
+            times = [t0 + (rec.ttft_ms + np.concatenate([[0.0], np.cumsum(rec.itl_ms)])) / 1e3
+                     for rec, t0 in zip(recs, starts) if rec.token_ids]
+            arrivals.append(np.concatenate(times) if times else np.zeros(0))
+        if any(len(a) == 0 for a in arrivals):
+            return 0.0
+        begin, end = max(a[0] for a in arrivals), min(a[-1] for a in arrivals)
+        if end <= begin:
+            return 0.0
+        return sum(int(((a > begin) & (a <= end)).sum()) for a in arrivals) / (end - begin)
 
 
 def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tokens: int,
@@ -88,6 +107,7 @@ def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tok
     together once every client has connected and loaded its drafter; each runs its prompts in
     order."""
     per_client: list[list[GenerationRecord]] = [[] for _ in prompts]
+    starts: list[list[float]] = [[] for _ in prompts]
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(prompts) + 1)
 
@@ -105,6 +125,7 @@ def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tok
                             for p in prompts[index]]
                 barrier.wait(timeout=180)
                 for request in requests:
+                    starts[index].append(time.perf_counter())
                     per_client[index].append(
                         generate(stub, request, drafter, info.tokenizer_fingerprint, timeout=timeout))
         except BaseException as err:  # reported after the join, with the method named
@@ -123,7 +144,7 @@ def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tok
         t.join()
     if errors:
         raise RuntimeError(f"{method} with {len(prompts)} clients failed: {errors[0]!r}") from errors[0]
-    return MethodRun(method, len(prompts), time.perf_counter() - start, per_client)
+    return MethodRun(method, len(prompts), time.perf_counter() - start, per_client, starts)
 
 
 def split_cores(server_args: list[str], pin: bool = True) -> tuple[list[str], str]:

@@ -8,6 +8,11 @@ tokens/s, per-client inter-token latency p50/p95, and the server's per-step batc
 their tokens/s are reported as ratios to server-ar at the same N. Greedy outputs of all methods
 are checked to be identical (lossless).
 
+Two throughputs: tokens/s over the whole run (prefills and the tail included), and steady
+tokens/s while all N clients are generating (see bench_common.MethodRun.steady_tokens_per_s).
+Before each timed run an untimed round at the same N and method (--warmup-tokens) lets the
+server measure its tree budgets for that load, as a server that has been serving would have.
+
 Writes results/<date>/load/{results.json, table.md, tokens_per_s.png}.
 
     .venv/bin/python scripts/bench_load.py
@@ -34,7 +39,8 @@ from edge_server.launcher import ServerProcess  # noqa: E402
 from shared.protocol import pb, rpc  # noqa: E402
 
 COLUMNS = [("clients", "N", "d"), ("method", "method", ""), ("tokens_per_s", "tok/s", ".1f"),
-           ("vs_server_ar", "× server-ar", ".2f"), ("tau", "τ", ".2f"), ("itl_ms_p50", "ITL p50 ms", ".1f"),
+           ("vs_server_ar", "× server-ar", ".2f"), ("steady_tokens_per_s", "steady tok/s", ".1f"),
+           ("steady_vs_server_ar", "steady ×", ".2f"), ("tau", "τ", ".2f"), ("budget_level", "budget", ""), ("itl_ms_p50", "ITL p50 ms", ".1f"),
            ("itl_ms_p95", "ITL p95 ms", ".1f"), ("ttft_ms_p50", "TTFT p50 ms", ".0f"),
            ("batch_size_mean", "batch rows", ".1f"), ("batch_tokens_mean", "batch tok", ".1f"),
            ("verify_ms_p50", "step ms p50", ".1f"), ("queue_ms_p50", "queue ms p50", ".1f"),
@@ -48,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="server-ar, or a drafter (none, ngram, heads) with an optional /MODE (pipelined)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=1, help="generations per client at each N")
+    p.add_argument("--warmup-tokens", type=int, default=32,
+                   help="an untimed round of generations of this many tokens before each timed run, at "
+                        "the same N and method, so the server has measured its budgets for that load (0: none)")
     p.add_argument("--tree-budget", type=int, default=32, help="the devices' own budget cap")
     p.add_argument("--server", default=None, help="use a running server HOST:PORT instead of starting one")
     p.add_argument("--server-args", default="--threads 1",
@@ -76,6 +85,9 @@ def summarize(run: MethodRun, metrics: dict) -> dict:
         "device_wait_ms_p50": win.get("device_wait_ms", {}).get("p50", 0.0),
         "device_wait_ms_p95": win.get("device_wait_ms", {}).get("p95", 0.0),
         "steps": win.get("steps", 0), "budget": metrics.get("budget"),
+        # the level the server settled on for this load (loads are session counts rounded up to 2^k)
+        "budget_level": (metrics.get("budget") or {}).get("loads", {}).get(
+            str(1 << (run.clients - 1).bit_length()), {}).get("level"),
         # pipelined runs: the share of steps that verified a device draft (the rest decoded alone)
         "pipelined_tree_share": (metrics["counters"]["pipelined_steps_with_tree"]
                                  / max(1, metrics["counters"]["pipelined_steps"])),
@@ -139,6 +151,9 @@ def main(argv=None) -> None:
             run_clients(address, methods[0], client_prompts(1, 1), 8, args.tree_budget, ignore_eos=True)
             for n in args.clients:
                 for m in methods:
+                    if args.warmup_tokens:
+                        run_clients(address, m, client_prompts(n, 1), args.warmup_tokens, args.tree_budget,
+                                    ignore_eos=True)
                     stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30)
                     run = run_clients(address, m, client_prompts(n, args.requests), args.max_new_tokens,
                                       args.tree_budget, ignore_eos=True)
@@ -146,7 +161,8 @@ def main(argv=None) -> None:
                     runs.append(run)
                     row = summarize(run, metrics)
                     rows.append(row)
-                    print(f"N={n:2d} {m:9s} {row['tokens_per_s']:7.1f} tok/s  τ={row['tau']:.2f}  "
+                    print(f"N={n:2d} {m:9s} {row['tokens_per_s']:7.1f} tok/s (steady {row['steady_tokens_per_s']:.1f})  "
+                          f"τ={row['tau']:.2f}  budget {row['budget_level']}  "
                           f"ITL p50/p95 {row['itl_ms_p50']:.0f}/{row['itl_ms_p95']:.0f} ms  "
                           f"batch {row['batch_size_mean']:.1f} rows / {row['batch_tokens_mean']:.1f} tok  "
                           f"step p50 {row['verify_ms_p50']:.0f} ms", flush=True)
@@ -154,11 +170,15 @@ def main(argv=None) -> None:
         if server is not None:
             server.stop()
     base = {(r["clients"]): r["tokens_per_s"] for r in rows if r["method"] == "server-ar"}
+    steady = {(r["clients"]): r["steady_tokens_per_s"] for r in rows if r["method"] == "server-ar"}
     for r in rows:
         r["vs_server_ar"] = r["tokens_per_s"] / base[r["clients"]] if r["clients"] in base else float("nan")
+        r["steady_vs_server_ar"] = (r["steady_tokens_per_s"] / steady[r["clients"]]
+                                    if steady.get(r["clients"]) else float("nan"))
     problems = lossless_problems(runs)
     table = markdown_table(rows, COLUMNS)
     notes = [f"max_new_tokens={args.max_new_tokens} (ignore_eos), requests/client={args.requests}, "
+             f"untimed warm-up of {args.warmup_tokens} tokens per client before each run, "
              f"device tree budget cap={args.tree_budget}, server args: {' '.join(server_args) or '(defaults)'}",
              pinning,
              f"machine: {platform.processor() or platform.machine()}, shared CPU (noisy); same run, same server"]

@@ -86,3 +86,13 @@ def test_prefill_steps_are_not_measured_and_fixed_budgets_stay_fixed():
 @pytest.mark.parametrize("max_nodes, levels", [(64, [1, 2, 4, 8, 16, 32, 64]), (12, [1, 2, 4, 8, 12]), (1, [1])])
 def test_levels_are_powers_of_two_up_to_the_cap(max_nodes, levels):
     assert BudgetController(max_nodes).levels == levels
+
+
+def test_budgets_stay_within_what_the_devices_draft():
+    ctl = BudgetController(64)
+    ctl.add("a", speculative=True, cap=16)
+    assert ctl.levels == [1, 2, 4, 8, 16] and ctl.level == 16
+    levels = _run(ctl, 600, 1, _cpu_like_tau, _cpu_like_step_s, noise=0.05)
+    assert _share(levels[-300:], {8, 16}) >= 0.8
+    ctl.add("b", speculative=False)  # a server-ar session declares nothing and changes no cap
+    assert ctl.cap == 16
