@@ -23,8 +23,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server", default="127.0.0.1:50051", help="edge server HOST:PORT")
     p.add_argument("--drafter", choices=DRAFTERS, default="auto",
                    help="auto: heads when the server ships heads for its model, else ngram")
-    p.add_argument("--heads-tree", choices=["dynamic", "static"], default="dynamic",
-                   help="heads: per-round tree by cumulative log-prob, or the calibrated static tree")
+    p.add_argument("--heads-tree", choices=["auto", "unified", "dynamic", "static"], default="auto",
+                   help="heads: unified = one tree of head and prompt-lookup candidates by calibrated "
+                        "acceptance (needs heads.json tree_calibration); dynamic = by cumulative log-prob, "
+                        "lookups in a fixed share; static = the calibrated static tree; auto = unified when "
+                        "calibrated, else dynamic (with a warning)")
     p.add_argument("--heads-ngram", choices=["on", "off"], default="on",
                    help="heads: merge prompt-lookup candidates into the heads' tree")
     p.add_argument("--draft-threads", type=int, default=1, help="onnxruntime threads for the heads")
@@ -57,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_drafter(name: str, stub: rpc.EdgeSpecStub, info: pb.ServerInfo, heads_tree: str = "dynamic",
+def make_drafter(name: str, stub: rpc.EdgeSpecStub, info: pb.ServerInfo, heads_tree: str = "auto",
                  heads_ngram: bool = True, threads: int = 1) -> Drafter:
     """The drafter for `name`; heads come from the server's artifacts (cached by digest)."""
     has_heads = any(a.name == "heads.json" for a in info.artifacts)
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
 
         request = Request(prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                           args.seed, min(args.tree_budget, info.max_tree_nodes),
-                          mode=args.mode, ignore_eos=args.ignore_eos)
+                          mode=args.mode, ignore_eos=args.ignore_eos, max_context=info.max_context)
         record = generate(stub, request, drafter, info.tokenizer_fingerprint, on_tokens=show,
                           timeout=args.timeout)
         record.text = tokenizer.decode(record.token_ids)

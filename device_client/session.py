@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 
 from device_client.drafters.base import Drafter
+from device_client.tree_builders import within_depth
 from shared.metrics import GRPC_PREFIX_BYTES, GenerationRecord
 from shared.protocol import pb, rpc
 
@@ -40,6 +41,7 @@ class Request:
     mode: str = "speculative"  # a key of MODES
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    max_context: int = 0  # the server's (ServerInfo.max_context): drafts are cut to fit; 0 = unknown
 
     @property
     def drafts(self) -> bool:
@@ -167,7 +169,10 @@ def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokeniz
                 d0 = time.perf_counter()
                 hidden = (np.frombuffer(verdict.hidden_state, dtype=np.float16).astype(np.float32)
                           if verdict.hidden_state else None)
-                tree = drafter.propose(rec.prompt_token_ids + rec.token_ids, hidden, budget)
+                context = rec.prompt_token_ids + rec.token_ids
+                tree = drafter.propose(context, hidden, budget)
+                if request.max_context:  # the deepest node must sit inside the server's context
+                    tree = within_depth(tree, request.max_context - len(context))
                 tokens, parents = tree.to_wire()
                 rec.draft_ms += (time.perf_counter() - d0) * 1e3
                 rec.tree_sizes.append(len(tree))

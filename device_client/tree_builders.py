@@ -12,15 +12,28 @@ bonus token; head k's candidates sit at depth k+1.
   maximises the expected accepted length for the node budget (every parent comes first).
 - Dynamic trees (SpecExec / EAGLE-2 style): the same best-first construction per round, scored
   by the heads' own cumulative log-probability.
+- Unified trees: one best-first tree over head candidates and prompt-lookup continuations
+  together. Every candidate child gets P(accepted | its parent was accepted) from a small
+  calibrated model (`AcceptanceModel`, fitted on held-out sequences by
+  scripts/calibrate_tree.py and stored in heads.json `tree_calibration`), so a head token, an
+  ngram token and a token both propose compete on one scale instead of through a fixed budget
+  share, and a long verbatim match can run deeper than the heads reach.
 """
 from __future__ import annotations
 
 import heapq
-from typing import Sequence
+import itertools
+import math
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from shared.tree import TokenTree, merge_paths
+
+if TYPE_CHECKING:
+    from device_client.drafters.ngram import NgramIndex
 
 Topology = list[tuple[int, ...]]  # rank paths, parents before children
 
@@ -108,6 +121,23 @@ def node_paths(tree: TokenTree) -> list[list[int]]:
     return paths[1:]
 
 
+def within_depth(tree: TokenTree, max_depth: int) -> TokenTree:
+    """The tree without its nodes deeper than `max_depth` (kept in order, so parents stay first).
+
+    The server refuses a tree whose deepest node would sit past its context; near the end of
+    the context the device cuts its draft instead of losing the round."""
+    if tree.max_depth <= max_depth:
+        return tree
+    index: dict[int, int] = {}
+    tokens, parents = [], []
+    for i, (tok, par, d) in enumerate(zip(tree.tokens, tree.parents, tree.depths)):
+        if d <= max(max_depth, 0):
+            index[i] = len(tokens)
+            tokens.append(tok)
+            parents.append(index[par] if par >= 0 else -1)
+    return TokenTree(tuple(tokens), tuple(parents))
+
+
 def merge_trees(root: int, first: Sequence[Sequence[int]], tree: TokenTree, budget: int) -> TokenTree:
     """Merge token paths (e.g. ngram continuations) ahead of a head tree, within `budget`."""
     return merge_paths(root, [list(p) for p in first] + node_paths(tree), budget)
@@ -124,3 +154,178 @@ def measure_acceptance(ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
         if ok.any():
             acc[d] = (ids[ok, d, :] == labels[ok, d, None]).mean(0)
     return acc
+
+
+TREE_CALIBRATION_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TreeFeatures:
+    """How a candidate child is described to the acceptance model: three categorical features.
+
+    - head: (depth, log-prob bin) when the head for that depth proposed the token; else "not
+      proposed by the head at this depth", or "below the deepest head";
+    - ngram: (longest match length n, capped at n_buckets; kind, see NgramIndex.candidates),
+      or "not an ngram continuation";
+    - copy: the session's recent copy rate (NgramIndex.copy_rate) in buckets, for ngram tokens
+      only: a copying answer makes every lookup more trustworthy.
+    Calibration and the device must encode alike, so both call `encode`.
+    """
+
+    num_heads: int = 4
+    lp_edges: tuple[float, ...] = (-0.1, -0.25, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+    n_buckets: int = 8
+    copy_buckets: int = 8
+    max_n: int = 8
+    max_occurrences: int = 16
+    copy_window: int = 16
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """Table sizes (head, ngram, copy)."""
+        k = self.num_heads
+        return k * (len(self.lp_edges) + 1) + k + 1, self.n_buckets * 4 + 1, self.copy_buckets + 2
+
+    def lp_bin(self, lp: float) -> int:
+        """Bin of a log-prob: how many edges (descending) lie above it: 0 for lp >= the first edge."""
+        return len(self.lp_edges) - bisect_right(self.lp_edges[::-1], float(lp))
+
+    def encode(self, depth: int, ids: np.ndarray, lps: np.ndarray, ngram: dict[int, tuple[int, int]],
+               copy_rate: float) -> dict[int, tuple[int, int, int]]:
+        """Features of every candidate child of a node at `depth` (root 0): token -> (head,
+        ngram, copy) indices. `ids`/`lps` [K, k] are the round's head candidates; `ngram` comes
+        from NgramIndex.candidates for the node's context."""
+        k, nb = self.num_heads, len(self.lp_edges) + 1
+        h_size, n_size, _ = self.sizes
+        out: dict[int, tuple[int, int, int]] = {}
+        if depth < min(k, len(ids)):
+            for t, lp in zip(ids[depth].tolist(), lps[depth].tolist()):
+                out[t] = (depth * nb + self.lp_bin(lp), n_size - 1, 0)
+            absent = k * nb + depth
+        else:
+            absent = h_size - 1
+        cb = 1 + min(int(copy_rate * self.copy_buckets), self.copy_buckets)
+        for t, (n, kind) in ngram.items():
+            f = (min(n, self.n_buckets) - 1) * 4 + kind
+            out[t] = (out[t][0] if t in out else absent, f, cb)
+        return out
+
+    def to_json(self) -> dict:
+        return {"num_heads": self.num_heads, "lp_edges": list(self.lp_edges), "n_buckets": self.n_buckets,
+                "copy_buckets": self.copy_buckets, "max_n": self.max_n,
+                "max_occurrences": self.max_occurrences, "copy_window": self.copy_window}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TreeFeatures":
+        return cls(int(d["num_heads"]), tuple(float(x) for x in d["lp_edges"]), int(d["n_buckets"]),
+                   int(d["copy_buckets"]), int(d["max_n"]), int(d["max_occurrences"]), int(d["copy_window"]))
+
+
+@dataclass(frozen=True)
+class AcceptanceModel:
+    """P(child accepted | parent accepted) = sigmoid(bias + head[f_h] + ngram[f_n] + copy[f_c]).
+
+    Additive in the logit so that a token proposed by both a head and a lookup is more likely
+    than by either alone, with few enough numbers to calibrate on a few thousand positions.
+    Weights are plain lists: the builder indexes them ~10 times per node.
+    """
+
+    features: TreeFeatures
+    head: tuple[float, ...]
+    ngram: tuple[float, ...]
+    copy: tuple[float, ...]
+    bias: float
+
+    def __post_init__(self) -> None:
+        got = (len(self.head), len(self.ngram), len(self.copy))
+        if got != self.features.sizes:
+            raise ValueError(f"tree calibration tables have sizes {got}, its features need {self.features.sizes}")
+
+    def children(self, depth: int, ids: np.ndarray, lps: np.ndarray, ngram: dict[int, tuple[int, int]],
+                 copy_rate: float) -> list[tuple[float, int]]:
+        """(P(accept | parent accepted), token) for every candidate child, best first: the
+        definition, through `encode` as calibration sees it (`scorer` is the fast equivalent)."""
+        h, n, c, b = self.head, self.ngram, self.copy, self.bias
+        feats = self.features.encode(depth, ids, lps, ngram, copy_rate)
+        return sorted(((_sigmoid(b + h[fh] + n[fn] + c[fc]), t) for t, (fh, fn, fc) in feats.items()), reverse=True)
+
+    def scorer(self, ids: np.ndarray, lps: np.ndarray, copy_rate: float) -> Callable[[int, dict], list]:
+        """`children` for one round as children(depth, ngram): the heads' part of each depth's
+        logits is computed once per round rather than once per node, and a node without
+        lookup candidates reuses its depth's sorted list (the builder calls this ~budget times)."""
+        f, nb = self.features, len(self.features.lp_edges) + 1
+        k, (hs, ns, _) = min(f.num_heads, len(ids)), f.sizes
+        cb = 1 + min(int(copy_rate * f.copy_buckets), f.copy_buckets)
+        no_ng, ng_w = self.ngram[ns - 1] + self.copy[0], [w + self.copy[cb] for w in self.ngram]
+        heads = [{t: self.bias + self.head[d * nb + f.lp_bin(lp)] for t, lp in zip(ids[d].tolist(), lps[d].tolist())}
+                 for d in range(k)]
+        plain = [sorted(((_sigmoid(z + no_ng), t) for t, z in h.items()), reverse=True) for h in heads]
+
+        def children(depth: int, ngram: dict[int, tuple[int, int]]) -> list[tuple[float, int]]:
+            if not ngram:
+                return plain[depth] if depth < k else []
+            base = heads[depth] if depth < k else {}
+            absent = self.bias + self.head[f.num_heads * nb + depth if depth < k else hs - 1]
+            z = {t: v + no_ng for t, v in base.items()}
+            for t, (n, kind) in ngram.items():
+                z[t] = base.get(t, absent) + ng_w[(min(n, f.n_buckets) - 1) * 4 + kind]
+            return sorted(((_sigmoid(v), t) for t, v in z.items()), reverse=True)
+
+        return children
+
+    def to_json(self) -> dict:
+        r = lambda v: [round(float(x), 4) for x in v]  # noqa: E731
+        return {"format": TREE_CALIBRATION_FORMAT, "features": self.features.to_json(),
+                "weights": {"bias": round(float(self.bias), 4), "head": r(self.head), "ngram": r(self.ngram),
+                            "copy": r(self.copy)}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "AcceptanceModel":
+        if int(d.get("format", 0)) != TREE_CALIBRATION_FORMAT:
+            raise ValueError(f"tree calibration format {d.get('format')} is not {TREE_CALIBRATION_FORMAT}; "
+                             "rerun scripts/calibrate_tree.py")
+        w = d["weights"]
+        return cls(TreeFeatures.from_json(d["features"]), tuple(w["head"]), tuple(w["ngram"]), tuple(w["copy"]),
+                   float(w["bias"]))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def unified_tree(context: Sequence[int], ids: np.ndarray, lps: np.ndarray, budget: int,
+                 model: AcceptanceModel, index: "NgramIndex | None" = None) -> TokenTree:
+    """The `budget - 1` nodes with the highest P(path accepted) = product of the calibrated
+    per-child probabilities along the path, over head candidates and (with `index`) prompt
+    lookups below every node. The root is `context[-1]`.
+
+    Products only shrink down a path, so popping the best frontier child from a heap adds parents
+    before children and yields the budget's best node set. Each node's children are scored
+    once, when the node is added; only its best not-yet-added child sits on the heap.
+    """
+    root = int(context[-1])
+    if index is not None:
+        index.sync(context)
+    children = model.scorer(ids, lps, index.copy_rate() if index is not None else 0.0)
+    tail = [int(t) for t in context[-model.features.max_n:]]  # lookups need only the last max_n tokens
+    tokens, parents, scores, paths = [root], [-1], [1.0], [[]]
+    heap: list = []  # (-P(path), tiebreak, parent, parent's children best first, which child)
+    tick = itertools.count()
+
+    def expand(i: int) -> None:
+        ng = index.candidates((tail + paths[i])[-model.features.max_n:]) if index is not None else {}
+        kids = children(len(paths[i]), ng)
+        if kids:
+            heapq.heappush(heap, (-scores[i] * kids[0][0], next(tick), i, kids, 0))
+
+    expand(0)
+    while heap and len(tokens) < budget:
+        neg, _, p, kids, j = heapq.heappop(heap)
+        tokens.append(kids[j][1])
+        parents.append(p)
+        scores.append(-neg)
+        paths.append(paths[p] + [kids[j][1]])
+        if j + 1 < len(kids):  # the parent's next-best child takes this one's place
+            heapq.heappush(heap, (-scores[p] * kids[j + 1][0], next(tick), p, kids, j + 1))
+        expand(len(tokens) - 1)
+    return TokenTree(tuple(tokens), tuple(parents))

@@ -9,10 +9,14 @@ is the root; the target accepts the longest tree path equal to the greedy contin
 server's rule at temperature 0: a child is accepted when it equals the argmax at its parent),
 plus the bonus token. tau = tokens gained per round.
 
-    python scripts/bench_heads.py [--runs /tmp/edgespec-train/runs] [--budgets 8,16,32,64]
+    python scripts/bench_heads.py [--runs /tmp/edgespec-train/runs] [--budgets 8,16,32,64] [--heldout]
 
 Prints and saves results/heads/bench.json and results/heads/bench.md (a copy of the table goes
-to results/summary/heads.md).
+to results/summary/heads.md, keeping any hand-written "## " sections already at its end).
+
+heads-unified* (tree_builders.unified_tree) score candidates with the calibration in heads.json
+`tree_calibration`, fitted by scripts/calibrate_tree.py on the held-out split, not on the eval
+set reported here; `--heldout` adds the same table on that held-out split (in-sample for them).
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from device_client.drafters.heads import HeadsDrafter  # noqa: E402
 from device_client.drafters.ngram import NgramDrafter  # noqa: E402
 
+Sequences = tuple[list[np.ndarray], list[np.ndarray], np.ndarray]  # token seqs, hidden states, starts
+
 SHIPPED = ROOT / "edge_server" / "heads" / "smollm2-135m-instruct"
 
 
@@ -46,21 +52,25 @@ def write_variant(vdir: Path, onnx_path: Path, meta: dict) -> Path:
     return vdir
 
 
-def load_eval(path: Path):
-    d = np.load(path)
-    seqs, hids, starts = [], [], d["starts"]
-    off = 0
-    for n in d["lens"]:
-        seqs.append(d["tokens"][off:off + n])
-        hids.append(d["hidden"][off:off + n])
-        off += n
-    return seqs, hids, starts
+_LOADED: dict[str, Sequences] = {}
 
 
-def simulate(drafter, eval_path: Path, budget: int, max_prompts: int | None = None, timer: list | None = None) -> dict:
-    """Offline greedy rounds over the eval set (see the module docstring); `timer` collects
-    the seconds each propose() took."""
-    seqs, hids, starts = load_eval(eval_path)
+def load_eval(path: Path) -> Sequences:
+    """Per prompt: token sequence, hidden states, prompt length (read once per path: NpzFile
+    re-reads an array on every access)."""
+    if str(path) not in _LOADED:
+        d = np.load(path)
+        tokens, hidden, offs = d["tokens"], d["hidden"], np.concatenate([[0], np.cumsum(d["lens"])])
+        _LOADED[str(path)] = ([tokens[a:b] for a, b in zip(offs, offs[1:])],
+                              [hidden[a:b] for a, b in zip(offs, offs[1:])], d["starts"])
+    return _LOADED[str(path)]
+
+
+def simulate(drafter, eval_path: Path | Sequences, budget: int, max_prompts: int | None = None,
+             timer: list | None = None) -> dict:
+    """Offline greedy rounds over the eval set, or over sequences already loaded (see the module
+    docstring); `timer` collects the seconds each propose() took."""
+    seqs, hids, starts = eval_path if isinstance(eval_path, tuple) else load_eval(eval_path)
     rounds = gained = 0
     per_prompt = []
     for seq, H, s in list(zip(seqs, hids, starts))[:max_prompts]:
@@ -86,8 +96,8 @@ def simulate(drafter, eval_path: Path, budget: int, max_prompts: int | None = No
             "tau_min_prompt": float(np.min(per_prompt)), "tau_median_prompt": float(np.median(per_prompt))}
 
 
-def simulate_tau(eval_path: Path, variant_dir: Path | None, mode: str | None, budget: int, ngram: bool = False,
-                 threads: int = 2, max_prompts: int | None = None) -> dict:
+def simulate_tau(eval_path: Path | Sequences, variant_dir: Path | None, mode: str | None, budget: int,
+                 ngram: bool = False, threads: int = 1, max_prompts: int | None = None) -> dict:
     """simulate() with the heads drafter on the artifact folder `variant_dir` (None: ngram alone)."""
     drafter = NgramDrafter() if variant_dir is None else HeadsDrafter(variant_dir, mode, ngram, threads)
     return simulate(drafter, eval_path, budget, max_prompts)
@@ -137,7 +147,9 @@ DRAFTERS = {  # name -> (heads mode or None for the ngram drafter alone, merge n
     "heads-static": ("static", False),
     "heads-static+ngram": ("static", True),
     "heads-dynamic": ("dynamic", False),
-    "heads-dynamic+ngram": ("dynamic", True),
+    "heads-dynamic+ngram": ("dynamic", True),  # ngram paths first, a fixed share of the budget
+    "heads-unified": ("unified", False),  # calibrated best-first (tree_calibration in heads.json)
+    "heads-unified+ngram": ("unified", True),
 }
 
 
@@ -161,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--head-ms-json", default=None, help="reuse head-only timings saved by an earlier run")
     ap.add_argument("--timing-ranks", default="", help="ranks for head-only timing (default: shipped rank and full)")
+    ap.add_argument("--heldout", action="store_true",
+                    help="also the drafter table on the held-out split (the unified tree's calibration data)")
     args = ap.parse_args(argv)
 
     ev = Path(args.data_dir) / "eval.npz"
@@ -171,13 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"budget": B, "budgets": budgets, "eval_set": str(ev), "artifact": str(art), "rank": meta["rank"],
                  "root_conditioned": meta.get("root_conditioned", False),
                  "heldout_accuracy": meta.get("heldout_accuracy"), "quantization": meta.get("quantization", {}).get("scheme")}
-    tau: dict = {}
-    for name, (mode, ng) in DRAFTERS.items():
-        tau[name] = {}
-        for b in budgets:
-            tau[name][str(b)] = v = simulate_tau(ev, art if mode else None, mode, b, ng, max_prompts=P)
-            print(f"tau {name:22s} @{b:<3d} {v['tau']:.3f}  (min prompt {v['tau_min_prompt']:.2f})")
-    res["tau"] = tau
+    drafters = {n: v for n, v in DRAFTERS.items() if v[0] != "unified" or "tree_calibration" in meta}
+    res["tau"] = drafter_table(ev, art, drafters, budgets, P)
+    if args.heldout:
+        res["tau_heldout"] = drafter_table(heldout_data(Path(args.data_dir)), art, drafters, budgets, P)
 
     # runs (rank, root conditioning) and precisions: int8 artifact vs the run's heads.fp32.onnx
     runs = {}
@@ -204,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         # device draft ms per round (heads forward + tree), 1 and 2 threads
         draft = {}
         for th in (1, 2):
-            for mode, ng in (("static", False), ("dynamic", False), ("dynamic", True)):
+            for mode, ng in (("static", False), ("dynamic", False), ("dynamic", True), ("unified", True)):
+                if mode == "unified" and "tree_calibration" not in meta:
+                    continue
                 ts: list = []
                 simulate(HeadsDrafter(art, mode, ng, th), ev, B, min(P or 8, 8), timer=ts)
                 draft[f"{mode}{'+ngram' if ng else ''}/{th}t"] = round(1e3 * float(np.median(ts)), 3)
@@ -230,9 +243,43 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench.md").write_text(md)
     summ = ROOT / "results" / "summary"
     summ.mkdir(parents=True, exist_ok=True)
-    (summ / "heads.md").write_text(md)
+    notes = (summ / "heads.md").read_text() if (summ / "heads.md").exists() else ""
+    notes = notes[notes.index("\n## ") + 1:] if "\n## " in notes else ""  # hand-written sections stay
+    (summ / "heads.md").write_text(md + ("\n" + notes if notes else ""))
     print(md)
     return 0
+
+
+def drafter_table(data: Path | Sequences, art: Path, drafters: dict, budgets: list[int], P: int | None) -> dict:
+    """tau of each drafter at each budget on one data set."""
+    tau: dict = {}
+    for name, (mode, ng) in drafters.items():
+        tau[name] = {}
+        for b in budgets:
+            tau[name][str(b)] = v = simulate_tau(data, art if mode else None, mode, b, ng, max_prompts=P)
+            print(f"tau {name:22s} @{b:<3d} {v['tau']:.3f}  (min prompt {v['tau_min_prompt']:.2f})")
+    return tau
+
+
+def heldout_data(data_dir: Path) -> Sequences:
+    """The held-out split as whole sequences (calibrate_tree.py rebuilds the prompts)."""
+    from transformers import AutoTokenizer
+
+    from calibrate_tree import heldout_sequences
+    from edge_server.model_store import resolve_model_path
+
+    return heldout_sequences(data_dir, AutoTokenizer.from_pretrained(resolve_model_path("default")))
+
+
+def tau_table(tau: dict, budgets: list[int]) -> list[str]:
+    """Markdown rows: tau per drafter and budget, the worst prompt and rounds at the largest."""
+    B = budgets[-1]
+    L = ["| drafter | " + " | ".join(f"@{b}" for b in budgets) + f" | min tau per prompt @{B} | rounds @{B} |",
+         "|---|" + "---|" * (len(budgets) + 2)]
+    for name, per in tau.items():
+        L.append(f"| {name} | " + " | ".join(f"{per[str(b)]['tau']:.3f}" for b in budgets)
+                 + f" | {per[str(B)]['tau_min_prompt']:.2f} | {per[str(B)]['rounds']} |")
+    return L
 
 
 def to_markdown(res: dict) -> str:
@@ -249,12 +296,17 @@ def to_markdown(res: dict) -> str:
     cond = "root-conditioned" if res.get("root_conditioned") else "plain"
     budgets = res["budgets"]
     L += [f"Shipped artifact: rank {res['rank']}, {cond}, quantization {res['quantization']}. "
-          "tau (tokens per round, bonus included) by tree budget (nodes, root included):", "",
-          "| drafter | " + " | ".join(f"@{b}" for b in budgets) + f" | min tau per prompt @{B} | rounds @{B} |",
-          "|---|" + "---|" * (len(budgets) + 2)]
-    for name, per in res["tau"].items():
-        L.append(f"| {name} | " + " | ".join(f"{per[str(b)]['tau']:.3f}" for b in budgets)
-                 + f" | {per[str(B)]['tau_min_prompt']:.2f} | {per[str(B)]['rounds']} |")
+          "tau (tokens per round, bonus included) by tree budget (nodes, root included):", ""]
+    L += tau_table(res["tau"], budgets)
+    if any(n.startswith("heads-unified") for n in res["tau"]):
+        L += ["", "heads-dynamic+ngram: ngram paths (max 4-gram, min 2, depth 8) take a fixed quarter of the "
+              "budget, heads by cumulative log-prob fill the rest. heads-unified(+ngram): one best-first tree "
+              "by calibrated P(accept) over head candidates and lookups below every node (heads.json "
+              "`tree_calibration`, fitted on the held-out split by scripts/calibrate_tree.py, not on this set)."]
+    if res.get("tau_heldout"):
+        L += ["", "The same drafters on the held-out split (96 prompts; the calibration data of "
+              "heads-unified*, so in-sample for them):", ""]
+        L += tau_table(res["tau_heldout"], budgets)
     if res.get("runs"):
         L += ["", f"Runs (same data), int8 artifact vs the run's fp32 graph, budget {B}:", "",
               "| run | rank | root | scheme | int8 MB | top-1 (h0..h3) | top-5 (h0..h3) | static int8 / fp32 "

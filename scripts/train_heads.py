@@ -16,7 +16,9 @@ Steps (each resumable; rerunning skips what is done):
  5. calibration of per-(depth, rank) acceptance on the held-out split with the int8 graph and
     the static tree topology for --tree-budget nodes;
  6. artifacts: heads.int8.onnx + heads.json in --artifact-dir (default:
-    edge_server/heads/<model>/ for the default model).
+    edge_server/heads/<model>/ for the default model);
+ 7. the unified tree builder's acceptance calibration on the held-out split
+    (scripts/calibrate_tree.py, heads.json `tree_calibration`).
 """
 from __future__ import annotations
 
@@ -328,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copy(run / "heads.int8.onnx", out_dir / "heads.int8.onnx")
     (out_dir / "heads.json").write_text(json.dumps(meta, indent=1) + "\n")
     shutil.copy(fp32, run / "artifact-fp32.onnx")
+    # 7. the unified tree's acceptance calibration (heads.json tree_calibration), on the held-out split
+    import calibrate_tree
+
+    calibrate_tree.main(["--artifact-dir", str(out_dir), "--data-dir", str(data_dir), "--model", args.model])
     print(f"wrote {out_dir}: heads.int8.onnx ({(out_dir / 'heads.int8.onnx').stat().st_size/1e6:.2f} MB), heads.json")
     return 0
 

@@ -150,3 +150,32 @@ def test_drafter_rejects_wrong_hidden_size(tmp_path):
     d = HeadsDrafter(tmp_path, "dynamic", False, 1)
     with pytest.raises(ValueError, match="hidden state"):
         d.propose([1, 2], np.zeros(D + 1, np.float32), 8)
+
+
+def test_unified_mode_needs_the_calibration_and_auto_falls_back_loudly(tmp_path):
+    """mode="auto" drafts unified trees when heads.json has tree_calibration; an older artifact
+    without it still drafts (dynamic, fixed ngram share) but warns and says so in `fallback`."""
+    from device_client.drafters.heads import HeadsDrafter
+    from device_client.tree_builders import AcceptanceModel, TreeFeatures
+
+    _write_artifact(tmp_path, export_onnx(_heads(8), TOPK, tmp_path / "h.onnx"), 8)
+    with pytest.warns(UserWarning, match="tree_calibration"):
+        d = HeadsDrafter(tmp_path, "auto", True, 1)
+    assert d.mode == "dynamic" and "tree_calibration" in d.fallback and d.name == "heads-dynamic+ngram"
+    with pytest.raises(ValueError, match="tree_calibration"):
+        HeadsDrafter(tmp_path, "unified", True, 1)
+
+    f = TreeFeatures(num_heads=K)
+    zero = AcceptanceModel(f, *(tuple([0.0] * n) for n in f.sizes), -1.0)
+    meta = json.loads((tmp_path / "heads.json").read_text())
+    (tmp_path / "heads.json").write_text(json.dumps({**meta, "tree_calibration": zero.to_json()}))
+    h = np.random.default_rng(0).standard_normal(D).astype(np.float32)
+    ctx = [5, 6, 7, 5, 6, 7, 5, 6]
+    for ng in (False, True):
+        d = HeadsDrafter(tmp_path, "auto", ng, 1)
+        assert d.mode == "unified" and d.fallback is None
+        for budget in (1, 2, 8, 16):
+            t = d.propose(ctx, h, budget)
+            assert len(t) == budget and t.tokens[0] == 6
+            t.check_unique_siblings()
+    assert 7 in [t.tokens[c] for c in t.children()[0]]  # the lookup's continuation is a branch

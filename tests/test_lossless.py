@@ -36,6 +36,7 @@ DRAFTERS = {
     "ngram": lambda stub, info: NgramDrafter(),
     "heads-dynamic+ngram": lambda stub, info: make_drafter("heads", stub, info, "dynamic", True),
     "heads-static": lambda stub, info: make_drafter("heads", stub, info, "static", False),
+    "heads-unified+ngram": lambda stub, info: make_drafter("heads", stub, info, "unified", True),
 }
 
 
@@ -50,7 +51,7 @@ def test_greedy_equals_target_generate(client, references, name):
         assert sum(rec.accepted_per_round) + 1 == len(rec.token_ids)
 
 
-@pytest.mark.parametrize("name", ["ngram", "heads-dynamic+ngram"])
+@pytest.mark.parametrize("name", ["ngram", "heads-dynamic+ngram", "heads-unified+ngram"])
 def test_pipelined_greedy_equals_target_generate(client, references, name):
     """The server decodes without waiting for drafts and verifies each one re-rooted."""
     stub, info, _ = client

@@ -6,7 +6,10 @@ import itertools
 import numpy as np
 import pytest
 
+from device_client.drafters.ngram import NgramIndex
 from device_client.tree_builders import (
+    AcceptanceModel,
+    TreeFeatures,
     dynamic_tree,
     expected_accepted,
     measure_acceptance,
@@ -14,6 +17,8 @@ from device_client.tree_builders import (
     node_paths,
     static_topology,
     tree_from_topology,
+    unified_tree,
+    within_depth,
 )
 from shared.tree import TokenTree
 
@@ -120,3 +125,107 @@ def test_measure_acceptance():
     labels = np.array([[1, 4], [1, -1]])
     acc = measure_acceptance(ids, labels)
     assert acc.tolist() == [[0.5, 0.5], [0.0, 1.0]]
+
+
+def _model(K=3, head_slope=1.0, ngram_logit=3.0, bias=0.0):
+    """A hand-made acceptance model: logit falls with the head's log-prob bin, an ngram
+    continuation adds `ngram_logit` (any n, any kind); no copy effect."""
+    f = TreeFeatures(num_heads=K)
+    nb = len(f.lp_edges) + 1
+    head = [head_slope * (2.0 - b) for _ in range(K) for b in range(nb)] + [-1.0] * (K + 1)
+    ngram = [ngram_logit] * (f.sizes[1] - 1) + [0.0]
+    return AcceptanceModel(f, tuple(head), tuple(ngram), (0.0,) * f.sizes[2], bias)
+
+
+def _heads(K=3, k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.permutation(np.arange(100, 200))[:k] for _ in range(K)])
+    lps = np.sort(np.log(rng.dirichlet(np.ones(20), size=K)[:, :k]), axis=1)[:, ::-1]
+    return ids, lps
+
+
+def _path_probs(tree, model, context, ids, lps, index):
+    """P(path) of each node and of every candidate child left out, recomputed from scratch."""
+    paths = [[]] + node_paths(tree)
+    probs = [1.0]
+    for i in range(1, len(tree)):
+        p = tree.parents[i]
+        kids = dict((t, q) for q, t in model.children(len(paths[p]), ids, lps, _ng(index, context, paths[p]),
+                                                     index.copy_rate() if index else 0.0))
+        probs.append(probs[p] * kids[tree.tokens[i]])
+    left_out = []
+    for i in range(len(tree)):
+        used = {tree.tokens[c] for c in tree.children()[i]}
+        for q, t in model.children(len(paths[i]), ids, lps, _ng(index, context, paths[i]),
+                                   index.copy_rate() if index else 0.0):
+            if t not in used:
+                left_out.append(probs[i] * q)
+    return probs, left_out
+
+
+def _ng(index, context, path):
+    return index.candidates((list(context) + path)[-index.max_n:]) if index else {}
+
+
+@pytest.mark.parametrize("budget", [1, 2, 8, 33])
+def test_unified_tree_is_the_budgets_best_node_set(budget):
+    ids, lps = _heads()
+    context = [7, 100, 3, 8, 7, 101, 3, 8, 7]
+    model = _model()
+    index = NgramIndex(model.features.max_n)
+    tree = unified_tree(context, ids, lps, budget, model, index)
+    assert len(tree) == budget and tree.tokens[0] == 7
+    tree.check_unique_siblings()  # TokenTree itself checks parents come first
+    probs, left_out = _path_probs(tree, model, context, ids, lps, index)
+    # best-first: no left-out child would beat a node in the tree, and P(path) never grows downwards
+    assert max(left_out) <= min(probs[1:], default=1.0) + 1e-12
+    assert all(probs[i] <= probs[tree.parents[i]] for i in range(1, len(tree)))
+
+
+def test_unified_tree_follows_a_long_lookup_past_the_heads():
+    ids, lps = _heads(K=3)
+    quote = list(range(500, 520))
+    context = [1, 2] + quote + [3, 4] + quote[:5]  # the answer is quoting: copy the rest
+    tree = unified_tree(context, ids, lps, 24, _model(), NgramIndex(8))
+    paths = {tuple(p) for p in node_paths(tree)}
+    assert tuple(quote[5:15]) in paths  # ten tokens deep, far below the three heads
+
+
+def test_unified_tree_trusts_a_token_both_sources_propose():
+    ids = np.array([[10, 11, 12], [20, 21, 22]])
+    lps = np.log(np.array([[0.5, 0.2, 0.1], [0.5, 0.2, 0.1]]))
+    context = [5, 11, 6, 5]  # after 5 came 11: the lookup agrees with the head's rank 1
+    tree = unified_tree(context, ids, lps, 2, _model(K=2), NgramIndex(4))
+    assert tree.tokens == (5, 11)
+    # without the lookup the head's rank 0 wins
+    assert unified_tree(context, ids, lps, 2, _model(K=2), None).tokens == (5, 10)
+
+
+def test_acceptance_model_round_trips_and_checks_sizes():
+    m = _model()
+    again = AcceptanceModel.from_json(m.to_json())
+    assert again.features == m.features and again.head == pytest.approx(m.head, abs=1e-4)
+    with pytest.raises(ValueError, match="sizes"):
+        AcceptanceModel(m.features, m.head[:-1], m.ngram, m.copy, 0.0)
+    with pytest.raises(ValueError, match="format"):
+        AcceptanceModel.from_json({**m.to_json(), "format": 99})
+
+
+def test_lp_bins_and_features():
+    f = TreeFeatures(num_heads=2)
+    assert [f.lp_bin(x) for x in (-0.01, -0.1, -0.2, -5.0, -50.0)] == [0, 0, 1, 8, 9]
+    ids, lps = np.array([[1, 2], [3, 4]]), np.log(np.array([[0.95, 0.01], [0.5, 0.1]]))
+    feats = f.encode(0, ids, lps, {2: (3, 0), 9: (8, 3)}, copy_rate=1.0)
+    nb, (hs, ns, cs) = len(f.lp_edges) + 1, f.sizes
+    assert feats[1] == (0, ns - 1, 0)  # head only
+    assert feats[2] == (f.lp_bin(np.log(0.01)), 2 * 4 + 0, cs - 1)  # head and a 3-gram
+    assert feats[9] == (2 * nb + 0, 7 * 4 + 3, cs - 1)  # lookup only: "not proposed by head 0"
+    assert f.encode(2, ids, lps, {5: (1, 0)}, 0.0) == {5: (hs - 1, 0, 1)}  # below the heads
+
+
+def test_within_depth_cuts_deep_nodes_keeping_order():
+    tree = TokenTree((9, 1, 2, 3, 4, 5), (-1, 0, 1, 0, 2, 3))
+    cut = within_depth(tree, 1)
+    assert cut.tokens == (9, 1, 3) and cut.parents == (-1, 0, 0)
+    assert within_depth(tree, 5) is tree
+    assert within_depth(tree, 0) == TokenTree.root_only(9)

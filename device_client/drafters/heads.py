@@ -9,21 +9,35 @@ through the heads once; their top-k candidates become a token tree:
 - mode "static": the topology calibrated at training time (heads.json `static_tree.paths`,
   rank paths chosen to maximise expected accepted length for its node budget), cut to the
   round's budget in its best-first order;
-- mode "dynamic": best nodes by cumulative head log-probability under the round's budget.
-
-With `ngram=True`, prompt-lookup continuations (the ngram drafter's) are merged in first,
-taking at most `ngram_share` of the budget; the heads fill the rest.
+- mode "dynamic": best nodes by cumulative head log-probability under the round's budget;
+  with `ngram=True`, prompt-lookup continuations (the ngram drafter's) are merged in first,
+  taking at most `ngram_share` of the budget, and the heads fill the rest;
+- mode "unified": one best-first tree over head candidates and (with `ngram=True`) prompt
+  lookups below every node, each scored by its calibrated probability of acceptance
+  (heads.json `tree_calibration`, written by scripts/calibrate_tree.py; see
+  tree_builders.unified_tree). No fixed share: the budget goes where acceptance is likelier;
+- mode "auto": "unified" when heads.json has `tree_calibration`, else "dynamic". Artifacts
+  from before the calibration existed keep loading and draft as they always did, but not
+  silently: the drafter warns once and says so in `fallback` (None when nothing fell back).
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from device_client.tree_builders import dynamic_tree, merge_trees, node_paths, tree_from_topology
+from device_client.tree_builders import (
+    AcceptanceModel,
+    dynamic_tree,
+    merge_trees,
+    node_paths,
+    tree_from_topology,
+    unified_tree,
+)
 from shared.tree import TokenTree
 
 METADATA = "heads.json"
@@ -54,10 +68,12 @@ class HeadsDrafter:
     ) -> None:
         import onnxruntime as ort
 
-        if mode not in ("static", "dynamic"):
-            raise ValueError(f"mode must be 'static' or 'dynamic', not {mode!r}")
+        if mode not in ("static", "dynamic", "unified", "auto"):
+            raise ValueError(f"mode must be 'static', 'dynamic', 'unified' or 'auto', not {mode!r}")
         self.artifact_dir = Path(artifact_dir)
         self.meta = load_metadata(self.artifact_dir)
+        self.acceptance, self.fallback = self._acceptance_model(mode)
+        mode = mode if mode != "auto" else "unified" if self.acceptance else "dynamic"
         self.mode = mode
         self.ngram = ngram
         self.ngram_share = ngram_share
@@ -78,11 +94,29 @@ class HeadsDrafter:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"])
         self.takes_root = "root" in {i.name for i in self.session.get_inputs()}
-        self._ngram = None
+        self._ngram = self._index = None
         if ngram:
-            from device_client.drafters.ngram import NgramDrafter
+            from device_client.drafters.ngram import NgramDrafter, NgramIndex
 
             self._ngram = NgramDrafter(max_ngram=4, min_ngram=2, depth=8)
+            if self.mode == "unified":
+                f = self.acceptance.features
+                self._index = NgramIndex(f.max_n, f.max_occurrences, f.copy_window)
+
+    def _acceptance_model(self, mode: str) -> tuple[AcceptanceModel | None, str | None]:
+        """The calibrated acceptance model for mode unified/auto, and why it fell back if it did."""
+        cal = self.meta.get("tree_calibration")
+        if mode not in ("unified", "auto"):
+            return None, None
+        if cal is not None:
+            return AcceptanceModel.from_json(cal), None
+        where = self.artifact_dir / METADATA
+        if mode == "unified":
+            raise ValueError(f"{where} has no tree_calibration (run scripts/calibrate_tree.py); use mode='dynamic'")
+        why = (f"{where} has no tree_calibration: drafting dynamic trees with a fixed ngram share "
+               "(add the calibration with scripts/calibrate_tree.py)")
+        warnings.warn(why, stacklevel=3)
+        return None, why
 
     def candidates(self, hidden: np.ndarray, root: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k ids [K, k] and log-probs [K, k] for one hidden state [hidden_size] and the
@@ -110,6 +144,8 @@ class HeadsDrafter:
                 return self._ngram.propose(context, None, budget)
             return TokenTree.root_only(root)
         ids, lps = self.candidates(hidden, root)
+        if self.mode == "unified":
+            return unified_tree(context, ids, lps, budget, self.acceptance, self._index)
         if self.mode == "static":
             tree = tree_from_topology(root, self.topology, ids, budget)
         else:
