@@ -17,16 +17,20 @@ measure, so the controller climbs it directly:
   tokens/s per level, so what was learned at 8 clients is reused when 8 clients return. A load
   seen for the first time starts from the level of the nearest smaller load it knows, divided
   by the growth in sessions (more sessions, smaller trees), or `max_nodes / sessions`.
-- An epoch runs one level for at least MIN_STEPS steps and MIN_ROWS session-rounds and folds
-  tokens / seconds (each step's compute plus the wait before it, so slower device answers count)
-  into the level's running rate. After a level change one step is not sampled: the trees in
-  flight were drafted under the old budget. Steps that carry prompt chunks are not sampled
-  either: prompts cost the same at every level.
-- The controller stays at its level and, every `countdown` epochs, probes a neighbouring
-  level for one epoch. A probe that beats the level's rate by MARGIN becomes the level and the
-  next probe continues that way at once; a losing probe sends it back, flips the direction and
-  doubles the wait before the next probe (at most MAX_BACKOFF epochs), so where speculation does
-  not pay the server spends about 1/MAX_BACKOFF of its epochs checking that it still does not.
+- An epoch runs one level for at least MIN_STEPS steps and MIN_ROWS session-rounds and measures
+  tokens / seconds (each step's compute plus the wait before it, so slower device answers count).
+  After a level change one step is not sampled: the trees in flight were drafted under the old
+  budget. Steps that carry prompt chunks are not sampled either: prompts cost the same at every
+  level.
+- The controller stays at its level and, every `countdown` epochs, probes a neighbouring level.
+  On this shared CPU one epoch's rate varies by 10-15% with nothing changed, more than most
+  differences between neighbouring levels, so a probe is a paired comparison: the epoch before
+  it, then probe, level, probe, and the two levels' tokens/s over those epochs are compared
+  (slow drifts of the machine or the text hit both alike). A probe that wins by MARGIN becomes
+  the level and the next probe continues that way at once; a losing probe sends it back, flips
+  the direction and doubles the wait before the next probe (at most MAX_BACKOFF epochs), so
+  where speculation does not pay the server spends about 2/MAX_BACKOFF of its epochs checking
+  that it still does not.
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ class _Load:
     backoff: int = 1
     direction: int = -1  # the next probe: -1 the next smaller level, +1 the next larger one
     probing_from: int | None = None  # the level to return to if the running probe loses
+    schedule: list[int] = field(default_factory=list)  # the running probe's epochs still to come
+    trial: dict[int, list[float]] = field(default_factory=dict)  # level -> [tokens, seconds] in the probe
 
 
 @dataclass
@@ -56,8 +62,8 @@ class _Epoch:
 class BudgetController:
     EMA = 0.5  # weight of a new epoch in a level's rate
     MARGIN = 1.03  # a probe must beat the current level by 3% (epoch-to-epoch noise is ~5-10%)
-    MIN_STEPS = 3
-    MIN_ROWS = 12
+    MIN_STEPS = 4
+    MIN_ROWS = 16
     SETTLE_STEPS = 1
     MAX_BACKOFF = 32
 
@@ -118,7 +124,7 @@ class BudgetController:
             start = self.loads[max(known)].level * max(known) / key if known else self.max_nodes / key
             load = self.loads[key] = _Load(level=self._snap(start))
         if load.level not in self.levels:  # devices with another cap than when it was learned
-            load.level, load.probing_from = self._snap(load.level), None
+            load.level, load.probing_from, load.schedule, load.trial = self._snap(load.level), None, [], {}
         return load
 
     def _snap(self, budget: float) -> int:
@@ -140,15 +146,24 @@ class BudgetController:
         e = self._epoch
         e.steps, e.rows, e.tokens, e.seconds = e.steps + 1, e.rows + rows, e.tokens + tokens, e.seconds + seconds
         if e.steps >= self.MIN_STEPS and e.rows >= self.MIN_ROWS and e.seconds > 0:
-            self._end_epoch(e.tokens / e.seconds)
+            self._epoch = _Epoch()
+            self._end_epoch(e.tokens, e.seconds)
 
-    def _end_epoch(self, rate: float) -> None:
-        self._epoch = _Epoch()
+    def _switch(self, load: _Load, level: int) -> None:
+        load.level = level
+        self._settle = self.SETTLE_STEPS
+
+    def _end_epoch(self, tokens: int, seconds: float) -> None:
         load = self._load()
         if load.probing_from is not None:
-            self._judge_probe(load, rate)
+            sums = load.trial.setdefault(load.level, [0, 0.0])
+            sums[0], sums[1] = sums[0] + tokens, sums[1] + seconds
+            if load.schedule:
+                self._switch(load, load.schedule.pop(0))
+            else:
+                self._judge_probe(load)
             return
-        old = load.rates.get(load.level)
+        old, rate = load.rates.get(load.level), tokens / seconds
         load.rates[load.level] = rate if old is None else old + self.EMA * (rate - old)
         load.countdown -= 1
         if load.countdown > 0:
@@ -159,22 +174,23 @@ class BudgetController:
             nxt = self._neighbour(load.level, load.direction)
         if nxt is None:  # a single level: nothing to probe
             return
-        load.probing_from, load.level = load.level, nxt
-        self._settle = self.SETTLE_STEPS
+        load.probing_from, load.schedule = load.level, [load.level, nxt]
+        load.trial = {load.level: [tokens, seconds]}  # this epoch is the pair's first base epoch
+        self._switch(load, nxt)
 
-    def _judge_probe(self, load: _Load, rate: float) -> None:
-        """The probe's one epoch is its rate (an old rate for that level may be stale)."""
-        base = load.probing_from
-        load.probing_from = None
-        load.rates[load.level] = rate
-        if rate > load.rates.get(base, 0.0) * self.MARGIN:
+    def _judge_probe(self, load: _Load) -> None:
+        """Probe and base over the probe's epochs; the run ends on the probe level."""
+        base, probe = load.probing_from, load.level
+        rates = {lv: t / s for lv, (t, s) in load.trial.items() if s > 0}
+        load.rates.update(rates)
+        load.probing_from, load.trial = None, {}
+        if rates.get(probe, 0.0) > rates.get(base, 0.0) * self.MARGIN:
             load.backoff = load.countdown = 1  # keep going this way
             return
-        load.level = base
+        self._switch(load, base)
         load.direction = -load.direction
         load.backoff = min(2 * load.backoff, self.MAX_BACKOFF)
         load.countdown = load.backoff
-        self._settle = self.SETTLE_STEPS
 
     def as_dict(self) -> dict:
         return dict(level=self.level, adaptive=self.adaptive, loads={
