@@ -164,8 +164,10 @@ def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokeniz
             if verdict.finish_reason != pb.FINISH_NONE:
                 rec.finish_reason = FINISH_NAMES[verdict.finish_reason]
                 break
-            if request.drafts:
-                budget = min(request.tree_budget, verdict.next_tree_budget or request.tree_budget)
+            budget = min(request.tree_budget, verdict.next_tree_budget or request.tree_budget)
+            # a pipelined server decodes alone at budget 1: a root-only draft would only cost it
+            # a message to parse on its busiest core
+            if request.drafts and (budget > 1 or request.mode != "pipelined"):
                 d0 = time.perf_counter()
                 hidden = (np.frombuffer(verdict.hidden_state, dtype=np.float16).astype(np.float32)
                           if verdict.hidden_state else None)

@@ -16,7 +16,9 @@ measure, so the controller climbs it directly:
 - Each load (the number of sessions, rounded up to a power of two) keeps its own table of
   tokens/s per level, so what was learned at 8 clients is reused when 8 clients return. A load
   seen for the first time starts from the level of the nearest smaller load it knows, divided
-  by the growth in sessions (more sessions, smaller trees), or `max_nodes / sessions`.
+  by the growth in sessions (more sessions, smaller trees), or about START_NODES tree nodes per
+  step in all (16 for one session, 2 for eight): a guess that is right on a CPU, and a GPU,
+  where wide steps are nearly free, climbs from it.
 - An epoch runs one level for at least MIN_STEPS steps and MIN_ROWS session-rounds and measures
   tokens / seconds (each step's compute plus the wait before it, so slower device answers count).
   After a level change one step is not sampled: the trees in flight were drafted under the old
@@ -63,7 +65,8 @@ class BudgetController:
     EMA = 0.5  # weight of a new epoch in a level's rate
     MARGIN = 1.03  # a probe must beat the current level by 3% (epoch-to-epoch noise is ~5-10%)
     MIN_STEPS = 4
-    MIN_ROWS = 16
+    MIN_ROWS = 8
+    START_NODES = 16
     SETTLE_STEPS = 1
     MAX_BACKOFF = 32
 
@@ -121,7 +124,7 @@ class BudgetController:
         load = self.loads.get(key)
         if load is None:
             known = [k for k in self.loads if k < key]
-            start = self.loads[max(known)].level * max(known) / key if known else self.max_nodes / key
+            start = self.loads[max(known)].level * max(known) / key if known else self.START_NODES / key
             load = self.loads[key] = _Load(level=self._snap(start))
         if load.level not in self.levels:  # devices with another cap than when it was learned
             load.level, load.probing_from, load.schedule, load.trial = self._snap(load.level), None, [], {}
