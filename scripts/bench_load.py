@@ -10,8 +10,10 @@ are checked to be identical (lossless).
 
 Two throughputs: tokens/s over the whole run (prefills and the tail included), and steady
 tokens/s while all N clients are generating (see bench_common.MethodRun.steady_tokens_per_s).
-Before each timed run an untimed round at the same N and method (--warmup-tokens) lets the
-server measure its tree budgets for that load, as a server that has been serving would have.
+Every (N, method) gets a fresh server (unless --server), so what the load-aware budget learned
+from another method's sessions is not carried over; before the timed run an untimed round at
+the same N and method (--warmup-tokens) lets it measure its tree budgets for that load, as a
+server that has been serving that mix would have.
 
 Writes results/<date>/load/{results.json, table.md, tokens_per_s.png}.
 
@@ -122,53 +124,64 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out / "tokens_per_s.png", dpi=120)
 
 
+def measure(address: str, n: int, method: str, args: argparse.Namespace) -> tuple[MethodRun, dict]:
+    """The warm-up round (first forwards are slow; the server learns its budgets for this load),
+    then the timed run and the server's metrics over it."""
+    with grpc.insecure_channel(address) as channel:
+        stub = rpc.EdgeSpecStub(channel)
+        run_clients(address, method, client_prompts(1, 1), 8, args.tree_budget, ignore_eos=True)
+        if args.warmup_tokens:
+            run_clients(address, method, client_prompts(n, 1), args.warmup_tokens, args.tree_budget,
+                        ignore_eos=True)
+        stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30)
+        run = run_clients(address, method, client_prompts(n, args.requests), args.max_new_tokens,
+                          args.tree_budget, ignore_eos=True)
+        metrics = json.loads(stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30).json)
+    return run, summarize(run, metrics)
+
+
+def usable_methods(address: str, methods: list[str]) -> tuple[list[str], dict[str, str]]:
+    usable, skipped = [], {}
+    with grpc.insecure_channel(address) as channel:
+        stub = rpc.EdgeSpecStub(channel)
+        info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+        for m in methods:
+            try:
+                make_drafter(parse_method(m)[0], stub, info)
+                usable.append(m)
+            except (SystemExit, Exception) as err:  # e.g. heads not shipped yet
+                skipped[m] = str(err)
+                print(f"skipping {m}: {err}", file=sys.stderr)
+    return usable, skipped
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out) if args.out else results_dir("load")
     out.mkdir(parents=True, exist_ok=True)
-    server = None
     server_args, pinning = split_cores(args.server_args.split(), pin=not args.no_pin and not args.server)
+    flags = ["--log-level", "WARNING", "--max-sessions", str(max(64, max(args.clients))),
+             "--max-tree-nodes", "64", *server_args]
     if args.server:
-        address = args.server
+        methods, skipped = usable_methods(args.server, args.methods)
     else:
-        server = ServerProcess(["--log-level", "WARNING", "--max-sessions", str(max(64, max(args.clients))),
-                                "--max-tree-nodes", "64", *server_args])
-        address = server.address
-    rows, runs, skipped = [], [], {}
-    try:
-        with grpc.insecure_channel(address) as channel:
-            stub = rpc.EdgeSpecStub(channel)
-            info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
-            methods = []
-            for m in args.methods:
-                try:
-                    make_drafter(parse_method(m)[0], stub, info)
-                    methods.append(m)
-                except (SystemExit, Exception) as err:  # e.g. heads not shipped yet
-                    skipped[m] = str(err)
-                    print(f"skipping {m}: {err}", file=sys.stderr)
-            # warm up the server (first forwards are slow) before measuring
-            run_clients(address, methods[0], client_prompts(1, 1), 8, args.tree_budget, ignore_eos=True)
-            for n in args.clients:
-                for m in methods:
-                    if args.warmup_tokens:
-                        run_clients(address, m, client_prompts(n, 1), args.warmup_tokens, args.tree_budget,
-                                    ignore_eos=True)
-                    stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30)
-                    run = run_clients(address, m, client_prompts(n, args.requests), args.max_new_tokens,
-                                      args.tree_budget, ignore_eos=True)
-                    metrics = json.loads(stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30).json)
-                    runs.append(run)
-                    row = summarize(run, metrics)
-                    rows.append(row)
-                    print(f"N={n:2d} {m:9s} {row['tokens_per_s']:7.1f} tok/s (steady {row['steady_tokens_per_s']:.1f})  "
-                          f"τ={row['tau']:.2f}  budget {row['budget_level']}  "
-                          f"ITL p50/p95 {row['itl_ms_p50']:.0f}/{row['itl_ms_p95']:.0f} ms  "
-                          f"batch {row['batch_size_mean']:.1f} rows / {row['batch_tokens_mean']:.1f} tok  "
-                          f"step p50 {row['verify_ms_p50']:.0f} ms", flush=True)
-    finally:
-        if server is not None:
-            server.stop()
+        with ServerProcess(flags) as server:
+            methods, skipped = usable_methods(server.address, args.methods)
+    rows, runs = [], []
+    for n in args.clients:
+        for m in methods:
+            if args.server:
+                run, row = measure(args.server, n, m, args)
+            else:  # a fresh server: what the budget controller learned from another method is not carried
+                with ServerProcess(flags) as server:
+                    run, row = measure(server.address, n, m, args)
+            runs.append(run)
+            rows.append(row)
+            print(f"N={n:2d} {m:9s} {row['tokens_per_s']:7.1f} tok/s (steady {row['steady_tokens_per_s']:.1f})  "
+                  f"τ={row['tau']:.2f}  budget {row['budget_level']}  "
+                  f"ITL p50/p95 {row['itl_ms_p50']:.0f}/{row['itl_ms_p95']:.0f} ms  "
+                  f"batch {row['batch_size_mean']:.1f} rows / {row['batch_tokens_mean']:.1f} tok  "
+                  f"step p50 {row['verify_ms_p50']:.0f} ms", flush=True)
     base = {(r["clients"]): r["tokens_per_s"] for r in rows if r["method"] == "server-ar"}
     steady = {(r["clients"]): r["steady_tokens_per_s"] for r in rows if r["method"] == "server-ar"}
     for r in rows:
@@ -181,7 +194,8 @@ def main(argv=None) -> None:
              f"untimed warm-up of {args.warmup_tokens} tokens per client before each run, "
              f"device tree budget cap={args.tree_budget}, server args: {' '.join(server_args) or '(defaults)'}",
              pinning,
-             f"machine: {platform.processor() or platform.machine()}, shared CPU (noisy); same run, same server"]
+             f"machine: {platform.processor() or platform.machine()}, shared CPU (noisy); same run, "
+             "a fresh server for every N and method"]
     notes += [f"skipped {m}: {why}" for m, why in skipped.items()]
     notes.append("lossless check: " + ("OK, all methods gave identical tokens" if not problems else "; ".join(problems)))
     (out / "table.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
