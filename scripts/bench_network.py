@@ -3,8 +3,9 @@
 For every emulated link (scripts/netem.py profiles) it runs the same prompts with server-only
 autoregressive streaming and with device-edge speculation (none, ngram, heads), at 1 and 4
 concurrent clients, and records TTFT, ITL p50/p95, tokens/s, τ, rounds per token, bytes per
-token and server busy ms per token. Writes results/<date>/network/{results.json, table.md,
-tokens_per_s_vs_rtt.png, bytes_per_token.png}.
+token and server busy ms per token. Every run gets a fresh server (warmed by a few tokens), so
+the tree budgets its controller learns belong to that link and method. Writes
+results/<date>/network/{results.json, table.md, tokens_per_s_vs_rtt.png, bytes_per_token.png}.
 
     .venv/bin/python scripts/bench_network.py                        # the default sweep
     .venv/bin/python scripts/bench_network.py --profiles lan 4g --clients 1 --prompts 2
@@ -106,17 +107,19 @@ def main() -> None:
     rows, runs = [], []
     combos = [(pr, m, c) for pr in args.profiles for c in args.clients for m in args.methods]
     server_args, pinning = split_cores(args.server_args.split(), pin=not args.no_pin)
-    with ServerProcess(["--log-level", "WARNING", *server_args]) as server:
-        host, port = server.address.rsplit(":", 1)
-        for profile_name, method, clients in tqdm(combos, desc="sweep", unit="run"):
-            profile = netem.get_profile(profile_name)
-            with netem.run_proxy_in_thread(profile, upstream=(host, int(port)), seed=0) as (phost, pport):
-                try:
+    for profile_name, method, clients in tqdm(combos, desc="sweep", unit="run"):
+        profile = netem.get_profile(profile_name)
+        # a fresh server per run: the budgets it learns belong to this link and method only
+        with ServerProcess(["--log-level", "WARNING", *server_args]) as server:
+            host, port = server.address.rsplit(":", 1)
+            try:
+                run_clients(server.address, method, [prompts[:1]], 8, args.tree_budget)  # first forwards are slow
+                with netem.run_proxy_in_thread(profile, upstream=(host, int(port)), seed=0) as (phost, pport):
                     run = run_clients(f"{phost}:{pport}", method, [prompts[i::clients] for i in range(clients)],
                                       args.max_new_tokens, args.tree_budget)
-                except (RuntimeError, SystemExit) as err:
-                    tqdm.write(f"skipping {method} on {profile_name}: {err}")
-                    continue
+            except (RuntimeError, SystemExit) as err:
+                tqdm.write(f"skipping {method} on {profile_name}: {err}")
+                continue
             runs.append(run)
             row = {"profile": profile_name, "rtt_ms": profile.rtt_ms, "emulator": netem.EMULATOR, **run.row()}
             rows.append(row)
