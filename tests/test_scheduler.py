@@ -1,7 +1,6 @@
 """Scheduler policy without the network: KV budget, chunked prefill, collection window."""
 import asyncio
 
-import numpy as np
 import pytest
 import torch
 
