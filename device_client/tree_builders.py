@@ -241,18 +241,12 @@ class AcceptanceModel:
         if got != self.features.sizes:
             raise ValueError(f"tree calibration tables have sizes {got}, its features need {self.features.sizes}")
 
-    def children(self, depth: int, ids: np.ndarray, lps: np.ndarray, ngram: dict[int, tuple[int, int]],
-                 copy_rate: float) -> list[tuple[float, int]]:
-        """(P(accept | parent accepted), token) for every candidate child, best first: the
-        definition, through `encode` as calibration sees it (`scorer` is the fast equivalent)."""
-        h, n, c, b = self.head, self.ngram, self.copy, self.bias
-        feats = self.features.encode(depth, ids, lps, ngram, copy_rate)
-        return sorted(((_sigmoid(b + h[fh] + n[fn] + c[fc]), t) for t, (fh, fn, fc) in feats.items()), reverse=True)
-
     def scorer(self, ids: np.ndarray, lps: np.ndarray, copy_rate: float) -> Callable[[int, dict], list]:
-        """`children` for one round as children(depth, ngram): the heads' part of each depth's
-        logits is computed once per round rather than once per node, and a node without
-        lookup candidates reuses its depth's sorted list (the builder calls this ~budget times)."""
+        """children(depth, ngram) -> (P(accept | parent accepted), token) for every candidate
+        child, best first, for one round: the logit of `features.encode` (which calibration
+        uses; a test checks the two agree), with the heads' part of each depth computed once per
+        round rather than once per node, and a node without lookup candidates reusing its
+        depth's sorted list (the builder calls this ~budget times)."""
         f, nb = self.features, len(self.features.lp_edges) + 1
         k, (hs, ns, _) = min(f.num_heads, len(ids)), f.sizes
         cb = 1 + min(int(copy_rate * f.copy_buckets), f.copy_buckets)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -144,20 +145,29 @@ def _heads(K=3, k=4, seed=0):
     return ids, lps
 
 
+def _children(model, depth, ids, lps, ngram, copy_rate):
+    """The model's definition through `encode`, as calibration sees it: what the builder's fast
+    scorer must agree with."""
+    h, n, c, b = model.head, model.ngram, model.copy, model.bias
+    feats = model.features.encode(depth, ids, lps, ngram, copy_rate)
+    return sorted(((1.0 / (1.0 + math.exp(-(b + h[fh] + n[fn] + c[fc]))), t) for t, (fh, fn, fc) in feats.items()),
+                  reverse=True)
+
+
 def _path_probs(tree, model, context, ids, lps, index):
     """P(path) of each node and of every candidate child left out, recomputed from scratch."""
     paths = [[]] + node_paths(tree)
     probs = [1.0]
     for i in range(1, len(tree)):
         p = tree.parents[i]
-        kids = dict((t, q) for q, t in model.children(len(paths[p]), ids, lps, _ng(index, context, paths[p]),
-                                                     index.copy_rate() if index else 0.0))
+        kids = dict((t, q) for q, t in _children(model, len(paths[p]), ids, lps, _ng(index, context, paths[p]),
+                                                 index.copy_rate() if index else 0.0))
         probs.append(probs[p] * kids[tree.tokens[i]])
     left_out = []
     for i in range(len(tree)):
         used = {tree.tokens[c] for c in tree.children()[i]}
-        for q, t in model.children(len(paths[i]), ids, lps, _ng(index, context, paths[i]),
-                                   index.copy_rate() if index else 0.0):
+        for q, t in _children(model, len(paths[i]), ids, lps, _ng(index, context, paths[i]),
+                              index.copy_rate() if index else 0.0):
             if t not in used:
                 left_out.append(probs[i] * q)
     return probs, left_out
