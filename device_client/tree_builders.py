@@ -128,14 +128,7 @@ def within_depth(tree: TokenTree, max_depth: int) -> TokenTree:
     the context the device cuts its draft instead of losing the round."""
     if tree.max_depth <= max_depth:
         return tree
-    index: dict[int, int] = {}
-    tokens, parents = [], []
-    for i, (tok, par, d) in enumerate(zip(tree.tokens, tree.parents, tree.depths)):
-        if d <= max(max_depth, 0):
-            index[i] = len(tokens)
-            tokens.append(tok)
-            parents.append(index[par] if par >= 0 else -1)
-    return TokenTree(tuple(tokens), tuple(parents))
+    return tree.keep([i for i, d in enumerate(tree.depths) if d <= max(max_depth, 0)])
 
 
 def merge_trees(root: int, first: Sequence[Sequence[int]], tree: TokenTree, budget: int) -> TokenTree:

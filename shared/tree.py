@@ -110,14 +110,18 @@ class TokenTree:
                 return None
         if node == 0:
             return self
-        index = {node: 0}
-        tokens, parents = [self.tokens[node]], [-1]
+        below = {node}
         for i in range(node + 1, len(self.tokens)):
-            if self.parents[i] in index:
-                index[i] = len(tokens)
-                tokens.append(self.tokens[i])
-                parents.append(index[self.parents[i]])
-        return TokenTree(tuple(tokens), tuple(parents))
+            if self.parents[i] in below:
+                below.add(i)
+        return self.keep(sorted(below))
+
+    def keep(self, nodes: Sequence[int]) -> "TokenTree":
+        """The tree of `nodes` (ascending; the first becomes the root, every other one's parent
+        is among them), reindexed in the same order so parents still come first."""
+        index = {n: i for i, n in enumerate(nodes)}
+        parents = [-1] + [index[self.parents[n]] for n in nodes[1:]]
+        return TokenTree(tuple(self.tokens[n] for n in nodes), tuple(parents))
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root down to `node`."""
