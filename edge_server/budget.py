@@ -17,7 +17,7 @@ measure, so the controller climbs it directly:
   tokens/s per level, so what was learned at 8 clients is reused when 8 clients return. A load
   seen for the first time starts from the level of the nearest smaller load it knows, divided
   by the growth in sessions (more sessions, smaller trees), or about START_NODES tree nodes per
-  step in all (16 for one session, 2 for eight): a guess that is right on a CPU, and a GPU,
+  step in all (8 for one session, 1 for eight): a guess that is right on a CPU, and a GPU,
   where wide steps are nearly free, climbs from it.
 - An epoch runs one level for at least MIN_STEPS steps and MIN_ROWS session-rounds and measures
   tokens / seconds (each step's compute plus the wait before it, so slower device answers count).
@@ -66,7 +66,7 @@ class BudgetController:
     MARGIN = 1.03  # a probe must beat the current level by 3% (epoch-to-epoch noise is ~5-10%)
     MIN_STEPS = 4
     MIN_ROWS = 8
-    START_NODES = 16
+    START_NODES = 8
     SETTLE_STEPS = 1
     MAX_BACKOFF = 32
 
