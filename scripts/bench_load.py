@@ -4,9 +4,10 @@ For N in --clients (default 1 2 4 8 16) and every method (server-ar, none, ngram
 N clients start together, each runs --requests generations of exactly --max-new-tokens tokens
 (--ignore-eos, so methods do the same work) over a fixed prompt set, and the run records total
 tokens/s, per-client inter-token latency p50/p95, and the server's per-step batch statistics
-(GetMetrics, reset between runs). Methods run back to back at each N in the same server, and
-their tokens/s are reported as ratios to server-ar at the same N. Greedy outputs of all methods
-are checked to be identical (lossless).
+(GetMetrics, reset between runs). Methods run back to back at each N, and their tokens/s are
+reported as ratios to server-ar at the same N; with --repeats R the whole sweep runs R times
+and the table shows medians, since one run's ratio drifts 10-15% on this shared machine.
+Greedy outputs of all methods are checked to be identical (lossless).
 
 Two throughputs: tokens/s over the whole run (prefills and the tail included), and steady
 tokens/s while all N clients are generating (see bench_common.MethodRun.steady_tokens_per_s).
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -56,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="server-ar, or a drafter (none, ngram, heads) with an optional /MODE (pipelined)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=1, help="generations per client at each N")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every (N, method) this many times, the methods interleaved; each run is divided by "
+                        "the server-ar run of its own repeat, and the table shows the medians (with the ratio's "
+                        "range): one run's ratio moves 10-15%% with nothing changed on this shared machine")
     p.add_argument("--warmup-tokens", type=int, default=32,
                    help="an untimed round of generations of this many tokens before each timed run, at "
                         "the same N and method, so the server has measured its budgets for that load (0: none)")
@@ -94,6 +100,37 @@ def summarize(run: MethodRun, metrics: dict) -> dict:
         "pipelined_tree_share": (metrics["counters"]["pipelined_steps_with_tree"]
                                  / max(1, metrics["counters"]["pipelined_steps"])),
     }
+
+
+RANGE_COLUMNS = [("vs_server_ar_min", "× min", ".2f"), ("vs_server_ar_max", "× max", ".2f")]
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each run's tokens/s (whole and steady) over the server-ar run at the same N and repeat."""
+    base = {(r["repeat"], r["clients"]): r for r in rows if r["method"] == "server-ar"}
+    for r in rows:
+        b = base.get((r["repeat"], r["clients"]))
+        r["vs_server_ar"] = r["tokens_per_s"] / b["tokens_per_s"] if b else float("nan")
+        r["steady_vs_server_ar"] = (r["steady_tokens_per_s"] / b["steady_tokens_per_s"]
+                                    if b and b["steady_tokens_per_s"] else float("nan"))
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (N, method): the median of every number over the repeats, and the range of
+    the ratio to server-ar."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["clients"], r["method"]), []).append(r)
+    out = []
+    for (n, method), rs in groups.items():
+        med = {k: float(np.median([r[k] for r in rs])) for k, v in rs[0].items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and all(r.get(k) is not None for r in rs)}
+        ratios = [r["vs_server_ar"] for r in rs]
+        levels = sorted({r["budget_level"] for r in rs}, key=lambda v: (v is None, v))
+        out.append({**med, "clients": n, "method": method, "repeats": len(rs),
+                    "budget_level": "/".join(str(v) for v in levels),
+                    "vs_server_ar_min": min(ratios), "vs_server_ar_max": max(ratios)})
+    return out
 
 
 def client_prompts(clients: int, requests: int) -> list[list[str]]:
@@ -168,40 +205,40 @@ def main(argv=None) -> None:
         with ServerProcess(flags) as server:
             methods, skipped = usable_methods(server.address, args.methods)
     rows, runs = [], []
-    for n in args.clients:
-        for m in methods:
-            if args.server:
-                run, row = measure(args.server, n, m, args)
-            else:  # a fresh server: what the budget controller learned from another method is not carried
-                with ServerProcess(flags) as server:
-                    run, row = measure(server.address, n, m, args)
-            runs.append(run)
-            rows.append(row)
-            print(f"N={n:2d} {m:9s} {row['tokens_per_s']:7.1f} tok/s (steady {row['steady_tokens_per_s']:.1f})  "
-                  f"τ={row['tau']:.2f}  budget {row['budget_level']}  "
-                  f"ITL p50/p95 {row['itl_ms_p50']:.0f}/{row['itl_ms_p95']:.0f} ms  "
-                  f"batch {row['batch_size_mean']:.1f} rows / {row['batch_tokens_mean']:.1f} tok  "
-                  f"step p50 {row['verify_ms_p50']:.0f} ms", flush=True)
-    base = {(r["clients"]): r["tokens_per_s"] for r in rows if r["method"] == "server-ar"}
-    steady = {(r["clients"]): r["steady_tokens_per_s"] for r in rows if r["method"] == "server-ar"}
-    for r in rows:
-        r["vs_server_ar"] = r["tokens_per_s"] / base[r["clients"]] if r["clients"] in base else float("nan")
-        r["steady_vs_server_ar"] = (r["steady_tokens_per_s"] / steady[r["clients"]]
-                                    if steady.get(r["clients"]) else float("nan"))
+    for repeat in range(args.repeats):
+        for n in args.clients:
+            for m in methods:
+                if args.server:
+                    run, row = measure(args.server, n, m, args)
+                else:  # a fresh server: what the budget controller learned from another method is not carried
+                    with ServerProcess(flags) as server:
+                        run, row = measure(server.address, n, m, args)
+                runs.append(run)
+                rows.append({**row, "repeat": repeat})
+                print(f"N={n:2d} {m:9s} {row['tokens_per_s']:7.1f} tok/s (steady {row['steady_tokens_per_s']:.1f})  "
+                      f"τ={row['tau']:.2f}  budget {row['budget_level']}  "
+                      f"ITL p50/p95 {row['itl_ms_p50']:.0f}/{row['itl_ms_p95']:.0f} ms  "
+                      f"batch {row['batch_size_mean']:.1f} rows / {row['batch_tokens_mean']:.1f} tok  "
+                      f"step p50 {row['verify_ms_p50']:.0f} ms", flush=True)
+    add_ratios(rows)
     problems = lossless_problems(runs)
-    table = markdown_table(rows, COLUMNS)
+    shown = rows if args.repeats == 1 else median_rows(rows)
+    table = markdown_table(shown, COLUMNS if args.repeats == 1 else COLUMNS + RANGE_COLUMNS)
     notes = [f"max_new_tokens={args.max_new_tokens} (ignore_eos), requests/client={args.requests}, "
              f"untimed warm-up of {args.warmup_tokens} tokens per client before each run, "
              f"device tree budget cap={args.tree_budget}, server args: {' '.join(server_args) or '(defaults)'}",
+             *([f"{args.repeats} repeats, methods interleaved; medians over repeats, each run divided by the "
+                "server-ar run of its own repeat"] if args.repeats > 1 else []),
              pinning,
              f"machine: {platform.processor() or platform.machine()}, shared CPU (noisy); same run, "
              "a fresh server for every N and method"]
     notes += [f"skipped {m}: {why}" for m, why in skipped.items()]
     notes.append("lossless check: " + ("OK, all methods gave identical tokens" if not problems else "; ".join(problems)))
     (out / "table.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-    save_json(out / "results.json", {"args": vars(args), "rows": rows, "skipped": skipped, "lossless": problems})
+    save_json(out / "results.json", {"args": vars(args), "rows": rows, "table": shown, "skipped": skipped,
+                                     "lossless": problems})
     if not args.no_plot:
-        plot(rows, out)
+        plot(shown, out)
     print(table)
     print("\n".join(notes))
     print(f"wrote {out}")
