@@ -151,6 +151,7 @@ DRAFTERS = {  # name -> (heads mode or None for the ngram drafter alone, merge n
     "heads-unified": ("unified", False),  # calibrated best-first (tree_calibration in heads.json)
     "heads-unified+ngram": ("unified", True),
 }
+RUN_DRAFTERS = ("heads-static", "heads-dynamic", "heads-dynamic+ngram", "heads-unified+ngram")  # per run
 
 
 def shipped_by(run_dir: Path, art: Path, meta: dict) -> bool:
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # runs (rank, root conditioning) and precisions: int8 artifact vs the run's heads.fp32.onnx
     runs = {}
-    for rd in sorted(Path(args.runs).glob("r*")):
+    for rd in sorted(p for p in Path(args.runs).iterdir() if p.is_dir()):
         a = rd / "artifact" if (rd / "artifact" / "heads.json").exists() else art if shipped_by(rd, art, meta) else None
         if a is None or not (rd / "heads.fp32.onnx").exists():
             continue
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                  "train_seconds": m.get("training", {}).get("train_seconds")}
         fpdir = write_variant(rd / "variant-bench-fp32", rd / "heads.fp32.onnx", m)
         for prec, d in (("int8", a), ("fp32", fpdir)):
-            for name in ("heads-static", "heads-dynamic", "heads-dynamic+ngram"):
+            for name in RUN_DRAFTERS if "tree_calibration" in m else RUN_DRAFTERS[:-1]:
                 mode, ng = DRAFTERS[name]
                 entry[f"tau_{name}_{prec}"] = round(simulate_tau(ev, d, mode, B, ng, max_prompts=P)["tau"], 4)
         runs[rd.name] = entry
@@ -310,14 +311,14 @@ def to_markdown(res: dict) -> str:
     if res.get("runs"):
         L += ["", f"Runs (same data), int8 artifact vs the run's fp32 graph, budget {B}:", "",
               "| run | rank | root | scheme | int8 MB | top-1 (h0..h3) | top-5 (h0..h3) | static int8 / fp32 "
-              "| dynamic int8 / fp32 | dynamic+ngram int8 / fp32 | train s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| dynamic int8 / fp32 | dynamic+ngram int8 / fp32 | unified+ngram int8 / fp32 | train s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, e in res["runs"].items():
             a = e.get("heldout_accuracy") or {}
             t1 = "/".join(f"{x:.2f}" for x in a.get("top1", []))
             t5 = "/".join(f"{x:.2f}" for x in a.get("top5", []))
-            taus = " | ".join(f"{e[f'tau_{m}_int8']:.3f} / {e[f'tau_{m}_fp32']:.3f}"
-                              for m in ("heads-static", "heads-dynamic", "heads-dynamic+ngram"))
+            taus = " | ".join(f"{e[f'tau_{m}_int8']:.3f} / {e[f'tau_{m}_fp32']:.3f}" if f"tau_{m}_int8" in e else "-"
+                              for m in RUN_DRAFTERS)
             L.append(f"| {name}{' (shipped)' if e['shipped'] else ''} | {e['rank']} | "
                      f"{'yes' if e['root_conditioned'] else 'no'} | {e['scheme']} | {e['int8_bytes']/1e6:.2f} | "
                      f"{t1} | {t5} | {taus} | {e['train_seconds'] or '-'} |")
