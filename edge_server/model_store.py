@@ -121,12 +121,14 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     """Identifies the target's weights as drafter heads see them (config + output embeddings).
 
     Heads are trained on one model's hidden states and vocabulary projection; the server
-    refuses heads whose metadata names another fingerprint.
+    refuses heads whose metadata names another fingerprint. The weights are hashed at bfloat16
+    precision, so the same checkpoint served in float32 or bfloat16 has one fingerprint: heads
+    trained on the fp32 model draft for the bf16 one too (verification keeps the output exact).
     """
     cfg = model.config
     digest = hashlib.sha256()
     for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
         digest.update(f"{key}={getattr(cfg, key, None)};".encode())
-    weight = model.get_output_embeddings().weight.detach().to("cpu", torch.float32).contiguous()
-    digest.update(weight.numpy().tobytes())
+    weight = model.get_output_embeddings().weight.detach().to("cpu", torch.bfloat16).view(torch.int16)
+    digest.update(weight.contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
