@@ -6,10 +6,14 @@ the committed sequence lives at index p of the slot. A scheduler step is a *ragg
 new tokens of every row (a tree, a prefill chunk, a server-only decode step) are concatenated
 into one sequence [1, T] so the linear layers (QKV, MLP, LM head: nearly all the FLOPs) run
 once for the whole batch, without query padding. Attention then runs per row over that row's
-own slot view `slot[layer, k|v, :, :past + n]` — a view, never a copy — with the row's additive
-tree/causal mask. So no step copies any session's cache into a padded batch, and rows may sit
-in any slots (no compaction). The new keys of a row are written at its own offset; committing
-an accepted path moves only the accepted nodes' K/V (a few positions) into place.
+own slot: a prompt chunk causally over the view `slot[layer, k|v, :, :past + n]`; a decoding
+step and every tree node as a one-token query over exactly the keys it sees, in sequence order,
+padded to a multiple of ATTN_BUCKET (see _query_groups: this makes a tree node's output
+bitwise the decoding step's). A decoding step reads a view of its slot; a tree gathers, per
+node, the prefix's keys and its path (a copy of its own session's keys, node by node, which
+the exactness costs). Rows may sit in any slots (no compaction), and no step copies other
+sessions' caches into a padded batch. The new keys of a row are written at its own offset;
+committing an accepted path moves only the accepted nodes' K/V (a few positions) into place.
 
 Memory is bounded: the pool admits a slot only while the reserved tokens fit the configured
 budget, and says how much is free when it refuses.
@@ -31,17 +35,24 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 ATTN_NAME = "edgespec_ragged"
+ATTN_BUCKET = 64  # one-token queries see their keys padded to a multiple of this, masked (_query_groups)
 
 
 class KVBudgetError(RuntimeError):
     """The KV budget cannot hold another slot of the asked size."""
 
 
+def _bucketed(length: int) -> int:
+    return -(-length // ATTN_BUCKET) * ATTN_BUCKET
+
+
 class Slot:
     def __init__(self, pool: "KVPool", capacity: int):
         self.pool = pool
         self.capacity = capacity
-        self.storage = torch.empty(pool.num_layers, 2, pool.kv_heads, capacity, pool.head_dim,
+        # whole attention buckets, zeroed: a query's padding keys are read (and masked), so they
+        # must hold finite numbers
+        self.storage = torch.zeros(pool.num_layers, 2, pool.kv_heads, _bucketed(capacity), pool.head_dim,
                                    dtype=pool.dtype, device=pool.device)
         self.length = 0  # committed positions
         self.freed = False
@@ -90,6 +101,7 @@ class KVPool:
         return self.budget_tokens - self.used_tokens
 
     def allocate(self, capacity: int) -> Slot:
+        capacity = _bucketed(capacity)
         with self._lock:
             if capacity > self.free_tokens:
                 self._refuse(capacity)
@@ -144,16 +156,20 @@ class RaggedBatch:
         self.rows = rows
         start = 0
         minval = torch.finfo(dtype).min
+        # per row: its one-token queries (decoding steps, tree nodes), where they are computed
+        # exactly (see exact_one_token_queries), else None
+        self.queries: list[list[QueryGroup] | None] = []
+        exact = exact_one_token_queries(dtype, torch.device(device))
         for row in rows:
             row.start = start
             start += row.n
+            one_token = row.n == 1 or row.visible is not None
+            self.queries.append(_query_groups(row, device) if exact and one_token else None)
             if row.n == 1:
-                row.mask = None  # one query sees everything before it: no mask needed
+                row.mask = None
                 continue
-            if row.visible is None:
-                own = torch.ones(row.n, row.n, dtype=torch.bool).tril_()
-            else:
-                own = torch.from_numpy(row.visible)
+            # prompt chunks (causal), and trees where their nodes are not computed one by one
+            own = torch.ones(row.n, row.n, dtype=torch.bool).tril_() if row.visible is None else torch.from_numpy(row.visible)
             mask = torch.zeros(row.n, row.past + row.n, dtype=dtype)
             mask[:, row.past:].masked_fill_(~own, minval)
             row.mask = mask[None, None].to(device)
@@ -199,6 +215,80 @@ class RaggedCache(Cache):
         return int(cache_position.shape[0]), 0
 
 
+@dataclass
+class QueryGroup:
+    """One-token queries of a row that see the same number of (padded) keys: decoding steps and
+    tree nodes. `keys` None: the slot's first `length` positions (a decoding step); else the
+    slot positions each query sees [queries, length]: the committed prefix, the node's root
+    path, then padding."""
+    nodes: torch.Tensor  # the queries' indices within the row
+    keys: torch.Tensor | None
+    mask: torch.Tensor  # [queries, 1, length] float32: 0 for real keys, -inf for the padding
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[-1]
+
+
+def exact_one_token_queries(dtype: torch.dtype, device: torch.device) -> bool:
+    """Where a tree node's output can be made bitwise a decoding step's: in reduced precision on
+    CPU, whose products of 4+ rows are batch-invariant and every product is padded to 4 rows
+    (edge_server.verifier.pad_small_products). In fp32 a decoding step keeps the faster
+    one-row product, so tree and step differ by ~1e-7 anyway and the fused masked kernel is
+    used; on CUDA the library picks kernels by shape, so nothing is claimed there."""
+    return device.type == "cpu" and dtype != torch.float32
+
+
+def _query_groups(row: Row, device: torch.device) -> list[QueryGroup]:
+    """Why every one-token query is computed the same way: a decoding step and a tree node at the
+    same place on the same path must give bitwise the same output, or the target's greedy
+    choice flips now and then (measured: 7 of 34 bf16 64-token generations). Attention kernels
+    sum keys in an order that depends on how many keys they see and where the masked ones sit,
+    so each query attends once, to exactly its keys in sequence order, padded at the end to a
+    multiple of ATTN_BUCKET and masked there: the kernel then takes the same path for the
+    same query wherever it is computed, alone or with other queries of any length."""
+    if row.visible is None:  # a decoding step: its keys are the slot's first past + 1 positions
+        seen = [np.arange(row.past + 1)]
+    else:
+        seen = [np.concatenate([np.arange(row.past), row.past + np.flatnonzero(v)]) for v in row.visible]
+    by_length: dict[int, list[int]] = {}
+    for j, keys in enumerate(seen):
+        by_length.setdefault(_bucketed(len(keys)), []).append(j)
+    groups = []
+    for length, nodes in by_length.items():
+        mask = torch.zeros(len(nodes), 1, length)
+        idx = np.zeros((len(nodes), length), dtype=np.int64)
+        for i, j in enumerate(nodes):
+            mask[i, ..., len(seen[j]):] = -torch.inf
+            idx[i, :len(seen[j])] = seen[j]
+        keys = None if row.visible is None else torch.from_numpy(idx).to(device)
+        groups.append(QueryGroup(torch.tensor(nodes, device=device), keys, mask.to(device)))
+    return groups
+
+
+def _one_token_attention(q: torch.Tensor, store: torch.Tensor, groups: list[QueryGroup], scaling) -> torch.Tensor:
+    """q [1, heads, n, head_dim] -> the same shape; see _query_groups. Plain fp32 matrix
+    products, one query per batch entry: their result for a query does not depend on the batch
+    (checked bitwise), and in bf16 they run 3-4x faster here than the fused kernel, which is
+    slow for one-token queries on this CPU (0.36 vs 0.13 ms a decoding step's layer)."""
+    out = torch.empty_like(q)
+    kv_heads, capacity, head_dim = store.shape[1:]
+    for g in groups:
+        n = len(g.nodes)
+        if g.keys is None:  # a decoding step: the slot's prefix as it is
+            kv = store[:, :, :g.length].unsqueeze(2)  # [2, kv_heads, 1, length, head_dim]
+        else:
+            taken = store.reshape(2 * kv_heads, capacity, head_dim).index_select(1, g.keys.reshape(-1))
+            kv = taken.view(2, kv_heads, n, g.length, head_dim)
+        # the same contiguous fp32 layouts on both paths: a product's kernel follows the layout
+        k, v = kv[0].float().contiguous(), kv[1].float().contiguous()
+        qg = q[0][:, g.nodes].reshape(kv_heads, -1, n, head_dim).transpose(1, 2).float()  # [kv, n, group, d]
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * scaling + g.mask
+        o = torch.matmul(torch.softmax(scores, dim=-1), v)  # [kv, n, group, d]
+        out[0][:, g.nodes] = o.transpose(1, 2).reshape(-1, n, head_dim).to(q.dtype)
+    return out
+
+
 def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                      sliding_window=None, **kwargs):
     """Per-row attention over each row's own slot view; query is [1, heads, T, head_dim]."""
@@ -207,10 +297,13 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     gqa = query.shape[1] != key.shape[1]
     masks = batch.window_masks(sliding_window) if sliding_window else [r.mask for r in batch.rows]
     outs = []
-    for row, mask in zip(batch.rows, masks):
+    for row, mask, groups in zip(batch.rows, masks, batch.queries):
         store = row.slot.storage[layer]
-        end = row.past + row.n
         q = query[:, :, row.start:row.start + row.n]
+        if groups is not None and not sliding_window:
+            outs.append(_one_token_attention(q, store, groups, scaling))
+            continue
+        end = row.past + row.n
         k = store[0, :, :end].unsqueeze(0)
         v = store[1, :, :end].unsqueeze(0)
         outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))

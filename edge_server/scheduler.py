@@ -9,9 +9,12 @@ items, build one ragged batch (edge_server.kv_cache), run it, hand each session 
 Policy
 - Trees and decode steps first, oldest first (FIFO = fair: what is left over is oldest next
   step), up to `max_batch_size` rows and `max_batch_tokens` tokens.
-- Prefills fill the remaining token room in chunks of at most `prefill_chunk`, oldest prompt
-  first; they always get at least `prefill_min_chunk` so a busy server still admits, and a long
-  prompt never holds up other sessions' rounds for more than one chunk's worth of compute.
+- Prefills fill the remaining token room in whole chunks of `prefill_chunk` tokens, oldest
+  prompt first; one chunk always rides along, even past `max_batch_tokens`, so a busy server
+  still admits, and a long prompt never holds up other sessions' rounds for more than one
+  chunk's worth of compute. Whole chunks, never a load-dependent remainder: a prompt is then
+  cut at the same places at any load, and in bf16, where a chunk's numbers depend on where it
+  starts, its tokens come out the same however busy the server was.
 - Collection window: a device that misses a step waits a whole step, so when fewer sessions
   are ready than are active the step waits for the devices expected back soon. Each session's
   turnaround (verdict out -> next draft in: network + drafting) is tracked; the step waits for
@@ -56,7 +59,6 @@ class SchedulerConfig:
     max_batch_size: int = 32
     max_batch_tokens: int = 512
     prefill_chunk: int = 128
-    prefill_min_chunk: int = 32
     window_ms: float = 2.0  # wait at least this for a device with no turnaround history
     window_max_ms: float = 50.0
     max_queued_prefill_tokens: int = 16384
@@ -220,13 +222,11 @@ class Scheduler:
             tokens += len(it.tree)
         took_prefill = False
         for it in sorted((i for i in self._pending if i.prefill), key=lambda i: i.enqueued):
-            room = cfg.max_batch_tokens - tokens
-            if not took_prefill:
-                room = max(room, cfg.prefill_min_chunk)
-            room = min(room, cfg.prefill_chunk)
-            if room <= 0 or len(chosen) >= cfg.max_batch_size:
+            if len(chosen) >= cfg.max_batch_size:
                 break
-            row = it.session.prefill_row(room)
+            row = it.session.prefill_row(cfg.prefill_chunk)  # whole chunks: see the module docstring
+            if took_prefill and tokens + row.n > cfg.max_batch_tokens:
+                break
             chosen.append((it, row))
             tokens += row.n
             took_prefill = True

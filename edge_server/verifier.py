@@ -5,7 +5,6 @@ tests that compare tree logits with sequential decoding, and the benchmarks.
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
@@ -23,23 +22,37 @@ class ForwardResult:
     hidden: torch.Tensor  # [n, d] final (post-norm) hidden state at each input position
 
 
-def _padded_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    n = x.shape[-2]
-    if 1 < n < 4:
-        pad = x.new_zeros(*x.shape[:-2], 4 - n, x.shape[-1])
-        return F.linear(torch.cat([x, pad], dim=-2), self.weight, self.bias)[..., :n, :]
-    return F.linear(x, self.weight, self.bias)
+def _padded_linear(linear: nn.Linear, lowest: int):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-2]
+        if lowest <= n < 4:
+            pad = x.new_zeros(*x.shape[:-2], 4 - n, x.shape[-1])
+            return F.linear(torch.cat([x, pad], dim=-2), linear.weight, linear.bias)[..., :n, :]
+        return F.linear(x, linear.weight, linear.bias)
+    return forward
 
 
 def pad_small_products(model: nn.Module) -> None:
-    """CPU BLAS computes a 2- or 3-row product row by row (as GEMVs) and only switches to its
-    GEMM kernel at 4 rows: measured here (1 thread), the LM head takes 10.6 ms for 1 row, 24 for
-    2, 35 for 3 and 18 for 4. A step of 2-3 tokens (two decoding sessions, a 3-node tree) would
-    cost more than one of 4. So 2-3 rows are padded to 4 with zeros; each output row is still
-    that row's own product (the same GEMM kernel every wider step uses)."""
+    """Every product of fewer than 4 rows is padded to 4 on CPU, because of two things measured
+    here (1 thread, oneDNN):
+
+    - Cost. Products of 2-3 rows run row by row and only switch to the GEMM kernel at 4 rows:
+      the fp32 LM head takes 10.6 ms for 1 row, 24 for 2, 35 for 3 and 18 for 4.
+    - Exactness. Each output row of a product of 4 or more rows is bitwise the same whatever
+      the other rows are (fp32 and bf16 alike), but a 1-3-row product sums in another order:
+      a bf16 MLP down-projection gives a different result for 4 of 30 random inputs. In bf16
+      that flips the greedy token often enough (7 of 34 64-token generations) that a tree
+      verified in one wide step would not reproduce one-token decoding.
+
+    So 2-3 rows are always padded, and in reduced precision a single row too: there a 4-row
+    bf16 product costs what a 1-row one does (LM head 7.4 vs 7.6 ms), and every row then comes
+    out of the same kernel, so a token's logits do not depend on the batch it was in. In fp32
+    a single row keeps the fast GEMV (padding would double a decode step), at a ~1e-6 relative
+    difference that has not flipped a greedy token in the lossless tests."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            module.forward = types.MethodType(_padded_linear, module)
+            lowest = 2 if module.weight.dtype == torch.float32 else 1
+            module.forward = _padded_linear(module, lowest)
 
 
 class TargetModel:

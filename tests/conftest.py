@@ -31,6 +31,63 @@ def loaded():
     return load_model("default", torch.float32, "cpu")
 
 
+class Served:
+    """The target's own greedy continuation as the test server computes it.
+
+    fp32: transformers' generate() on the same weights (the server's fp32 steps match it).
+    Reduced precision (bf16 by default on a CPU with native bf16, see
+    edge_server.cli.pick_dtype): one-token greedy decoding through the server's own batched
+    forward, prompt in the server's chunks. There every step's numbers come from the kernels
+    that make a tree node bitwise a decoding step (edge_server.kv_cache._query_groups), which
+    transformers' bf16 attention does not use, so its greedy text can differ in a near-tie."""
+
+    def __init__(self, loaded, dtype: str, prefill_chunk: int = 128):
+        import torch
+
+        from edge_server.kv_cache import KVPool
+        from edge_server.model_store import load_model
+        from edge_server.verifier import TargetModel
+
+        self.loaded, self.chunk = loaded, prefill_chunk
+        self.target = None
+        if dtype != "float32":
+            model = load_model("default", getattr(torch, dtype), "cpu").model
+            self.target = TargetModel(model, max_context=8192)
+            self.pool = KVPool.for_model(model, 64)
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        import torch
+
+        if self.target is None:
+            with torch.inference_mode():
+                out = self.loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n,
+                                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+            return out[0, len(ids):].tolist()
+        from edge_server.kv_cache import Row
+
+        slot = self.pool.allocate(len(ids) + n)
+        try:
+            for at in range(0, len(ids), self.chunk):
+                part = ids[at:at + self.chunk]
+                logits, _ = self.target.forward_rows([Row(slot, at, part, list(range(at, at + len(part))), None,
+                                                          [len(part) - 1] if at + len(part) == len(ids) else [])])
+            eos = self.target.model.generation_config.eos_token_id
+            stops = {eos} if isinstance(eos, int) else set(eos or [])
+            out = [int(logits[0][-1].argmax())]
+            while len(out) < n and out[-1] not in stops:
+                p = len(ids) + len(out) - 1
+                logits, _ = self.target.forward_rows([Row(slot, p, out[-1:], [p], None, [0])])
+                out.append(int(logits[0][-1].argmax()))
+            return out
+        finally:
+            self.pool.free(slot)
+
+
+@pytest.fixture(scope="session")
+def served(loaded, client) -> Served:
+    return Served(loaded, client[1].dtype)
+
+
 @pytest.fixture(scope="session")
 def server():
     from edge_server.launcher import ServerProcess

@@ -80,12 +80,12 @@ def test_batched_and_unbatched_accept_same_paths(loaded):
         pool.free(s.slot)
 
 
-def test_eight_concurrent_sessions_each_equal_their_greedy_reference(client, loaded):
+def test_eight_concurrent_sessions_each_equal_their_greedy_reference(client, served):
     stub, info, tokenizer = client
     jobs = []
     for i, prompt in enumerate(PROMPTS[:8]):
         ids = tokenizer.chat_ids(prompt)
-        jobs.append((ids, _greedy(loaded.model, ids, MAX_NEW), NgramDrafter() if i % 2 else NoDrafter()))
+        jobs.append((ids, served.greedy(ids, MAX_NEW), NgramDrafter() if i % 2 else NoDrafter()))
     results, errors = [None] * len(jobs), []
 
     def run(i, ids, drafter):
@@ -165,9 +165,9 @@ def test_cancel_and_disconnect_free_the_kv(client):
 
 @pytest.fixture(scope="module")
 def small_server():
-    # 46,080 B per KV position (fp32): 12 MiB hold ~270 positions
+    # 46,080 B per KV position in fp32: 12 MiB hold ~270 positions
     srv = ServerProcess(["--log-level", "WARNING", "--max-sessions", "2", "--max-tree-nodes", "16",
-                         "--kv-budget-mb", "12", "--idle-timeout", "6"])
+                         "--kv-budget-mb", "12", "--idle-timeout", "6", "--dtype", "float32"])
     channel = grpc.insecure_channel(srv.address)
     stub = rpc.EdgeSpecStub(channel)
     yield stub, stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import grpc
 import pytest
 import torch
 
@@ -11,24 +12,25 @@ from device_client.cli import make_drafter
 from device_client.drafters.ngram import NgramDrafter
 from device_client.drafters.none import NoDrafter
 from device_client.session import Request, generate
+from shared.protocol import pb, rpc
 
-from conftest import PROMPTS, ROOT
+from conftest import PROMPTS, ROOT, Served
 
 MAX_NEW = 40
 
 
-@pytest.fixture(scope="module")
-def references(loaded, client):
-    """generate(do_sample=False) of the same fp32 model on the same prompt ids."""
-    _, _, tokenizer = client
+def greedy_references(served, tokenizer, prompts: list[str]) -> dict[str, tuple[list[int], list[int]]]:
+    """The target's own greedy continuation (conftest.Served) of the same prompt ids."""
     refs = {}
-    for prompt in PROMPTS[:8]:
+    for prompt in prompts:
         ids = tokenizer.chat_ids(prompt)
-        with torch.inference_mode():
-            out = loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW,
-                                        attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-        refs[prompt] = (ids, out[0, len(ids):].tolist())
+        refs[prompt] = (ids, served.greedy(ids, MAX_NEW))
     return refs
+
+
+@pytest.fixture(scope="module")
+def references(served, client):
+    return greedy_references(served, client[2], PROMPTS[:8])
 
 
 DRAFTERS = {
@@ -90,3 +92,27 @@ def test_cli_json_reports_every_field(server, references):
     assert record["text"] and record["text"] in out.stdout
     assert record["bytes_up"] > 0 and record["bytes_down"] > 0
     assert "tokens in" in out.stderr  # the one-line summary
+
+
+@pytest.fixture(scope="module")
+def fp32_client(client):
+    """A second server pinned to fp32, when the default one runs another dtype."""
+    if client[1].dtype == "float32":
+        pytest.skip("the default test server already runs fp32")
+    from edge_server.launcher import ServerProcess
+
+    with ServerProcess(["--log-level", "WARNING", "--max-tree-nodes", "64", "--dtype", "float32"]) as srv:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = rpc.EdgeSpecStub(channel)
+            yield stub, stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["speculative", "pipelined"])
+def test_fp32_server_greedy_equals_fp32_generate(fp32_client, loaded, client, mode):
+    """Every dtype setting keeps the contract: the fp32 server against fp32 generate()."""
+    stub, info = fp32_client
+    drafter = make_drafter("heads", stub, info, "unified", True)
+    for prompt, (ids, expected) in greedy_references(Served(loaded, "float32"), client[2], PROMPTS[:3]).items():
+        rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=32, mode=mode), drafter,
+                       info.tokenizer_fingerprint, timeout=120)
+        assert rec.token_ids == expected, prompt

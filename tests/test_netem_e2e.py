@@ -3,7 +3,6 @@ import importlib.util
 import sys
 
 import grpc
-import torch
 
 from device_client.cli import make_drafter
 from device_client.drafters.ngram import NgramDrafter
@@ -21,14 +20,12 @@ def _netem():
     return mod
 
 
-def _through_4g(server, client, loaded, prompt: str, request_args: dict, drafter):
+def _through_4g(server, client, served, prompt: str, request_args: dict, drafter):
     """Generates through the emulated 4g link; returns the record and the greedy reference."""
     _, info, tokenizer = client
     ids = tokenizer.chat_ids(prompt)
     n = request_args["max_new_tokens"]
-    with torch.inference_mode():
-        ref = loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n,
-                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    ref = served.greedy(ids, n)
     host, port = server.address.rsplit(":", 1)
     with _netem().run_proxy_in_thread("4g", upstream=(host, int(port))) as (phost, pport):
         with grpc.insecure_channel(f"{phost}:{pport}") as channel:
@@ -37,17 +34,17 @@ def _through_4g(server, client, loaded, prompt: str, request_args: dict, drafter
     return rec, ref
 
 
-def test_client_through_4g_proxy_matches_greedy_reference(server, client, loaded):
-    rec, ref = _through_4g(server, client, loaded, PROMPTS[7], dict(max_new_tokens=24), NgramDrafter())
+def test_client_through_4g_proxy_matches_greedy_reference(server, client, served):
+    rec, ref = _through_4g(server, client, served, PROMPTS[7], dict(max_new_tokens=24), NgramDrafter())
     assert rec.token_ids == ref
     # every round pays the emulated 50 ms RTT
     assert rec.total_ms >= 50 * rec.rounds
 
 
-def test_pipelined_client_through_4g_proxy_matches_greedy_reference(server, client, loaded):
+def test_pipelined_client_through_4g_proxy_matches_greedy_reference(server, client, served):
     """Drafts arrive a round trip late; the server re-roots them (or decodes alone), exactly."""
     stub, info, _ = client
-    rec, ref = _through_4g(server, client, loaded, PROMPTS[0], dict(max_new_tokens=32, mode="pipelined"),
+    rec, ref = _through_4g(server, client, served, PROMPTS[0], dict(max_new_tokens=32, mode="pipelined"),
                            make_drafter("heads", stub, info))
     assert rec.token_ids == ref
     assert rec.mode == "pipelined" and rec.tree_sizes

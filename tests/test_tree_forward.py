@@ -37,3 +37,38 @@ def test_commit_keeps_prefix_and_accepted_path(loaded):
     with torch.inference_mode():
         ref = loaded.model(torch.tensor([prompt + [11, 13, 14, 15]])).logits[0, -1]
     assert torch.allclose(out.logits[0], ref, atol=1e-4, rtol=0)
+
+
+def test_bf16_tree_nodes_are_bitwise_the_decoding_steps(loaded):
+    """In bf16 on CPU a tree node's logits and hidden state are exactly those of one-token
+    decoding along its path, batched with another session's rows or not (this is what keeps
+    bf16 speculation lossless: see edge_server.kv_cache._query_groups)."""
+    from edge_server.kv_cache import KVPool, Row
+    from edge_server.model_store import load_model
+
+    model = load_model("default", torch.bfloat16, "cpu").model
+    target = TargetModel(model, max_context=8192)
+    pool = KVPool.for_model(model, 64)
+    prompt = loaded.tokenizer("The quick brown fox jumps over the", return_tensors="pt").input_ids[0].tolist()
+    other_prompt = list(range(2000, 2090))
+    tree = TokenTree((264, 9048, 3446, 30, 9048, 260, 264, 1420), (-1, 0, 0, 1, 2, 3, 3, 6))
+
+    def prefilled(ids):
+        slot = pool.allocate(len(ids) + 16)
+        target.forward_rows([Row(slot, 0, ids, list(range(len(ids))), None, [])])
+        return slot
+
+    p = len(prompt)
+    tree_slot, other = prefilled(prompt), prefilled(other_prompt)
+    tree_row = Row(tree_slot, p, list(tree.tokens), [p + d for d in tree.depths], tree.ancestor_mask(),
+                   list(range(len(tree))))
+    other_row = Row(other, len(other_prompt), [7, 8, 9], [90, 91, 92], None, [2])  # a prompt chunk
+    logits, hidden = target.forward_rows([other_row, tree_row])
+    for node in range(len(tree)):
+        path = [tree.tokens[i] for i in tree.path_to(node)]
+        slot = prefilled(prompt)
+        for i, tok in enumerate(path):  # one decoding step per token, alone
+            step_logits, step_hidden = target.forward_rows([Row(slot, p + i, [tok], [p + i], None, [0])])
+        assert torch.equal(hidden[1][node], step_hidden[0][0]), node
+        assert torch.equal(logits[1][node], step_logits[0][0]), node
+        pool.free(slot)
