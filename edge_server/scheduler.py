@@ -214,7 +214,7 @@ class Scheduler:
         tokens = 0
         for it in self._pending:
             if it.pipelined:
-                it.tree = it.session.pipelined_tree()
+                it.tree = it.session.pipelined_tree(self.budgets.level)
         for it in sorted((i for i in self._pending if not i.prefill), key=lambda i: i.enqueued):
             if len(chosen) >= cfg.max_batch_size or (chosen and tokens + len(it.tree) > cfg.max_batch_tokens):
                 break

@@ -73,17 +73,19 @@ class Session:
         """The root of a Draft for `draft_round`: the last token of the verdict before it."""
         return self.generated[self.round_ends[draft_round - 1] - 1]
 
-    def pipelined_tree(self) -> TokenTree:
+    def pipelined_tree(self, budget: int) -> TokenTree:
         """What this step verifies in pipelined mode: the latest draft re-rooted at the current
         bonus token (the tokens generated since the draft's root must lie on one of its
         paths), or the root alone when there is no draft or generation has left it. The same
-        draft serves later steps too while it still reaches ahead."""
+        draft serves later steps too while it still reaches ahead, cut to the budget the server
+        gives now: a draft made for a bigger budget (before the load grew, or during a probe)
+        would otherwise keep widening steps the budget meant to keep narrow."""
         latest = self.draft
         if latest is not None:
             draft_round, tree = latest
             ahead = tree.reroot(self.generated[self.round_ends[draft_round - 1]:])
             if ahead is not None:
-                return ahead
+                return ahead if len(ahead) <= budget else ahead.keep(range(max(1, budget)))
         return TokenTree.root_only(self.bonus)
 
     def release(self) -> None:

@@ -112,14 +112,16 @@ def test_pipelined_step_waits_briefly_for_a_fresh_draft():
 def test_pipelined_tree_follows_generation_into_the_latest_draft():
     s = Session([1, 2, 3], Sampling(), max_new_tokens=64, stop_ids=frozenset(), want_hidden=False)
     s.generated, s.round_ends, s.round = [10], [1], 0  # the prefill's verdict: bonus 10
-    assert s.pipelined_tree() == TokenTree.root_only(10)  # no draft yet: decode alone
+    assert s.pipelined_tree(8) == TokenTree.root_only(10)  # no draft yet: decode alone
     # a draft built on round 0 (root 10): 10 -> 11 -> 13 -> 14, and 10 -> 12
     s.draft = (1, TokenTree((10, 11, 12, 13, 14), (-1, 0, 0, 1, 3)))
     assert s.root_for_round(1) == 10
-    assert s.pipelined_tree() == s.draft[1]  # fresh: verified as sent
+    assert s.pipelined_tree(8) == s.draft[1]  # fresh: verified as sent
+    assert s.pipelined_tree(2) == TokenTree((10, 11), (-1, 0))  # the budget shrank since: cut to it
+    assert s.pipelined_tree(1) == TokenTree.root_only(10)
     s.generated, s.round_ends, s.round = [10, 11], [1, 2], 1  # the server decoded 11 meanwhile
-    assert s.pipelined_tree() == TokenTree((11, 13, 14), (-1, 0, 1))  # re-rooted, still ahead
+    assert s.pipelined_tree(8) == TokenTree((11, 13, 14), (-1, 0, 1))  # re-rooted, still ahead
     s.generated, s.round_ends, s.round = [10, 11, 99], [1, 2, 3], 2  # generation left the tree
-    assert s.pipelined_tree() == TokenTree.root_only(99)
+    assert s.pipelined_tree(8) == TokenTree.root_only(99)
 
 
