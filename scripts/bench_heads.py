@@ -286,7 +286,7 @@ def tau_table(tau: dict, budgets: list[int]) -> list[str]:
 def to_markdown(res: dict) -> str:
     """The benchmark as markdown tables (results/summary/heads.md)."""
     B = res["budget"]
-    L = [f"# Head drafter benchmark (temperature 0, exact offline tau on the eval set)", ""]
+    L = ["# Head drafter benchmark (temperature 0, exact offline tau on the eval set)", ""]
     acc = res.get("heldout_accuracy") or {}
     if acc:
         L += ["Shipped heads, held-out accuracy (the torch heads before export):", "",

@@ -115,7 +115,8 @@ def _gather_from_quantized(model) -> None:
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         n_axis = inits[data].dims[axis]
-        idx, out, tag = node.input[1], node.output[0], node.name or out
+        idx, out = node.input[1], node.output[0]
+        tag = node.name or out
 
         def per_index(name: str) -> str:
             """The scale / zero point for the gathered entries: gathered if per channel."""

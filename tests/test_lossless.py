@@ -6,7 +6,6 @@ import sys
 
 import grpc
 import pytest
-import torch
 
 from device_client.cli import make_drafter
 from device_client.drafters.ngram import NgramDrafter
