@@ -63,24 +63,33 @@ class Served:
                 out = self.loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n,
                                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long))
             return out[0, len(ids):].tolist()
-        from edge_server.kv_cache import Row
+        return self._decode_alone(ids, n)
 
-        slot = self.pool.allocate(len(ids) + n)
+    def _decode_alone(self, ids: list[int], n: int) -> list[int]:
+        """A lone server-ar session, one step at a time: the server's own rows and limits."""
+        from edge_server.sampling import Sampling
+        from edge_server.session import Session
+        from shared.protocol import pb
+        from shared.tree import TokenTree
+
+        eos = self.target.model.generation_config.eos_token_id
+        stops = frozenset({eos} if isinstance(eos, int) else eos or [])
+        s = Session(list(ids), Sampling(), n, stops, want_hidden=False)
+        s.slot = self.pool.allocate(len(ids) + n)
+        ctx = self.target.max_context
         try:
-            for at in range(0, len(ids), self.chunk):
-                part = ids[at:at + self.chunk]
-                logits, _ = self.target.forward_rows([Row(slot, at, part, list(range(at, at + len(part))), None,
-                                                          [len(part) - 1] if at + len(part) == len(ids) else [])])
-            eos = self.target.model.generation_config.eos_token_id
-            stops = {eos} if isinstance(eos, int) else set(eos or [])
-            out = [int(logits[0][-1].argmax())]
-            while len(out) < n and out[-1] not in stops:
-                p = len(ids) + len(out) - 1
-                logits, _ = self.target.forward_rows([Row(slot, p, out[-1:], [p], None, [0])])
-                out.append(int(logits[0][-1].argmax()))
-            return out
+            done = None
+            while done is None:
+                row = s.prefill_row(self.chunk)
+                logits, hidden = self.target.forward_rows([row])
+                done = s.after_prefill_row(row, logits[0], hidden[0], ctx, 0.0)
+            while s.finish == pb.FINISH_NONE:
+                tree = TokenTree.root_only(s.bonus)
+                logits, hidden = self.target.forward_rows([s.tree_row(tree)])
+                s.after_tree_row(tree, logits[0], hidden[0], ctx, 0.0)
+            return s.generated
         finally:
-            self.pool.free(slot)
+            self.pool.free(s.slot)
 
 
 @pytest.fixture(scope="session")
