@@ -1,7 +1,9 @@
 """One generation over the Generate stream: draft, send, receive verdicts, repeat.
 
 Lock-step ("speculative"): one round in flight; a verdict's bonus token is the next tree's
-root and the server waits for that tree. Pipelined: the server decodes on without waiting and
+root and the server waits for that tree, unless the verdict's budget is 1 (the server is too
+busy for trees to pay, or the device's cap is 1): then the server decodes alone until a verdict
+with a bigger budget asks for a tree again. Pipelined: the server decodes on without waiting and
 verifies whichever draft it holds; the device drafts on the newest verdict it has whenever it
 is free, so a slow link or a slow drafter costs acceptance, never the server's pace.
 Server-ar: the server decodes alone.
@@ -164,10 +166,9 @@ def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokeniz
             if verdict.finish_reason != pb.FINISH_NONE:
                 rec.finish_reason = FINISH_NAMES[verdict.finish_reason]
                 break
-            budget = min(request.tree_budget, verdict.next_tree_budget or request.tree_budget)
-            # a pipelined server decodes alone at budget 1: a root-only draft would only cost it
-            # a message to parse on its busiest core
-            if request.drafts and (budget > 1 or request.mode != "pipelined"):
+            budget = min(request.tree_budget, verdict.next_tree_budget)
+            # at budget 1 the server decodes the next round alone, in every mode: no draft is due
+            if request.drafts and budget > 1:
                 d0 = time.perf_counter()
                 hidden = (np.frombuffer(verdict.hidden_state, dtype=np.float16).astype(np.float32)
                           if verdict.hidden_state else None)

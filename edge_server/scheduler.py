@@ -173,8 +173,14 @@ class Scheduler:
         return await item.future
 
     def next_budget(self, session: Session) -> int:
+        """The tree budget for the session's next round: the load's level within the device's own
+        cap; 1 (no tree: the server decodes the round alone) for server-only sessions."""
         with self._cv:
-            return self.budgets.level
+            return self._budget(session)
+
+    def _budget(self, session: Session) -> int:
+        level = self.budgets.level
+        return min(level, session.tree_cap or level) if session.speculative else 1
 
     def stop(self) -> None:
         with self._cv:
@@ -214,7 +220,7 @@ class Scheduler:
         tokens = 0
         for it in self._pending:
             if it.pipelined:
-                it.tree = it.session.pipelined_tree(self.budgets.level)
+                it.tree = it.session.pipelined_tree(self._budget(it.session))
         for it in sorted((i for i in self._pending if not i.prefill), key=lambda i: i.enqueued):
             if len(chosen) >= cfg.max_batch_size or (chosen and tokens + len(it.tree) > cfg.max_batch_tokens):
                 break
@@ -263,7 +269,7 @@ class Scheduler:
         ready = {it.session.id for it in self._pending}
         missing = [sid for sid in self._active if sid not in ready]
         drafting = [it.session.id for it in self._pending
-                    if it.pipelined and self.budgets.level > 1
+                    if it.pipelined and self._budget(it.session) > 1
                     and (it.session.draft is None or it.session.draft[0] <= it.session.round)]
         return missing, drafting
 
@@ -340,7 +346,7 @@ class Scheduler:
                     self.metrics.count("pipelined_steps_with_tree", int(len(it.tree) > 1))
                 if not it.prefill:
                     self.metrics.session_round(it.session.id, len(it.tree), res.accepted, len(res.tokens),
-                                               self.budgets.level)
+                                               self._budget(it.session))
                 info = StepInfo(queue_ms, compute_ms, len(rows), n_tokens)
                 if res.finish != pb.FINISH_NONE:
                     self._pipelined.discard(it.session.id)  # no next step to hold a batch for

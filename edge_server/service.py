@@ -116,22 +116,10 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                      "the stream must begin with Start; send Start before any Draft or Cancel")
             session = self._open_session(first.start)
             result, step = await self.scheduler.prefill(session)
-            yield pb.ServerMessage(started=pb.Started(
-                session_id=session.id, first=self._verdict(session, result, step)))
-            if first.start.mode in (pb.MODE_SERVER_AR, pb.MODE_PIPELINED):
-                async for msg in self._decode_alone(session, request_iterator):
-                    yield msg
-                return
-            while session.finish == pb.FINISH_NONE:
-                sent = time.perf_counter()
-                msg = await self._next_message(request_iterator)
-                self.metrics.device_wait((time.perf_counter() - sent) * 1e3)
-                if msg is None or msg.WhichOneof("kind") == "cancel":
-                    session.finish = pb.FINISH_CANCELLED
-                    return
-                _, tree = self._check_draft(session, msg)
-                result, step = await self.scheduler.verify(session, tree)
-                yield pb.ServerMessage(verdict=self._verdict(session, result, step))
+            verdict = self._verdict(session, result, step)
+            yield pb.ServerMessage(started=pb.Started(session_id=session.id, first=verdict))
+            async for msg in self._rounds(session, first.start.mode, verdict.next_tree_budget, request_iterator):
+                yield msg
         except BadRequest as bad:
             await context.abort(bad.code, bad.message)
         finally:
@@ -140,59 +128,92 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                 self.scheduler.release(session)
                 session.release()
 
-    async def _next_message(self, request_iterator):
-        """The device's next message; an idle device loses its session (and its KV) after the timeout."""
+    async def _rounds(self, session: Session, mode: int, budget: int,
+                      request_iterator) -> AsyncIterator[pb.ServerMessage]:
+        """Every round after the prefill, batched with everything else by the scheduler.
+
+        Lock-step: after a verdict with a budget above 1 the server waits for the device's tree
+        for the next round; after one with budget 1 (no speculation: the load is too high for
+        trees to pay, or the device drafts no more) it decodes the next round alone, as
+        server-only decoding does, so no round trip is spent on a tree nobody drafts.
+        Pipelined: the server never waits; each step verifies the device's latest draft,
+        re-rooted at the current token. Server-only: the server decodes alone.
+        The device's messages are read on the side, so a Cancel, a disconnect or a bad Draft
+        ends the session whichever round it is in."""
+        lock_step = mode == pb.MODE_SPECULATIVE
+        drafts: asyncio.Queue = asyncio.Queue()  # lock-step: the due tree, or None to stop
+        due = lock_step and budget > 1  # a lock-step Draft is due (set before its verdict goes out)
+        ended = asyncio.Event()
+        refused: list[BadRequest] = []
+
+        async def watch() -> None:
+            nonlocal due
+            try:
+                async for msg in request_iterator:
+                    if msg.WhichOneof("kind") == "cancel" or session.finish != pb.FINISH_NONE:
+                        break
+                    if mode == pb.MODE_PIPELINED:
+                        self.scheduler.offer_draft(session, *self._check_draft(session, msg, pipelined=True))
+                        continue
+                    _require(due, grpc.StatusCode.FAILED_PRECONDITION,
+                             "no Draft is due: a server-only session takes none, and in lock-step the server "
+                             "decodes alone after a verdict whose next_tree_budget is 1; send one Draft after "
+                             "each verdict with a budget above 1")
+                    drafts.put_nowait(self._check_draft(session, msg)[1])
+                    due = False
+            except BadRequest as bad:
+                refused.append(bad)
+            ended.set()
+            drafts.put_nowait(None)
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            return await asyncio.wait_for(anext(aiter(request_iterator), None), self.limits.idle_timeout_s)
+            while session.finish == pb.FINISH_NONE and not ended.is_set():
+                if mode == pb.MODE_PIPELINED:
+                    result, step = await self.scheduler.step_pipelined(session)
+                elif lock_step and budget > 1:
+                    tree = await self._due_draft(drafts)
+                    if tree is None:
+                        break
+                    result, step = await self.scheduler.verify(session, tree)
+                else:
+                    result, step = await self.scheduler.verify(session, TokenTree.root_only(session.bonus))
+                verdict = self._verdict(session, result, step)
+                budget = verdict.next_tree_budget
+                due = lock_step and budget > 1 and session.finish == pb.FINISH_NONE
+                yield pb.ServerMessage(verdict=verdict)
+            if refused:
+                raise refused[0]
+            if session.finish == pb.FINISH_NONE:
+                session.finish = pb.FINISH_CANCELLED
+        finally:
+            watcher.cancel()
+
+    async def _due_draft(self, drafts: asyncio.Queue) -> TokenTree | None:
+        """The device's tree for the round the server waits for (None once the stream ends);
+        an idle device loses its session (and its KV) after the timeout."""
+        sent = time.perf_counter()
+        try:
+            tree = await asyncio.wait_for(drafts.get(), self.limits.idle_timeout_s)
         except asyncio.TimeoutError:
             self.metrics.count("sessions_idle_closed")
             raise BadRequest(grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"no Draft for {self.limits.idle_timeout_s:g} s; the session and its KV cache "
                              "were freed; start a new generation") from None
-
-    async def _decode_alone(self, session: Session, request_iterator) -> AsyncIterator[pb.ServerMessage]:
-        """The server decodes every step without waiting for the device, batched with everything
-        else: server-only (the baseline), or pipelined, where each step verifies the device's
-        latest draft re-rooted at the current token (drafts arrive on the side, any time)."""
-        pipelined = session.speculative
-        cancelled = asyncio.Event()
-        refused: list[BadRequest] = []
-
-        async def watch() -> None:
-            try:
-                async for msg in request_iterator:
-                    if msg.WhichOneof("kind") == "cancel":
-                        break
-                    if pipelined and session.finish == pb.FINISH_NONE:
-                        draft_round, tree = self._check_draft(session, msg, pipelined=True)
-                        self.scheduler.offer_draft(session, draft_round, tree)
-            except BadRequest as bad:
-                refused.append(bad)
-            cancelled.set()
-
-        watcher = asyncio.ensure_future(watch())
-        try:
-            while session.finish == pb.FINISH_NONE and not cancelled.is_set():
-                if pipelined:
-                    result, step = await self.scheduler.step_pipelined(session)
-                else:
-                    result, step = await self.scheduler.verify(session, TokenTree.root_only(session.bonus))
-                yield pb.ServerMessage(verdict=self._verdict(session, result, step))
-            if refused:
-                raise refused[0]
-        finally:
-            watcher.cancel()
+        self.metrics.device_wait((time.perf_counter() - sent) * 1e3)
+        return tree
 
     def _verdict(self, session: Session, result: RoundResult, step: StepInfo) -> pb.Verdict:
+        budget = self.scheduler.next_budget(session)
         hidden = b""
-        if result.hidden is not None:
+        if result.hidden is not None and budget > 1:  # drafts are made only for budgets above 1
             hidden = result.hidden.detach().to("cpu").float().numpy().astype(np.float16).tobytes()
         return pb.Verdict(
             round=session.round, tokens=result.tokens, hidden_state=hidden,
             finish_reason=result.finish,
             timings=pb.ServerTimings(queue_ms=step.queue_ms, compute_ms=step.compute_ms,
                                      batch_size=step.batch_size, batch_tokens=step.batch_tokens),
-            next_tree_budget=self.scheduler.next_budget(session),
+            next_tree_budget=budget,
         )
 
     # ---- validation --------------------------------------------------------------------

@@ -101,8 +101,10 @@ def served(loaded, client) -> Served:
 def server():
     from edge_server.launcher import ServerProcess
 
+    # --fixed-budget: every speculative round verifies a real tree (the load-aware budget could
+    # settle at 1, where the server decodes alone); the budget controller has its own tests
     srv = ServerProcess(["--log-level", "WARNING", "--max-tree-nodes", "64", "--max-new-tokens", "512",
-                         "--max-sessions", "16",
+                         "--max-sessions", "16", "--fixed-budget",
                          # e.g. "--device cuda --dtype float32" (scripts/gpu_check.sh)
                          *shlex.split(os.environ.get("EDGESPEC_TEST_SERVER_ARGS", ""))])
     yield srv

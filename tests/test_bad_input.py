@@ -79,6 +79,11 @@ CASES = {
                       grpc.StatusCode.INVALID_ARGUMENT, "--tree-budget"),
     "wrong round": (lambda info: [_start(info), _draft(7, [5], [0])], grpc.StatusCode.FAILED_PRECONDITION, "round"),
     "second start": (lambda info: [_start(info), _start(info)], grpc.StatusCode.FAILED_PRECONDITION, "Draft"),
+    # lock-step at budget 1 (here the device's own cap): the server decodes alone, no Draft is due
+    "draft at budget 1": (lambda info: [_start(info, tree_budget=1, max_new_tokens=64), _draft(1, [5], [0])],
+                          grpc.StatusCode.FAILED_PRECONDITION, "no Draft is due"),
+    "draft to server-ar": (lambda info: [_start(info, mode=pb.MODE_SERVER_AR, max_new_tokens=64), _draft(1, [5], [0])],
+                           grpc.StatusCode.FAILED_PRECONDITION, "no Draft is due"),
     # pipelined: the server decodes on its own; drafts come on the side and are checked as they arrive
     "pipelined draft ahead of the server": (lambda info: [_pipelined(info), _draft(9, [5], [0])],
                                             grpc.StatusCode.FAILED_PRECONDITION, "ahead of the server"),
@@ -109,12 +114,21 @@ def test_unknown_artifact_is_not_found(client):
 
 def test_other_session_survives_a_bad_one(client):
     """A good session in flight keeps its tokens while another session fails."""
+    import queue
+
     stub, info, _ = client
-    good = stub.Generate(iter([_start(info, max_new_tokens=3), _draft(1, [], []), _draft(2, [], [])]), timeout=60)
+    up = queue.Queue()
+    up.put(_start(info, max_new_tokens=3))
+    good = stub.Generate(iter(up.get, None), timeout=60)
     first = next(good)
     error, _ = _run_script(stub, [_start(info), _draft(1, [5, 6], [2, 0])])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    rest = list(good)
+    rest = []
+    for round_ in (1, 2):  # lock-step: each Draft after the verdict it builds on
+        up.put(_draft(round_, [], []))
+        rest.append(next(good))
+    up.put(None)
+    assert list(good) == []
     tokens = list(first.started.first.tokens) + [t for m in rest for t in m.verdict.tokens]
     assert len(tokens) == 3
     assert rest[-1].verdict.finish_reason == pb.FINISH_LENGTH

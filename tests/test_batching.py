@@ -167,7 +167,8 @@ def test_cancel_and_disconnect_free_the_kv(client):
 def small_server():
     # 46,080 B per KV position in fp32: 12 MiB hold ~270 positions
     srv = ServerProcess(["--log-level", "WARNING", "--max-sessions", "2", "--max-tree-nodes", "16",
-                         "--kv-budget-mb", "12", "--idle-timeout", "6", "--dtype", "float32"])
+                         "--kv-budget-mb", "12", "--idle-timeout", "6", "--dtype", "float32",
+                         "--fixed-budget"])  # lock-step sessions wait for Drafts (the idle timeout)
     channel = grpc.insecure_channel(srv.address)
     stub = rpc.EdgeSpecStub(channel)
     yield stub, stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)

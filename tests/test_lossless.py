@@ -45,11 +45,27 @@ DRAFTERS = {
 def test_greedy_equals_target_generate(client, references, name):
     stub, info, _ = client
     drafter = DRAFTERS[name](stub, info)
+    accepted = 0
     for prompt, (ids, expected) in references.items():
         rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=32), drafter,
                        info.tokenizer_fingerprint, timeout=120)
         assert rec.token_ids == expected, prompt
         assert sum(rec.accepted_per_round) + 1 == len(rec.token_ids)
+        accepted += len(rec.token_ids) - 1 - rec.rounds
+    assert (accepted > 0) == (name != "none")  # real trees were verified, and some held
+
+
+def test_lock_step_at_budget_one_decodes_alone(client, references):
+    """A device that caps its trees at 1 node: the server decodes every round alone, the device
+    sends no Draft and gets no hidden states, and the text is the same."""
+    stub, info, _ = client
+    drafter = DRAFTERS["heads-unified+ngram"](stub, info)
+    prompt, (ids, expected) = next(iter(references.items()))
+    rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=1), drafter,
+                   info.tokenizer_fingerprint, timeout=120)
+    assert rec.token_ids == expected
+    assert rec.tree_sizes == [] and rec.rounds == len(expected) - 1
+    assert rec.bytes_down < 40 * len(expected)  # no 1.1 KB hidden state per verdict
 
 
 @pytest.mark.parametrize("name", ["ngram", "heads-dynamic+ngram", "heads-unified+ngram"])
@@ -100,7 +116,8 @@ def fp32_client(client):
         pytest.skip("the default test server already runs fp32")
     from edge_server.launcher import ServerProcess
 
-    with ServerProcess(["--log-level", "WARNING", "--max-tree-nodes", "64", "--dtype", "float32"]) as srv:
+    with ServerProcess(["--log-level", "WARNING", "--max-tree-nodes", "64", "--dtype", "float32",
+                        "--fixed-budget"]) as srv:
         with grpc.insecure_channel(srv.address) as channel:
             stub = rpc.EdgeSpecStub(channel)
             yield stub, stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)

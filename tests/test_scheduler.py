@@ -77,7 +77,8 @@ def _deadline_wait_ms(ready: list[str], active: list[str], due_ms: dict[str, flo
     try:
         now = time.perf_counter()
         sched._active = set(active)
-        sched._pending = [SimpleNamespace(session=SimpleNamespace(id=sid, draft=None, round=3),
+        sched._pending = [SimpleNamespace(session=SimpleNamespace(id=sid, draft=None, round=3, speculative=True,
+                                                                   tree_cap=16),
                                           pipelined=sid in drafting) for sid in ready]
         sched.recent_step_ms = step_ms
         for sid, due in due_ms.items():  # sent 10 ms ago, back after 10 + due ms
