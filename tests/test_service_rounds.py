@@ -16,7 +16,6 @@ from edge_server.metrics import ServerMetrics
 from edge_server.scheduler import SchedulerConfig, StepInfo
 from edge_server.service import EdgeSpecService, Limits
 from shared.protocol import pb
-from shared.tree import TokenTree
 
 VOCAB, HIDDEN, CONTEXT = 64, 4, 512
 STEP = StepInfo(queue_ms=0.0, compute_ms=1.0, batch_size=1, batch_tokens=1)
