@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="heads: merge prompt-lookup candidates into the heads' tree")
     p.add_argument("--draft-threads", type=int, default=1, help="onnxruntime threads for the heads")
     p.add_argument("--mode", choices=list(MODES), default="speculative",
-                   help="speculative: lock-step rounds (the server waits for each draft); pipelined: the "
+                   help="speculative: lock-step rounds (the server waits for each draft it asks for, and "
+                        "decodes alone while its budget is 1); pipelined: the "
                         "server decodes without waiting and verifies the latest draft when it arrives "
                         "(best on slow links); server-ar: the server decodes alone (baseline, no drafting)")
     p.add_argument("--tree-budget", type=int, default=16, help="most tree nodes per round, root included")

@@ -150,16 +150,19 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             nonlocal due
             try:
                 async for msg in request_iterator:
-                    if msg.WhichOneof("kind") == "cancel" or session.finish != pb.FINISH_NONE:
+                    kind = msg.WhichOneof("kind")
+                    if kind == "cancel" or session.finish != pb.FINISH_NONE:
                         break
+                    _require(kind == "draft", grpc.StatusCode.FAILED_PRECONDITION,
+                             f"expected Draft or Cancel after Start, got {kind or 'an empty message'}")
                     if mode == pb.MODE_PIPELINED:
-                        self.scheduler.offer_draft(session, *self._check_draft(session, msg, pipelined=True))
+                        self.scheduler.offer_draft(session, *self._check_draft(session, msg.draft, pipelined=True))
                         continue
                     _require(due, grpc.StatusCode.FAILED_PRECONDITION,
                              "no Draft is due: a server-only session takes none, and in lock-step the server "
                              "decodes alone after a verdict whose next_tree_budget is 1; send one Draft after "
                              "each verdict with a budget above 1")
-                    drafts.put_nowait(self._check_draft(session, msg)[1])
+                    drafts.put_nowait(self._check_draft(session, msg.draft)[1])
                     due = False
             except BadRequest as bad:
                 refused.append(bad)
@@ -269,13 +272,8 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         raise BadRequest(grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"{why}; retry in about {retry_s} s (retry-after-s={retry_s})")
 
-    def _check_draft(self, session: Session, msg: pb.ClientMessage,
-                     pipelined: bool = False) -> tuple[int, TokenTree]:
+    def _check_draft(self, session: Session, draft: pb.Draft, pipelined: bool = False) -> tuple[int, TokenTree]:
         """The draft's round and its tree, rooted at the last token of the verdict it was built on."""
-        kind = msg.WhichOneof("kind")
-        _require(kind == "draft", grpc.StatusCode.FAILED_PRECONDITION,
-                 f"expected Draft or Cancel after Start, got {kind or 'an empty message'}")
-        draft = msg.draft
         newest = len(session.round_ends)  # rounds with a verdict out (the prefill's included) + 1
         if pipelined:
             last = session.draft[0] if session.draft else 0
