@@ -200,3 +200,58 @@ class BudgetController:
             str(k): dict(level=v.level, rates={str(lv): round(r, 2) for lv, r in sorted(v.rates.items())},
                          probing=v.probing_from is not None, next_probe_in=v.countdown)
             for k, v in sorted(self.loads.items())})
+
+
+@dataclass
+class DeviceLink:
+    """Lock-step only: whether a tree round pays for this device's answer time.
+
+    The load level says whether trees pay for the server's steps; this says whether they pay for
+    one device's link. A lock-step round with a tree takes the device's answer (link round trip
+    plus drafting) and a step, and yields `tokens` (accepted + bonus); decoding alone yields one
+    token a step. Measured on this CPU (one device, ~65 ms a step, τ 2.0): trees win on the LAN,
+    5g and 4g (1.7 / 1.5 / 1.0-1.2x) and lose from 3g on (0.64x; 0.25x over a 600 ms satellite
+    link), where tokens x step < answer + step. There the session decodes alone and tries one
+    tree again after `wait` rounds (the link or the text may have changed), a wait that doubles
+    while trees keep losing; the retry's answer time replaces the old one, so a link that got
+    fast has its trees back at once."""
+
+    EMA = 0.5  # answer times: a link changes
+    # tokens per tree round: one round's count is geometric-like (1-5 at τ 2), so the session's
+    # mean, started from a prior of PRIOR_TOKENS over PRIOR_ROUNDS rounds (what the shipped heads
+    # get on a LAN), so that two unlucky rounds do not stop a fast device's trees
+    PRIOR_TOKENS, PRIOR_ROUNDS = 2.0, 2
+    FIRST_WAIT = 8
+    MAX_WAIT = 128
+
+    rounds: int = 0  # tree rounds seen; the first is not measured (it may carry the drafter's warm-up)
+    answer_s: float = 0.0  # EMA of the device's answer time in tree rounds
+    tokens_sum: int = 0  # tokens of the measured tree rounds
+    alone: int = 0  # rounds decoded alone since the last tree round
+    wait: int = FIRST_WAIT
+    retrying: bool = False  # the coming tree round re-measures a link after rounds alone
+
+    @property
+    def tokens(self) -> float:
+        """Expected tokens of a tree round."""
+        measured = max(0, self.rounds - 1)
+        return (self.tokens_sum + self.PRIOR_TOKENS * self.PRIOR_ROUNDS) / (measured + self.PRIOR_ROUNDS)
+
+    def tree_round(self, answer_s: float, tokens: int) -> None:
+        self.rounds += 1
+        if self.rounds > 1:
+            weight = 1.0 if self.rounds == 2 or self.retrying else self.EMA  # a retry replaces a stale time
+            self.answer_s += weight * (answer_s - self.answer_s)
+            self.tokens_sum += tokens
+        self.retrying = False
+
+    def next_round_has_tree(self, step_s: float) -> bool:
+        """Decides the next round (call once per verdict that would ask for a tree)."""
+        if self.rounds < 2 or self.tokens * step_s >= self.answer_s + step_s:
+            self.alone, self.wait = 0, self.FIRST_WAIT
+            return True
+        self.alone += 1
+        if self.alone < self.wait:
+            return False
+        self.alone, self.wait, self.retrying = 0, min(2 * self.wait, self.MAX_WAIT), True
+        return True

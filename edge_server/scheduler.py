@@ -173,10 +173,15 @@ class Scheduler:
         return await item.future
 
     def next_budget(self, session: Session) -> int:
-        """The tree budget for the session's next round: the load's level within the device's own
-        cap; 1 (no tree: the server decodes the round alone) for server-only sessions."""
+        """The tree budget for the session's next round (call once per verdict): the load's level
+        within the device's own cap; 1 (no tree: the server decodes the round alone) for
+        server-only sessions, and for lock-step devices whose link makes trees lose
+        (budget.DeviceLink)."""
         with self._cv:
-            return self._budget(session)
+            budget = self._budget(session)
+            if budget > 1 and not session.link.next_round_has_tree(self.recent_step_ms / 1e3):
+                return 1
+            return budget
 
     def _budget(self, session: Session) -> int:
         level = self.budgets.level

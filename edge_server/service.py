@@ -175,10 +175,11 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                 if mode == pb.MODE_PIPELINED:
                     result, step = await self.scheduler.step_pipelined(session)
                 elif lock_step and budget > 1:
-                    tree = await self._due_draft(drafts)
+                    tree, answer_s = await self._due_draft(drafts)
                     if tree is None:
                         break
                     result, step = await self.scheduler.verify(session, tree)
+                    session.link.tree_round(answer_s, len(result.tokens))
                 else:
                     result, step = await self.scheduler.verify(session, TokenTree.root_only(session.bonus))
                 verdict = self._verdict(session, result, step)
@@ -192,9 +193,9 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         finally:
             watcher.cancel()
 
-    async def _due_draft(self, drafts: asyncio.Queue) -> TokenTree | None:
-        """The device's tree for the round the server waits for (None once the stream ends);
-        an idle device loses its session (and its KV) after the timeout."""
+    async def _due_draft(self, drafts: asyncio.Queue) -> tuple[TokenTree | None, float]:
+        """The device's tree for the round the server waits for (None once the stream ends) and
+        the seconds it took; an idle device loses its session (and its KV) after the timeout."""
         sent = time.perf_counter()
         try:
             tree = await asyncio.wait_for(drafts.get(), self.limits.idle_timeout_s)
@@ -203,8 +204,9 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             raise BadRequest(grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"no Draft for {self.limits.idle_timeout_s:g} s; the session and its KV cache "
                              "were freed; start a new generation") from None
-        self.metrics.device_wait((time.perf_counter() - sent) * 1e3)
-        return tree
+        waited = time.perf_counter() - sent
+        self.metrics.device_wait(waited * 1e3)
+        return tree, waited
 
     def _verdict(self, session: Session, result: RoundResult, step: StepInfo) -> pb.Verdict:
         budget = self.scheduler.next_budget(session)

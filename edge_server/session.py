@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from edge_server.budget import DeviceLink
 from edge_server.kv_cache import Row, Slot
 from edge_server.sampling import Sampling, choose_tokens
 from edge_server.verifier import TargetModel
@@ -55,6 +56,7 @@ class Session:
     round_ends: list[int] = field(default_factory=list)  # len(generated) after each round (0 = prefill)
     # pipelined mode: the device's latest draft and its round, set by the service as drafts arrive
     draft: tuple[int, TokenTree] | None = None
+    link: DeviceLink = field(default_factory=DeviceLink)  # lock-step: does a tree pay for the device's link
 
     def __post_init__(self) -> None:
         if not self.params.greedy:

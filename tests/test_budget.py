@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from edge_server.budget import BudgetController
+from edge_server.budget import BudgetController, DeviceLink
 
 
 def _run(ctl: BudgetController, steps: int, rows: int, tau, step_s, noise: float = 0.0, seed: int = 0,
@@ -120,3 +120,52 @@ def test_budgets_stay_within_what_the_devices_draft():
     assert _share(levels[-300:], {8, 16}) >= 0.8
     ctl.add("b", speculative=False)  # a server-ar session declares nothing and changes no cap
     assert ctl.cap == 16
+
+
+def _link_after(answers_s: list[float], tokens: int = 2) -> DeviceLink:
+    link = DeviceLink()
+    for a in answers_s:
+        link.tree_round(a, tokens)
+    return link
+
+
+def _tree_rounds(link: DeviceLink, rounds: int, step_s: float = 0.065) -> list[int]:
+    """The rounds (0-based) the link lets carry a tree, with no new measurements in between."""
+    return [r for r in range(rounds) if link.next_round_has_tree(step_s)]
+
+
+def test_a_lan_device_always_gets_trees():
+    assert _tree_rounds(_link_after([0.5, 0.010, 0.012]), 50) == list(range(50))  # the first: warm-up
+
+
+def test_a_satellite_device_decodes_alone_and_retries_trees_ever_more_rarely():
+    # 2 tokens per 600 ms round trip + a 65 ms step, against one token per 65 ms step alone
+    link = _link_after([0.6, 0.6])
+    first = _tree_rounds(link, DeviceLink.FIRST_WAIT)
+    assert first == [DeviceLink.FIRST_WAIT - 1]  # alone, then one tree to re-measure
+    link.tree_round(0.6, 2)  # it still loses: wait twice as long
+    assert _tree_rounds(link, 2 * DeviceLink.FIRST_WAIT) == [2 * DeviceLink.FIRST_WAIT - 1]
+
+
+def test_a_link_that_speeds_up_gets_its_trees_back():
+    link = _link_after([0.6, 0.6])
+    trees = []
+    for r in range(200):  # from now on every tree round is answered in 10 ms
+        if link.next_round_has_tree(0.065):
+            trees.append(r)
+            link.tree_round(0.010, 2)
+    assert trees[-50:] == list(range(150, 200))
+    assert trees[:3] == [DeviceLink.FIRST_WAIT - 1, DeviceLink.FIRST_WAIT, DeviceLink.FIRST_WAIT + 1]
+
+
+def test_one_answer_is_not_enough_to_stop_trees():
+    assert _tree_rounds(_link_after([0.6]), 5) == list(range(5))
+
+
+def test_unlucky_rounds_do_not_stop_a_fast_devices_trees():
+    # 30 ms answers, 75 ms steps: trees pay from 1.4 tokens a round; these average 1.9
+    link = _link_after([0.5, 0.03, 0.03], tokens=1)  # two rounds that accepted nothing
+    for tokens in [3, 1, 2, 1, 4, 1, 2]:
+        assert link.next_round_has_tree(0.075)
+        link.tree_round(0.03, tokens)
+    assert link.next_round_has_tree(0.075)
