@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import grpc
@@ -36,6 +36,15 @@ class Limits:
     max_sessions: int = 64
     kv_budget_mb: float = 2048.0
     idle_timeout_s: float = 120.0
+
+
+@dataclass
+class _Uplink:
+    """What the device's message reader (EdgeSpecService._watch) shares with the round loop."""
+    due: bool  # lock-step: a Draft is due for the next round
+    drafts: asyncio.Queue = field(default_factory=asyncio.Queue)  # lock-step: due trees; None = ended
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # Cancel, end of stream or a bad message
+    refused: BadRequest | None = None
 
 
 class BadRequest(Exception):
@@ -134,48 +143,18 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
 
         Lock-step: after a verdict with a budget above 1 the server waits for the device's tree
         for the next round; after one with budget 1 (no speculation: the load is too high for
-        trees to pay, or the device drafts no more) it decodes the next round alone, as
-        server-only decoding does, so no round trip is spent on a tree nobody drafts.
+        trees to pay, the device's link too slow, or its cap 1) it decodes the next round
+        alone, as server-only decoding does, so no round trip is spent on a tree nobody drafts.
         Pipelined: the server never waits; each step verifies the device's latest draft,
-        re-rooted at the current token. Server-only: the server decodes alone.
-        The device's messages are read on the side, so a Cancel, a disconnect or a bad Draft
-        ends the session whichever round it is in."""
-        lock_step = mode == pb.MODE_SPECULATIVE
-        drafts: asyncio.Queue = asyncio.Queue()  # lock-step: the due tree, or None to stop
-        due = lock_step and budget > 1  # a lock-step Draft is due (set before its verdict goes out)
-        ended = asyncio.Event()
-        refused: list[BadRequest] = []
-
-        async def watch() -> None:
-            nonlocal due
-            try:
-                async for msg in request_iterator:
-                    kind = msg.WhichOneof("kind")
-                    if kind == "cancel" or session.finish != pb.FINISH_NONE:
-                        break
-                    _require(kind == "draft", grpc.StatusCode.FAILED_PRECONDITION,
-                             f"expected Draft or Cancel after Start, got {kind or 'an empty message'}")
-                    if mode == pb.MODE_PIPELINED:
-                        self.scheduler.offer_draft(session, *self._check_draft(session, msg.draft, pipelined=True))
-                        continue
-                    _require(due, grpc.StatusCode.FAILED_PRECONDITION,
-                             "no Draft is due: a server-only session takes none, and in lock-step the server "
-                             "decodes alone after a verdict whose next_tree_budget is 1; send one Draft after "
-                             "each verdict with a budget above 1")
-                    drafts.put_nowait(self._check_draft(session, msg.draft)[1])
-                    due = False
-            except BadRequest as bad:
-                refused.append(bad)
-            ended.set()
-            drafts.put_nowait(None)
-
-        watcher = asyncio.ensure_future(watch())
+        re-rooted at the current token. Server-only: the server decodes alone."""
+        uplink = _Uplink(due=mode == pb.MODE_SPECULATIVE and budget > 1)
+        watcher = asyncio.ensure_future(self._watch(session, mode, request_iterator, uplink))
         try:
-            while session.finish == pb.FINISH_NONE and not ended.is_set():
+            while session.finish == pb.FINISH_NONE and not uplink.ended.is_set():
                 if mode == pb.MODE_PIPELINED:
                     result, step = await self.scheduler.step_pipelined(session)
-                elif lock_step and budget > 1:
-                    tree, answer_s = await self._due_draft(drafts)
+                elif mode == pb.MODE_SPECULATIVE and budget > 1:
+                    tree, answer_s = await self._due_draft(uplink.drafts)
                     if tree is None:
                         break
                     result, step = await self.scheduler.verify(session, tree)
@@ -184,14 +163,40 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                     result, step = await self.scheduler.verify(session, TokenTree.root_only(session.bonus))
                 verdict = self._verdict(session, result, step)
                 budget = verdict.next_tree_budget
-                due = lock_step and budget > 1 and session.finish == pb.FINISH_NONE
+                # set before the verdict goes out: a fast device's Draft may arrive right after it
+                uplink.due = mode == pb.MODE_SPECULATIVE and budget > 1 and session.finish == pb.FINISH_NONE
                 yield pb.ServerMessage(verdict=verdict)
-            if refused:
-                raise refused[0]
+            if uplink.refused:
+                raise uplink.refused
             if session.finish == pb.FINISH_NONE:
                 session.finish = pb.FINISH_CANCELLED
         finally:
             watcher.cancel()
+
+    async def _watch(self, session: Session, mode: int, request_iterator, uplink: _Uplink) -> None:
+        """Reads the device's messages on the side, so a Cancel, a disconnect or a bad Draft ends
+        the session whichever round it is in: lock-step Drafts go to `uplink.drafts` when one is
+        due, pipelined ones to the scheduler."""
+        try:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("kind")
+                if kind == "cancel" or session.finish != pb.FINISH_NONE:
+                    break
+                _require(kind == "draft", grpc.StatusCode.FAILED_PRECONDITION,
+                         f"expected Draft or Cancel after Start, got {kind or 'an empty message'}")
+                if mode == pb.MODE_PIPELINED:
+                    self.scheduler.offer_draft(session, *self._check_draft(session, msg.draft, pipelined=True))
+                    continue
+                _require(uplink.due, grpc.StatusCode.FAILED_PRECONDITION,
+                         "no Draft is due: a server-only session takes none, and in lock-step the server "
+                         "decodes alone after a verdict whose next_tree_budget is 1; send one Draft after "
+                         "each verdict with a budget above 1")
+                uplink.drafts.put_nowait(self._check_draft(session, msg.draft)[1])
+                uplink.due = False
+        except BadRequest as bad:
+            uplink.refused = bad
+        uplink.ended.set()
+        uplink.drafts.put_nowait(None)
 
     async def _due_draft(self, drafts: asyncio.Queue) -> tuple[TokenTree | None, float]:
         """The device's tree for the round the server waits for (None once the stream ends) and
