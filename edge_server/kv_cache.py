@@ -154,8 +154,8 @@ class Row:
 class RaggedBatch:
     def __init__(self, rows: list[Row], dtype: torch.dtype, device: torch.device):
         self.rows = rows
+        self.dtype = dtype
         start = 0
-        minval = torch.finfo(dtype).min
         # per row: its one-token queries (decoding steps, tree nodes), where they are computed
         # exactly (see exact_one_token_queries), else None
         self.queries: list[list[QueryGroup] | None] = []
@@ -164,17 +164,21 @@ class RaggedBatch:
             row.start = start
             start += row.n
             one_token = row.n == 1 or row.visible is not None
-            self.queries.append(_query_groups(row, device) if exact and one_token else None)
-            if row.n == 1:
-                row.mask = None
-                continue
-            # prompt chunks (causal), and trees where their nodes are not computed one by one
-            own = torch.ones(row.n, row.n, dtype=torch.bool).tril_() if row.visible is None else torch.from_numpy(row.visible)
-            mask = torch.zeros(row.n, row.past + row.n, dtype=dtype)
-            mask[:, row.past:].masked_fill_(~own, minval)
-            row.mask = mask[None, None].to(device)
+            groups = _query_groups(row, device) if exact and one_token else None
+            self.queries.append(groups)
+            # the fused kernel's mask: prompt chunks, and trees whose nodes are not computed one
+            # by one (one query alone sees everything before it and needs none)
+            row.mask = None if row.n == 1 or groups is not None else self._row_mask(row)[None, None].to(device)
         self.total = start
         self._window_masks: dict[int, list[torch.Tensor | None]] = {}
+
+    def _row_mask(self, row: Row) -> torch.Tensor:
+        """[n, past + n] additive: the committed prefix, then causal (a chunk) or the tree's
+        ancestors among the row's own tokens."""
+        own = torch.ones(row.n, row.n, dtype=torch.bool).tril_() if row.visible is None else torch.from_numpy(row.visible)
+        mask = torch.zeros(row.n, row.past + row.n, dtype=self.dtype)
+        mask[:, row.past:].masked_fill_(~own, torch.finfo(self.dtype).min)
+        return mask
 
     def window_masks(self, window: int) -> list[torch.Tensor | None]:
         """Row masks with a sliding window on top (models with local-attention layers)."""
@@ -184,9 +188,7 @@ class RaggedBatch:
                 kpos = torch.cat([torch.arange(row.past), torch.tensor(row.positions)])
                 qpos = torch.tensor(row.positions)
                 far = (qpos[:, None] - kpos[None, :]) >= window
-                base = row.mask[0, 0].clone() if row.mask is not None else torch.zeros(
-                    row.n, row.past + row.n, dtype=self.rows[0].slot.pool.dtype)
-                base = base.to("cpu").masked_fill_(far, torch.finfo(base.dtype).min)
+                base = self._row_mask(row).masked_fill_(far, torch.finfo(self.dtype).min)
                 out.append(base[None, None].to(row.slot.pool.device))
             self._window_masks[window] = out
         return self._window_masks[window]
