@@ -24,18 +24,26 @@ measure, so the controller climbs it directly:
   After a level change one step is not sampled: the trees in flight were drafted under the old
   budget. Steps that carry prompt chunks are not sampled either: prompts cost the same at every
   level.
-- The controller stays at its level and, every `countdown` epochs, probes a neighbouring level.
+- The controller stays at its level and, when one is due, probes a neighbouring level.
   On this shared CPU one epoch's rate varies by 10-15% with nothing changed, more than most
   differences between neighbouring levels, so a probe is a paired comparison: the epoch before
   it, then probe, level, probe, and the two levels' tokens/s over those epochs are compared
   (slow drifts of the machine or the text hit both alike). A probe that wins by MARGIN becomes
-  the level and the next probe continues that way at once; a losing probe sends it back, flips
-  the direction and doubles the wait before the next probe (at most MAX_BACKOFF epochs), so
-  where speculation does not pay the server spends about 2/MAX_BACKOFF of its epochs checking
-  that it still does not.
+  the level and the next probe continues that way at once; a losing probe sends it back and
+  flips the direction.
+- Each (level, neighbour) pair keeps its own wait before it is probed again, so a smaller level
+  that lost says nothing about a larger one. A pair that loses again waits twice as long (at
+  most MAX_BACKOFF epochs), and at least long enough that re-checking a level that lost by a
+  share `loss` costs under EXPLORE of the server's throughput (PROBE_EPOCHS x loss / wait):
+  a 2-node tree that lost 25% at 8 clients waits 25 epochs, a close call waits 2 and is
+  measured again soon. Doubling alone spent a fifth of a short run's steps on such probes at
+  8-16 lock-step clients (each probe epoch 10-27% slower), which kept heads 7-10% under
+  server-only decoding. A level that just lost to the new one waits at least 3 epochs (its
+  loss is at least MARGIN's), so one noisy probe back does not undo a win at once.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -45,9 +53,10 @@ class _Load:
 
     level: int
     rates: dict[int, float] = field(default_factory=dict)  # level -> measured tokens/s
-    countdown: int = 1  # epochs until the next probe
-    backoff: int = 1
-    direction: int = -1  # the next probe: -1 the next smaller level, +1 the next larger one
+    epochs: int = 0  # epochs measured here outside probes: the clock of `due`
+    due: dict[tuple[int, int], int] = field(default_factory=dict)  # (level, neighbour) -> epoch it may be probed
+    waits: dict[tuple[int, int], int] = field(default_factory=dict)  # (level, neighbour) -> its last wait
+    direction: int = -1  # the preferred probe: -1 the next smaller level, +1 the next larger one
     probing_from: int | None = None  # the level to return to if the running probe loses
     schedule: list[int] = field(default_factory=list)  # the running probe's epochs still to come
     trial: dict[int, list[float]] = field(default_factory=dict)  # level -> [tokens, seconds] in the probe
@@ -69,6 +78,8 @@ class BudgetController:
     START_NODES = 8
     SETTLE_STEPS = 1
     MAX_BACKOFF = 32
+    EXPLORE = 0.02  # the most throughput re-checking a losing neighbour may cost
+    PROBE_EPOCHS = 2  # epochs a probe runs at the probed level
 
     def __init__(self, max_nodes: int, adaptive: bool = True) -> None:
         self.max_nodes = max(1, int(max_nodes))
@@ -168,18 +179,22 @@ class BudgetController:
             return
         old, rate = load.rates.get(load.level), tokens / seconds
         load.rates[load.level] = rate if old is None else old + self.EMA * (rate - old)
-        load.countdown -= 1
-        if load.countdown > 0:
-            return
-        nxt = self._neighbour(load.level, load.direction)
+        load.epochs += 1
+        nxt = self._due_probe(load)
         if nxt is None:
-            load.direction = -load.direction
-            nxt = self._neighbour(load.level, load.direction)
-        if nxt is None:  # a single level: nothing to probe
             return
         load.probing_from, load.schedule = load.level, [load.level, nxt]
         load.trial = {load.level: [tokens, seconds]}  # this epoch is the pair's first base epoch
         self._switch(load, nxt)
+
+    def _due_probe(self, load: _Load) -> int | None:
+        """The neighbour to probe now, the preferred direction first, or None."""
+        for direction in (load.direction, -load.direction):
+            nxt = self._neighbour(load.level, direction)
+            if nxt is not None and load.due.get((load.level, nxt), 0) <= load.epochs:
+                load.direction = direction
+                return nxt
+        return None
 
     def _judge_probe(self, load: _Load) -> None:
         """Probe and base over the probe's epochs; the run ends on the probe level."""
@@ -187,18 +202,29 @@ class BudgetController:
         rates = {lv: t / s for lv, (t, s) in load.trial.items() if s > 0}
         load.rates.update(rates)
         load.probing_from, load.trial = None, {}
-        if rates.get(probe, 0.0) > rates.get(base, 0.0) * self.MARGIN:
-            load.backoff = load.countdown = 1  # keep going this way
+        won = rates.get(probe, 0.0) > rates.get(base, 0.0) * self.MARGIN
+        winner, loser = (probe, base) if won else (base, probe)
+        self._wait(load, winner, loser, 1.0 - rates.get(loser, 0.0) / max(rates.get(winner, 0.0), 1e-9))
+        if won:  # keep going this way
+            load.due.pop((base, probe), None)
+            load.waits.pop((base, probe), None)
             return
         self._switch(load, base)
         load.direction = -load.direction
-        load.backoff = min(2 * load.backoff, self.MAX_BACKOFF)
-        load.countdown = load.backoff
+
+    def _wait(self, load: _Load, level: int, neighbour: int, loss: float) -> None:
+        """How long `level` leaves `neighbour`, which just lost to it by `loss`, unprobed."""
+        pair = (level, neighbour)
+        wait = max(2 * load.waits.get(pair, 1), math.ceil(self.PROBE_EPOCHS * loss / self.EXPLORE))
+        load.waits[pair] = min(wait, self.MAX_BACKOFF)
+        load.due[pair] = load.epochs + load.waits[pair]
 
     def as_dict(self) -> dict:
         return dict(level=self.level, adaptive=self.adaptive, loads={
             str(k): dict(level=v.level, rates={str(lv): round(r, 2) for lv, r in sorted(v.rates.items())},
-                         probing=v.probing_from is not None, next_probe_in=v.countdown)
+                         probing=v.probing_from is not None,
+                         next_probe_in={str(n): max(0, due - v.epochs) for (lv, n), due in v.due.items()
+                                        if lv == v.level})
             for k, v in sorted(self.loads.items())})
 
 

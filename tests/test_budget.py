@@ -77,6 +77,35 @@ def test_a_new_heavy_load_starts_without_speculation_and_stays_there_through_noi
     assert _share(levels, {1}) >= 0.7  # the probes that check whether trees pay yet
 
 
+def _probe_starts(levels: list[int], level: int) -> list[int]:
+    """Steps where a run at `level` starts; a probe is two such runs (probe, base, probe)."""
+    return [i for i, lv in enumerate(levels) if lv == level and (i == 0 or levels[i - 1] != level)]
+
+
+def _epoch_steps(rows: int) -> int:
+    return max(BudgetController.MIN_STEPS, math.ceil(BudgetController.MIN_ROWS / rows))
+
+
+@pytest.mark.parametrize("loss, wait_epochs", [(0.30, 2 * 0.30 / BudgetController.EXPLORE), (0.02, 2)])
+def test_a_neighbour_that_lost_by_more_is_left_alone_longer(loss, wait_epochs):
+    # 8 sessions: a 2-node tree yields no more tokens and costs `loss` of the tokens/s, so
+    # checking it again may cost about EXPLORE of the throughput
+    step_s = lambda rows, b: 0.1 if b == 1 else 0.1 / (1 - loss)  # noqa: E731
+    levels = _run(_controller(8), 400, 8, lambda b: 1.0, step_s)
+    starts = _probe_starts(levels, 2)
+    epochs_between = (starts[2] - starts[1]) / _epoch_steps(8)  # second epoch of one probe -> the next probe
+    assert wait_epochs + 1 <= epochs_between <= wait_epochs + 3  # + the probe's last epoch and settling
+
+
+def test_a_losing_smaller_tree_does_not_hold_back_a_larger_one():
+    # one session on a GPU-like step where budgets under 8 cost far more: 4 loses badly, and 16
+    # is still tried right after that probe
+    levels = _run(_controller(1), 200, 1, _cpu_like_tau, lambda rows, b: 0.020 + (0.05 if b < 8 else 0.0))
+    assert levels[0] == 8
+    down, up = _probe_starts(levels, 4), _probe_starts(levels, 16)
+    assert down and up and up[0] - down[1] <= 3 * _epoch_steps(1)
+
+
 def test_under_load_a_small_tree_is_kept_when_it_pays():
     # 8 sessions: budget 2 gains 12% (tokens/s at 1: 60.6, 2: 67.6, 4: 64.4, 8: 60.6, 16: 55.5)
     tau = {1: 1.0, 2: 1.45, 4: 1.7, 8: 1.9, 16: 2.1, 32: 2.3, 64: 2.4}.get
