@@ -1,10 +1,12 @@
 """Prompt-lookup drafting proposes what followed earlier occurrences of the suffix."""
-from device_client.drafters.ngram import NgramDrafter, lookup_continuations
+from device_client.drafters.ngram import NgramDrafter, NgramIndex
 
 
 def test_lookup_prefers_longest_and_most_recent_match():
     ctx = [1, 2, 3, 9, 1, 2, 3, 8, 7, 2, 3]
-    paths = lookup_continuations(ctx, max_ngram=3, depth=2)
+    index = NgramIndex(3)
+    index.sync(ctx)
+    paths = index.continuations(ctx, depth=2)
     # suffix (2, 3) occurred twice; the most recent occurrence came before 8
     assert paths[0] == [8, 7]
     assert [9, 1] in paths
@@ -21,10 +23,14 @@ def test_no_match_gives_root_only():
     assert len(NgramDrafter().propose([1, 2, 3], None, budget=8)) == 1
 
 
+def test_one_drafter_follows_a_growing_context_and_a_new_one():
+    drafter = NgramDrafter()
+    assert drafter.propose([5, 6, 7, 5], None, budget=4).tokens == (5, 6, 7, 5)
+    assert drafter.propose([5, 6, 7, 5, 6], None, budget=4).tokens == (6, 7, 5, 6)  # grown incrementally
+    assert drafter.propose([1, 2, 1], None, budget=4).tokens == (1, 2, 1)  # another session: rebuilt
+
 
 def test_index_grows_incrementally_and_matches_a_rebuild():
-    from device_client.drafters.ngram import NgramIndex
-
     ctx = [1, 2, 3, 9, 1, 2, 3, 8, 7, 2, 3, 1, 2]
     grown, fresh = NgramIndex(4), NgramIndex(4)
     for end in range(1, len(ctx) + 1):
@@ -39,8 +45,6 @@ def test_index_grows_incrementally_and_matches_a_rebuild():
 
 
 def test_index_candidates_kinds_and_copy_rate():
-    from device_client.drafters.ngram import NgramIndex
-
     idx = NgramIndex(3)
     idx.sync([4, 5, 6, 4, 5, 7, 4, 5, 6, 1, 5])
     assert idx.candidates([4, 5]) == {6: (2, 1), 7: (2, 2)}  # 6 twice (most frequent), 7 once

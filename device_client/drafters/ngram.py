@@ -2,49 +2,16 @@
 
 Training-free and cheap; it shines when the answer repeats the prompt or itself (code, lists,
 quotes). Several occurrences give several branches, merged into one tree: longer matches and
-more recent occurrences first.
+more recent occurrences first. One index of the context's n-grams serves both the ngram
+drafter and the heads' unified tree, which looks up a continuation below every node it adds.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from shared.tree import TokenTree, merge_paths
-
-
-def lookup_continuations(context: Sequence[int], max_ngram: int = 4, min_ngram: int = 1,
-                         depth: int = 8, max_paths: int = 8) -> list[list[int]]:
-    """Continuations of earlier matches of the context's suffix, best first."""
-    ctx = np.asarray(context, dtype=np.int64)
-    paths: list[list[int]] = []
-    seen: set[tuple[int, ...]] = set()
-    for n in range(min(max_ngram, len(ctx) - 1), min_ngram - 1, -1):
-        windows = sliding_window_view(ctx[:-1], n)  # matches must end before the last token
-        starts = np.flatnonzero((windows == ctx[-n:]).all(axis=1))
-        for start in starts[::-1]:  # most recent first
-            cont = ctx[start + n: start + n + depth].tolist()
-            key = tuple(cont)
-            if cont and key not in seen:
-                seen.add(key)
-                paths.append(cont)
-                if len(paths) >= max_paths:
-                    return paths
-    return paths
-
-
-class NgramDrafter:
-    name = "ngram"
-    needs_hidden_state = False
-
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, depth: int = 8):
-        self.max_ngram, self.min_ngram, self.depth = max_ngram, min_ngram, depth
-
-    def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int) -> TokenTree:
-        paths = lookup_continuations(context, self.max_ngram, self.min_ngram,
-                                     depth=min(self.depth, max(budget - 1, 0)))
-        return merge_paths(context[-1], paths, budget)
 
 
 class NgramIndex:
@@ -104,6 +71,23 @@ class NgramIndex:
         found = self._matches(suffix)
         return (len(found), found[-1]) if found else (0, [])
 
+    def continuations(self, suffix: Sequence[int], min_n: int = 1, depth: int = 8,
+                      max_paths: int = 8) -> list[list[int]]:
+        """Up to `depth` tokens after each earlier occurrence of `suffix`'s last n tokens,
+        n >= min_n: longest matches first, the most recent first among equals, no repeats."""
+        paths: list[list[int]] = []
+        seen: set[tuple[int, ...]] = set()
+        found = self._matches(suffix)
+        for n in range(len(found), min_n - 1, -1):
+            for p in reversed(found[n - 1]):
+                cont = self.tokens[p:p + depth]
+                if cont and tuple(cont) not in seen:
+                    seen.add(tuple(cont))
+                    paths.append(cont)
+                    if len(paths) >= max_paths:
+                        return paths
+        return paths
+
     def copy_rate(self) -> float:
         """Fraction of the last `copy_window` tokens that the longest match predicted."""
         h = self.hits[-self.copy_window:]
@@ -127,3 +111,17 @@ class NgramIndex:
                 if t not in out:
                     out[t] = (n, 3 if n < len(found) else (0 if counts[t] == len(pos) else 1) if r == 0 else 2)
         return out
+
+
+class NgramDrafter:
+    name = "ngram"
+    needs_hidden_state = False
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, depth: int = 8):
+        self.min_ngram, self.depth = min_ngram, depth
+        self.index = NgramIndex(max_ngram)
+
+    def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int) -> TokenTree:
+        self.index.sync(context)
+        paths = self.index.continuations(context, self.min_ngram, depth=min(self.depth, max(budget - 1, 0)))
+        return merge_paths(context[-1], paths, budget)
