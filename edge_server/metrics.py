@@ -33,7 +33,7 @@ class SessionRecord:
     tree_tokens: int = 0
     accepted_tokens: int = 0
     generated_tokens: int = 0
-    budget: int = 0
+    budget: int = 0  # the tree budget its last verdict handed out
 
 
 class ServerMetrics:
@@ -70,7 +70,7 @@ class ServerMetrics:
             self.sessions[sid] = SessionRecord(sid, mode)
             self.counters["sessions_started"] += 1
 
-    def session_round(self, sid: str, tree_tokens: int, accepted: int, generated: int, budget: int) -> None:
+    def session_round(self, sid: str, tree_tokens: int, accepted: int, generated: int) -> None:
         with self._lock:
             rec = self.sessions.get(sid)
             if rec is None:
@@ -79,10 +79,15 @@ class ServerMetrics:
             rec.tree_tokens += tree_tokens
             rec.accepted_tokens += accepted
             rec.generated_tokens += generated
-            rec.budget = budget
             self.counters["rounds"] += 1
             self.counters["accepted_tokens"] += accepted
             self.counters["generated_tokens"] += generated
+
+    def session_budget(self, sid: str, budget: int) -> None:
+        with self._lock:
+            rec = self.sessions.get(sid)
+            if rec is not None:
+                rec.budget = budget
 
     def session_close(self, sid: str) -> None:
         with self._lock:

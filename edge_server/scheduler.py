@@ -180,8 +180,9 @@ class Scheduler:
         with self._cv:
             budget = self._budget(session)
             if budget > 1 and not session.link.next_round_has_tree(self.recent_step_ms / 1e3):
-                return 1
-            return budget
+                budget = 1
+        self.metrics.session_budget(session.id, budget)
+        return budget
 
     def _budget(self, session: Session) -> int:
         level = self.budgets.level
@@ -350,8 +351,7 @@ class Scheduler:
                     self.metrics.count("pipelined_steps")
                     self.metrics.count("pipelined_steps_with_tree", int(len(it.tree) > 1))
                 if not it.prefill:
-                    self.metrics.session_round(it.session.id, len(it.tree), res.accepted, len(res.tokens),
-                                               self._budget(it.session))
+                    self.metrics.session_round(it.session.id, len(it.tree), res.accepted, len(res.tokens))
                 info = StepInfo(queue_ms, compute_ms, len(rows), n_tokens)
                 if res.finish != pb.FINISH_NONE:
                     self._pipelined.discard(it.session.id)  # no next step to hold a batch for

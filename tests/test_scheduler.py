@@ -126,18 +126,18 @@ def test_pipelined_tree_follows_generation_into_the_latest_draft():
     assert s.pipelined_tree(8) == TokenTree.root_only(99)
 
 
-
-
 def test_a_lock_step_device_on_a_slow_link_is_given_budget_one():
     """The load level allows trees, but 2 tokens per 600 ms answer lose to decoding alone."""
     sched = Scheduler(None, None, SchedulerConfig(), max_tree_nodes=16)
     try:
         s = Session([1, 2, 3], Sampling(), max_new_tokens=64, stop_ids=frozenset(), want_hidden=True, tree_cap=16)
         sched.budgets.add(s.id, True, s.tree_cap)
+        sched.metrics.session_open(s.id, "speculative")
         sched.recent_step_ms = 65.0
         assert sched.next_budget(s) == 8  # a lone session starts at START_NODES
         for answer_s in (0.6, 0.6):
             s.link.tree_round(answer_s, 2)
         assert sched.next_budget(s) == 1
+        assert sched.metrics.sessions[s.id].budget == 1  # what the verdict handed out, not the level
     finally:
         sched.stop()
