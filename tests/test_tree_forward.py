@@ -72,3 +72,39 @@ def test_bf16_tree_nodes_are_bitwise_the_decoding_steps(loaded):
         assert torch.equal(hidden[1][node], step_hidden[0][0]), node
         assert torch.equal(logits[1][node], step_logits[0][0]), node
         pool.free(slot)
+
+
+def test_sliding_window_layers_see_only_their_window():
+    """Models with local-attention layers (Mistral-style sliding windows) go through the ragged
+    batch's window masks: a prompt in two chunks, then a tree, batched with another session's
+    decoding step, must give each node the logits the model itself computes for its path.
+    A tiny random model (the embedded one has no sliding-window layers); the prompt is longer
+    than the window, so a mask that ignored it would differ."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from edge_server.kv_cache import KVPool, Row
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
+                        max_position_embeddings=256, attn_implementation="eager")
+    model = MistralForCausalLM(cfg).eval()
+    target = TargetModel(model, max_context=256)
+    pool = KVPool.for_model(model, 4)
+    prompt, other = [int(t) for t in torch.randint(0, 97, (14,))], [3, 1, 4, 1, 5, 9]
+    tree = TokenTree((11, 12, 13, 14, 15, 16), (-1, 0, 0, 1, 3, 2))
+    slot, other_slot = pool.allocate(32), pool.allocate(32)
+    target.forward_rows([Row(slot, 0, prompt[:8], list(range(8)), None, []),
+                         Row(other_slot, 0, other, list(range(len(other))), None, [])])
+    target.forward_rows([Row(slot, 8, prompt[8:], list(range(8, 14)), None, [])])
+    p = len(prompt)
+    logits, _ = target.forward_rows([Row(other_slot, len(other), [7], [len(other)], None, [0]),
+                                     Row(slot, p, list(tree.tokens), [p + d for d in tree.depths],
+                                         tree.ancestor_mask(), list(range(len(tree))))])
+    with torch.inference_mode():
+        for node in range(len(tree)):
+            seq = prompt + [tree.tokens[i] for i in tree.path_to(node)]
+            ref = model(torch.tensor([seq])).logits[0, -1]
+            assert torch.allclose(logits[1][node], ref, atol=1e-5, rtol=0), node
+        ref_other = model(torch.tensor([other + [7]])).logits[0, -1]
+    assert torch.allclose(logits[0][0], ref_other, atol=1e-5, rtol=0)
