@@ -155,22 +155,31 @@ class RaggedBatch:
     def __init__(self, rows: list[Row], dtype: torch.dtype, device: torch.device):
         self.rows = rows
         self.dtype = dtype
+        self.device = device
+        self._exact = exact_one_token_queries(dtype, torch.device(device))
         start = 0
-        # per row: its one-token queries (decoding steps, tree nodes), where they are computed
-        # exactly (see exact_one_token_queries), else None
-        self.queries: list[list[QueryGroup] | None] = []
-        exact = exact_one_token_queries(dtype, torch.device(device))
         for row in rows:
             row.start = start
             start += row.n
-            one_token = row.n == 1 or row.visible is not None
-            groups = _query_groups(row, device) if exact and one_token else None
-            self.queries.append(groups)
             # the fused kernel's mask: prompt chunks, and trees whose nodes are not computed one
             # by one (one query alone sees everything before it and needs none)
-            row.mask = None if row.n == 1 or groups is not None else self._row_mask(row)[None, None].to(device)
+            row.mask = None if row.n == 1 or self._is_exact(row) else self._row_mask(row)[None, None].to(device)
         self.total = start
+        self._queries: dict[int | None, list[list[QueryGroup] | None]] = {}
         self._window_masks: dict[int, list[torch.Tensor | None]] = {}
+
+    def _is_exact(self, row: Row) -> bool:
+        """Whether the row's queries are one-token queries computed exactly (decoding steps, tree
+        nodes; see exact_one_token_queries)."""
+        return self._exact and (row.n == 1 or row.visible is not None)
+
+    def queries(self, window: int | None = None) -> list[list[QueryGroup] | None]:
+        """Per row: its one-token queries grouped for exact attention (None: the fused kernel),
+        for full-attention layers or for local ones that see `window` positions."""
+        if window not in self._queries:
+            self._queries[window] = [_query_groups(r, self.device, window) if self._is_exact(r) else None
+                                     for r in self.rows]
+        return self._queries[window]
 
     def _row_mask(self, row: Row) -> torch.Tensor:
         """[n, past + n] additive: the committed prefix, then causal (a chunk) or the tree's
@@ -181,15 +190,19 @@ class RaggedBatch:
         return mask
 
     def window_masks(self, window: int) -> list[torch.Tensor | None]:
-        """Row masks with a sliding window on top (models with local-attention layers)."""
+        """Row masks with a sliding window on top (models with local-attention layers), for the
+        rows the fused kernel computes."""
         if window not in self._window_masks:
-            out = []
+            out: list[torch.Tensor | None] = []
             for row in self.rows:
+                if self._is_exact(row):
+                    out.append(None)
+                    continue
                 kpos = torch.cat([torch.arange(row.past), torch.tensor(row.positions)])
                 qpos = torch.tensor(row.positions)
                 far = (qpos[:, None] - kpos[None, :]) >= window
                 base = self._row_mask(row).masked_fill_(far, torch.finfo(self.dtype).min)
-                out.append(base[None, None].to(row.slot.pool.device))
+                out.append(base[None, None].to(self.device))
             self._window_masks[window] = out
         return self._window_masks[window]
 
@@ -220,9 +233,9 @@ class RaggedCache(Cache):
 @dataclass
 class QueryGroup:
     """One-token queries of a row that see the same number of (padded) keys: decoding steps and
-    tree nodes. `keys` None: the slot's first `length` positions (a decoding step); else the
-    slot positions each query sees [queries, length]: the committed prefix, the node's root
-    path, then padding."""
+    tree nodes. `keys` None: the slot's first `length` positions (a decoding step that sees the
+    slot from its start); else the slot positions each query sees [queries, length]: the
+    committed prefix (within the window of a local layer), the node's root path, then padding."""
     nodes: torch.Tensor  # the queries' indices within the row
     keys: torch.Tensor | None
     mask: torch.Tensor  # [queries, 1, length] float32: 0 for real keys, -inf for the padding
@@ -241,18 +254,23 @@ def exact_one_token_queries(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype != torch.float32
 
 
-def _query_groups(row: Row, device: torch.device) -> list[QueryGroup]:
+def _query_groups(row: Row, device: torch.device, window: int | None = None) -> list[QueryGroup]:
     """Why every one-token query is computed the same way: a decoding step and a tree node at the
     same place on the same path must give bitwise the same output, or the target's greedy
     choice flips now and then (measured: 7 of 34 bf16 64-token generations). Attention kernels
     sum keys in an order that depends on how many keys they see and where the masked ones sit,
     so each query attends once, to exactly its keys in sequence order, padded at the end to a
     multiple of ATTN_BUCKET and masked there: the kernel then takes the same path for the
-    same query wherever it is computed, alone or with other queries of any length."""
+    same query wherever it is computed, alone or with other queries of any length. In a local
+    (sliding-window) layer a query's keys are those within `window` positions of it."""
     if row.visible is None:  # a decoding step: its keys are the slot's first past + 1 positions
         seen = [np.arange(row.past + 1)]
     else:
         seen = [np.concatenate([np.arange(row.past), row.past + np.flatnonzero(v)]) for v in row.visible]
+    if window is not None:
+        key_pos = np.concatenate([np.arange(row.past), np.asarray(row.positions)])  # slot index -> position
+        seen = [keys[key_pos[keys] > pos - window] for keys, pos in zip(seen, row.positions)]
+    from_start = row.visible is None and seen[0][0] == 0  # a decoding step that sees the slot from 0
     by_length: dict[int, list[int]] = {}
     for j, keys in enumerate(seen):
         by_length.setdefault(_bucketed(len(keys)), []).append(j)
@@ -263,7 +281,7 @@ def _query_groups(row: Row, device: torch.device) -> list[QueryGroup]:
         for i, j in enumerate(nodes):
             mask[i, ..., len(seen[j]):] = -torch.inf
             idx[i, :len(seen[j])] = seen[j]
-        keys = None if row.visible is None else torch.from_numpy(idx).to(device)
+        keys = None if from_start else torch.from_numpy(idx).to(device)
         groups.append(QueryGroup(torch.tensor(nodes, device=device), keys, mask.to(device)))
     return groups
 
@@ -300,10 +318,10 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     gqa = query.shape[1] != key.shape[1]
     masks = batch.window_masks(sliding_window) if sliding_window else [r.mask for r in batch.rows]
     outs = []
-    for row, mask, groups in zip(batch.rows, masks, batch.queries):
+    for row, mask, groups in zip(batch.rows, masks, batch.queries(sliding_window)):
         store = row.slot.storage[layer]
         q = query[:, :, row.start:row.start + row.n]
-        if groups is not None and not sliding_window:
+        if groups is not None:
             outs.append(_one_token_attention(q, store, groups, scaling))
             continue
         end = row.past + row.n

@@ -74,21 +74,25 @@ def test_bf16_tree_nodes_are_bitwise_the_decoding_steps(loaded):
         pool.free(slot)
 
 
+def _tiny_mistral(window: int):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                        max_position_embeddings=256, attn_implementation="eager")
+    return MistralForCausalLM(cfg).eval()
+
+
 def test_sliding_window_layers_see_only_their_window():
     """Models with local-attention layers (Mistral-style sliding windows) go through the ragged
     batch's window masks: a prompt in two chunks, then a tree, batched with another session's
     decoding step, must give each node the logits the model itself computes for its path.
     A tiny random model (the embedded one has no sliding-window layers); the prompt is longer
     than the window, so a mask that ignored it would differ."""
-    from transformers import MistralConfig, MistralForCausalLM
-
     from edge_server.kv_cache import KVPool, Row
 
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
-                        max_position_embeddings=256, attn_implementation="eager")
-    model = MistralForCausalLM(cfg).eval()
+    model = _tiny_mistral(window=5)
     target = TargetModel(model, max_context=256)
     pool = KVPool.for_model(model, 4)
     prompt, other = [int(t) for t in torch.randint(0, 97, (14,))], [3, 1, 4, 1, 5, 9]
@@ -108,3 +112,31 @@ def test_sliding_window_layers_see_only_their_window():
             assert torch.allclose(logits[1][node], ref, atol=1e-5, rtol=0), node
         ref_other = model(torch.tensor([other + [7]])).logits[0, -1]
     assert torch.allclose(logits[0][0], ref_other, atol=1e-5, rtol=0)
+
+
+def test_bf16_tree_nodes_are_bitwise_the_decoding_steps_in_sliding_window_layers():
+    """The exact one-token attention covers local-attention layers too: without it their nodes
+    went through the fused kernel, and here 3-4 of 8 differed from their decoding steps in bf16
+    (with a window of 5, and with one of 1000 that masks nothing)."""
+    from edge_server.kv_cache import KVPool, Row
+
+    model = _tiny_mistral(window=5).to(torch.bfloat16)
+    target = TargetModel(model, max_context=256)
+    pool = KVPool.for_model(model, 4)
+    prompt = [int(t) for t in torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(1))]
+    tree = TokenTree((11, 12, 13, 14, 15, 16, 17, 18), (-1, 0, 0, 1, 3, 2, 4, 6))
+    p = len(prompt)
+
+    def prefilled():
+        slot = pool.allocate(64)
+        target.forward_rows([Row(slot, 0, prompt, list(range(p)), None, [])])
+        return slot
+
+    _, hidden = target.forward_rows([Row(prefilled(), p, list(tree.tokens), [p + d for d in tree.depths],
+                                         tree.ancestor_mask(), list(range(len(tree))))])
+    for node in range(len(tree)):
+        slot = prefilled()
+        for i, tok in enumerate(tree.tokens[j] for j in tree.path_to(node)):
+            _, step_hidden = target.forward_rows([Row(slot, p + i, [tok], [p + i], None, [0])])
+        assert torch.equal(hidden[0][node], step_hidden[0][0]), node
+        pool.free(slot)
