@@ -33,7 +33,7 @@ measure, so the controller climbs it directly:
   flips the direction.
 - Each (level, neighbour) pair keeps its own wait before it is probed again, so a smaller level
   that lost says nothing about a larger one. A pair that loses again waits twice as long (at
-  most MAX_BACKOFF epochs), and at least long enough that re-checking a level that lost by a
+  most MAX_WAIT epochs), and at least long enough that re-checking a level that lost by a
   share `loss` costs under EXPLORE of the server's throughput (PROBE_EPOCHS x loss / wait):
   a 2-node tree that lost 25% at 8 clients waits 25 epochs, a close call waits 2 and is
   measured again soon. Doubling alone spent a fifth of a short run's steps on such probes at
@@ -77,7 +77,7 @@ class BudgetController:
     MIN_ROWS = 8
     START_NODES = 8
     SETTLE_STEPS = 1
-    MAX_BACKOFF = 32
+    MAX_WAIT = 32
     EXPLORE = 0.02  # the most throughput re-checking a losing neighbour may cost
     PROBE_EPOCHS = 2  # epochs a probe runs at the probed level
 
@@ -216,7 +216,7 @@ class BudgetController:
         """How long `level` leaves `neighbour`, which just lost to it by `loss`, unprobed."""
         pair = (level, neighbour)
         wait = max(2 * load.waits.get(pair, 1), math.ceil(self.PROBE_EPOCHS * loss / self.EXPLORE))
-        load.waits[pair] = min(wait, self.MAX_BACKOFF)
+        load.waits[pair] = min(wait, self.MAX_WAIT)
         load.due[pair] = load.epochs + load.waits[pair]
 
     def as_dict(self) -> dict:
