@@ -147,13 +147,14 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         alone, as server-only decoding does, so no round trip is spent on a tree nobody drafts.
         Pipelined: the server never waits; each step verifies the device's latest draft,
         re-rooted at the current token. Server-only: the server decodes alone."""
-        uplink = _Uplink(due=mode == pb.MODE_SPECULATIVE and budget > 1)
+        lock_step = mode == pb.MODE_SPECULATIVE
+        uplink = _Uplink(due=lock_step and budget > 1)
         watcher = asyncio.ensure_future(self._watch(session, mode, request_iterator, uplink))
         try:
             while session.finish == pb.FINISH_NONE and not uplink.ended.is_set():
                 if mode == pb.MODE_PIPELINED:
                     result, step = await self.scheduler.step_pipelined(session)
-                elif mode == pb.MODE_SPECULATIVE and budget > 1:
+                elif lock_step and budget > 1:
                     tree, answer_s = await self._due_draft(uplink.drafts)
                     if tree is None:
                         break
@@ -164,7 +165,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                 verdict = self._verdict(session, result, step)
                 budget = verdict.next_tree_budget
                 # set before the verdict goes out: a fast device's Draft may arrive right after it
-                uplink.due = mode == pb.MODE_SPECULATIVE and budget > 1 and session.finish == pb.FINISH_NONE
+                uplink.due = lock_step and budget > 1 and session.finish == pb.FINISH_NONE
                 yield pb.ServerMessage(verdict=verdict)
             if uplink.refused:
                 raise uplink.refused
