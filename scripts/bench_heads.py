@@ -66,6 +66,19 @@ def load_eval(path: Path) -> Sequences:
     return _LOADED[str(path)]
 
 
+def first_tokens(data: Sequences, n: int) -> Sequences:
+    """Each eval response cut to its first `n` tokens: tau grows along a response (the target
+    repeats itself and prompt lookup catches it), so short generations see less of it."""
+    seqs, hids, starts = data
+    return [s[:st + n] for s, st in zip(seqs, starts)], [h[:st + n] for h, st in zip(hids, starts)], starts
+
+
+def by_source(data: Sequences, sources: np.ndarray) -> dict[str, Sequences]:
+    seqs, hids, starts = data
+    return {str(name): ([seqs[i] for i in idx], [hids[i] for i in idx], starts[idx])
+            for name in np.unique(sources) for idx in [np.flatnonzero(sources == name)]}
+
+
 def simulate(drafter, eval_path: Path | Sequences, budget: int, max_prompts: int | None = None,
              timer: list | None = None) -> dict:
     """Offline greedy rounds over the eval set, or over sequences already loaded (see the module
@@ -188,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
                  "heldout_accuracy": meta.get("heldout_accuracy"), "quantization": meta.get("quantization", {}).get("scheme")}
     drafters = {n: v for n, v in DRAFTERS.items() if v[0] != "unified" or "tree_calibration" in meta}
     res["tau"] = drafter_table(ev, art, drafters, budgets, P)
+    res["tau_first64"] = drafter_table(first_tokens(load_eval(ev), 64), art, drafters, budgets, P)
+    best = "heads-unified+ngram" if "heads-unified+ngram" in drafters else "heads-dynamic+ngram"
+    res["tau_by_source"] = {name: {"prompts": len(part[0]), "tau": drafter_table(part, art, {best: drafters[best]}, budgets, P)[best]}
+                            for name, part in by_source(load_eval(ev), np.load(ev)["sources"]).items()}
+    res["tau_by_source_drafter"] = best
     if args.heldout:
         res["tau_heldout"] = drafter_table(heldout_data(Path(args.data_dir)), art, drafters, budgets, P)
 
@@ -304,6 +322,15 @@ def to_markdown(res: dict) -> str:
               "budget, heads by cumulative log-prob fill the rest. heads-unified(+ngram): one best-first tree "
               "by calibrated P(accept) over head candidates and lookups below every node (heads.json "
               "`tree_calibration`, fitted on the held-out split by scripts/calibrate_tree.py, not on this set)."]
+    if res.get("tau_first64"):
+        L += ["", "The same drafters over each eval response's first 64 tokens only (what the load and network "
+              "benchmarks generate per request; tau grows along a response as the target repeats itself):", ""]
+        L += tau_table(res["tau_first64"], budgets)
+    if res.get("tau_by_source"):
+        L += ["", f"{res['tau_by_source_drafter']} by eval prompt source (whole responses):", "",
+              "| source | prompts | " + " | ".join(f"@{b}" for b in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
+        for name, e in res["tau_by_source"].items():
+            L.append(f"| {name} | {e['prompts']} | " + " | ".join(f"{e['tau'][str(b)]['tau']:.3f}" for b in budgets) + " |")
     if res.get("tau_heldout"):
         L += ["", "The same drafters on the held-out split (96 prompts; the calibration data of "
               "heads-unified*, so in-sample for them):", ""]
