@@ -327,10 +327,9 @@ def to_markdown(res: dict) -> str:
               "benchmarks generate per request; tau grows along a response as the target repeats itself):", ""]
         L += tau_table(res["tau_first64"], budgets)
     if res.get("tau_by_source"):
-        L += ["", f"{res['tau_by_source_drafter']} by eval prompt source (whole responses):", "",
-              "| source | prompts | " + " | ".join(f"@{b}" for b in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
-        for name, e in res["tau_by_source"].items():
-            L.append(f"| {name} | {e['prompts']} | " + " | ".join(f"{e['tau'][str(b)]['tau']:.3f}" for b in budgets) + " |")
+        L += ["", f"{res['tau_by_source_drafter']} by eval prompt source (whole responses; the first column "
+              "names the source):", ""]
+        L += tau_table({f"{n} ({e['prompts']} prompts)": e["tau"] for n, e in res["tau_by_source"].items()}, budgets)
     if res.get("tau_heldout"):
         L += ["", "The same drafters on the held-out split (96 prompts; the calibration data of "
               "heads-unified*, so in-sample for them):", ""]
