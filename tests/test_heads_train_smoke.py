@@ -132,7 +132,7 @@ def test_open_prompts_ask_about_topics_without_text_to_copy():
            "chat": [{"text": "Do you like pizza?", "topic": "food"}],
            "code": [{"title": "f", "text": 'def f(x):\n    """Return the square of x. Examples follow.\n    """\n'}]}
     default = build_head_data.build_prompts(src, 0)
-    assert {p["source"] for p in default} == {"news", "wiki", "chat", "code"}  # what the shipped heads saw
+    assert {p["source"] for p in default} == {"news", "wiki", "chat", "code", "open"}  # what the shipped heads saw
     opened = build_head_data.build_prompts(src, 0, ("open",))
     assert {p["source"] for p in opened} == {"open"} and len(opened) == 5  # two per topic, one per task
     texts = " ".join(p["prompt"] for p in opened)
