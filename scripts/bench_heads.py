@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         m = json.loads((a / "heads.json").read_text())
         entry = {"rank": m["rank"] or "full", "root_conditioned": m.get("root_conditioned", False),
-                 "shipped": a == art, "heldout_accuracy": m.get("heldout_accuracy"),
+                 "shipped": shipped_by(rd, art, meta), "heldout_accuracy": m.get("heldout_accuracy"),
                  "scheme": m.get("quantization", {}).get("scheme"),
                  "int8_bytes": (a / m.get("onnx", "heads.int8.onnx")).stat().st_size,
                  "train_seconds": m.get("training", {}).get("train_seconds")}
