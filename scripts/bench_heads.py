@@ -74,6 +74,7 @@ def first_tokens(data: Sequences, n: int) -> Sequences:
 
 
 def by_source(data: Sequences, sources: np.ndarray) -> dict[str, Sequences]:
+    """The eval set per prompt source: one average hides that some sources are much harder."""
     seqs, hids, starts = data
     return {str(name): ([seqs[i] for i in idx], [hids[i] for i in idx], starts[idx])
             for name in np.unique(sources) for idx in [np.flatnonzero(sources == name)]}
@@ -203,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     res["tau"] = drafter_table(ev, art, drafters, budgets, P)
     res["tau_first64"] = drafter_table(first_tokens(load_eval(ev), 64), art, drafters, budgets, P)
     best = "heads-unified+ngram" if "heads-unified+ngram" in drafters else "heads-dynamic+ngram"
-    res["tau_by_source"] = {name: {"prompts": len(part[0]), "tau": drafter_table(part, art, {best: drafters[best]}, budgets, P)[best]}
-                            for name, part in by_source(load_eval(ev), np.load(ev)["sources"]).items()}
-    res["tau_by_source_drafter"] = best
+    res["tau_by_source_drafter"], res["tau_by_source"] = best, {}
+    for name, part in by_source(load_eval(ev), np.load(ev)["sources"]).items():
+        tau = drafter_table(part, art, {best: drafters[best]}, budgets, P)[best]
+        res["tau_by_source"][name] = {"prompts": len(part[0]), "tau": tau}
     if args.heldout:
         res["tau_heldout"] = drafter_table(heldout_data(Path(args.data_dir)), art, drafters, budgets, P)
 

@@ -1,6 +1,6 @@
 """One command: data -> train -> export -> quantize -> calibrate -> artifacts.
 
-    python scripts/train_heads.py                       # default model, rank 64, 4 heads
+    python scripts/train_heads.py                       # the shipped recipe: default model, rank 64, 4 heads
     python scripts/train_heads.py --rank 0 --run-dir /tmp/edgespec-train/runs/full --no-artifact
     python scripts/train_heads.py --plain --run-dir /tmp/edgespec-train/runs/r64-plain --no-artifact
 
