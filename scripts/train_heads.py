@@ -173,6 +173,21 @@ def train(args, cfg: dict, lm_head: torch.Tensor, H: np.ndarray, N: np.ndarray, 
     return heads.eval()
 
 
+def check_sources(summary: dict, data_args: str, data_dir: Path) -> None:
+    """An existing data folder is reused as it is, so refuse one built from other prompt sources
+    than this command asks for: the heads would silently learn other text."""
+    import build_head_data
+
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--sources", default=",".join(build_head_data.DEFAULT_SOURCES))
+    asked = set(ap.parse_known_args(data_args.split())[0].sources.split(","))
+    built = set(summary.get("train_prompts_by_source", {}))
+    if built and built != asked:
+        have = ",".join(sorted(built))
+        raise SystemExit(f"{data_dir} holds data built from the sources {have}, not {','.join(sorted(asked))}: "
+                         f"pass a new --data-dir to build it, or --data-args '--sources {have}' to train on it")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -218,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         build_head_data.main(["--model", args.model, "--out", str(data_dir), "--seed", str(args.seed),
                               *args.data_args.split()])
     summary = json.loads((data_dir / "summary.json").read_text())
+    check_sources(summary, args.data_args, data_dir)
 
     from edge_server.model_store import load_model, model_fingerprint
 

@@ -138,3 +138,12 @@ def test_open_prompts_ask_about_topics_without_text_to_copy():
     texts = " ".join(p["prompt"] for p in opened)
     assert "Alchemy" in texts and "food" in texts and "Return the square of x." in texts
     assert "ancient tradition" not in texts and "pizza" not in texts  # nothing to copy from
+
+
+def test_training_refuses_data_built_from_other_sources(tmp_path):
+    four = {"train_prompts_by_source": {"news": 3, "wiki": 2, "code": 1, "chat": 4}}
+    with pytest.raises(SystemExit, match="--sources chat,code,news,wiki"):
+        train_heads.check_sources(four, "", tmp_path)  # the default asks for all five
+    train_heads.check_sources(four, "--sources news,wiki,code,chat", tmp_path)
+    train_heads.check_sources({**four, "train_prompts_by_source": {**four["train_prompts_by_source"], "open": 1}},
+                              "--max-new 96", tmp_path)
