@@ -1,4 +1,5 @@
 """One tree forward gives every node the logits its own path gets when run sequentially."""
+import pytest
 import torch
 
 from edge_server.verifier import TargetModel
@@ -39,17 +40,27 @@ def test_commit_keeps_prefix_and_accepted_path(loaded):
     assert torch.allclose(out.logits[0], ref, atol=1e-4, rtol=0)
 
 
-def test_bf16_tree_nodes_are_bitwise_the_decoding_steps(loaded):
-    """In bf16 on CPU a tree node's logits and hidden state are exactly those of one-token
-    decoding along its path, batched with another session's rows or not (this is what keeps
-    bf16 speculation lossless: see edge_server.kv_cache._query_groups)."""
-    from edge_server.kv_cache import KVPool, Row
+@pytest.fixture(scope="module")
+def bf16_target():
     from edge_server.model_store import load_model
 
-    model = load_model("default", torch.bfloat16, "cpu").model
-    target = TargetModel(model, max_context=8192)
+    return TargetModel(load_model("default", torch.bfloat16, "cpu").model, max_context=8192)
+
+
+@pytest.mark.parametrize("context", [0, 183, 502])
+def test_bf16_tree_nodes_are_bitwise_the_decoding_steps(loaded, bf16_target, context):
+    """In bf16 on CPU a tree node's logits and hidden state are exactly those of one-token
+    decoding along its path, batched with another session's rows or not (this is what keeps
+    bf16 speculation lossless: see edge_server.kv_cache._query_groups). `context` tokens before
+    the prompt put the tree at 190 and 509 committed positions, where the deeper nodes see one
+    more padding bucket of keys than the shallow ones (and a prefix several buckets long)."""
+    from edge_server.kv_cache import KVPool, Row
+
+    target = bf16_target
+    model = target.model
     pool = KVPool.for_model(model, 64)
     prompt = loaded.tokenizer("The quick brown fox jumps over the", return_tensors="pt").input_ids[0].tolist()
+    prompt = [(1000 + 37 * i) % 30000 for i in range(context)] + prompt
     other_prompt = list(range(2000, 2090))
     tree = TokenTree((264, 9048, 3446, 30, 9048, 260, 264, 1420), (-1, 0, 0, 1, 2, 3, 3, 6))
 
