@@ -16,9 +16,9 @@ committed positions costs 2.0x their decoding step, at 150 positions 1.5x). Shar
 prefix between a tree's nodes while staying bitwise (values summed in fixed blocks, products
 padded to 4 rows) was tried: it made decoding steps 30-70% dearer per layer at 300-600
 positions through PyTorch's per-op overhead, so it waits for a fused kernel. Rows may sit
-in any slots (no compaction), and no step copies other
-sessions' caches into a padded batch. The new keys of a row are written at its own offset;
-committing an accepted path moves only the accepted nodes' K/V (a few positions) into place.
+in any slots (no compaction), and no step copies other sessions' caches into a padded batch.
+The new keys of a row are written at its own offset; committing an accepted path moves only
+the accepted nodes' K/V (a few positions) into place.
 
 Memory is bounded: the pool admits a slot only while the reserved tokens fit the configured
 budget, and says how much is free when it refuses.
