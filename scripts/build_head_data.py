@@ -317,7 +317,9 @@ def corpus_rows(model, tok, split: dict, out: Path, max_tokens: int, seed: int, 
         tmp.rename(f)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `sources` as a checked tuple (train_heads.py reads it too, to
+    know which sources a data folder should hold)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--out", default="/tmp/edgespec-train/data")
@@ -341,9 +343,15 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"prompt sources, of {', '.join(SOURCES)} ('open': open-ended requests on topics "
                          "from the corpora, with no text to copy from)")
     args = ap.parse_args(argv)
-    sources = tuple(s for s in args.sources.split(",") if s)
-    if not sources or set(sources) - set(SOURCES):
+    args.sources = tuple(s for s in args.sources.split(",") if s)
+    if not args.sources or set(args.sources) - set(SOURCES):
         ap.error(f"--sources takes a comma-separated subset of {', '.join(SOURCES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sources = args.sources
 
     import torch
     from tqdm import tqdm

@@ -178,9 +178,7 @@ def check_sources(summary: dict, data_args: str, data_dir: Path) -> None:
     than this command asks for: the heads would silently learn other text."""
     import build_head_data
 
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--sources", default=",".join(build_head_data.DEFAULT_SOURCES))
-    asked = set(ap.parse_known_args(data_args.split())[0].sources.split(","))
+    asked = set(build_head_data.parse_args(data_args.split()).sources)
     built = set(summary.get("train_prompts_by_source", {}))
     if built and built != asked:
         have = ",".join(sorted(built))
