@@ -39,19 +39,23 @@ class Served:
     edge_server.cli.pick_dtype): one-token greedy decoding through the server's own batched
     forward, prompt in the server's chunks. There every step's numbers come from the kernels
     that make a tree node bitwise a decoding step (edge_server.kv_cache._query_groups), which
-    transformers' bf16 attention does not use, so its greedy text can differ in a near-tie."""
+    transformers' bf16 attention does not use, so its greedy text can differ in a near-tie.
+    The reference runs on the server's device: a CUDA server (scripts/gpu_check.sh) is held to
+    the target's greedy output on CUDA, not to a CPU's rounding."""
 
-    def __init__(self, loaded, dtype: str, prefill_chunk: int = 128):
+    def __init__(self, loaded, dtype: str, device: str = "cpu", prefill_chunk: int = 128):
         import torch
 
         from edge_server.kv_cache import KVPool
         from edge_server.model_store import load_model
         from edge_server.verifier import TargetModel
 
+        if dtype == "float32" and device != "cpu":
+            loaded = load_model("default", torch.float32, device)
         self.loaded, self.chunk = loaded, prefill_chunk
         self.target = None
         if dtype != "float32":
-            model = load_model("default", getattr(torch, dtype), "cpu").model
+            model = load_model("default", getattr(torch, dtype), device).model
             self.target = TargetModel(model, max_context=8192)
             self.pool = KVPool.for_model(model, 64)
 
@@ -60,8 +64,10 @@ class Served:
 
         if self.target is None:
             with torch.inference_mode():
-                out = self.loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n,
-                                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+                model = self.loaded.model
+                prompt = torch.tensor([ids], device=model.device)
+                out = model.generate(prompt, do_sample=False, max_new_tokens=n,
+                                     attention_mask=torch.ones_like(prompt))
             return out[0, len(ids):].tolist()
         return self._decode_alone(ids, n)
 
@@ -94,7 +100,7 @@ class Served:
 
 @pytest.fixture(scope="session")
 def served(loaded, client) -> Served:
-    return Served(loaded, client[1].dtype)
+    return Served(loaded, client[1].dtype, client[1].device)
 
 
 @pytest.fixture(scope="session")

@@ -128,7 +128,7 @@ def test_fp32_server_greedy_equals_fp32_generate(fp32_client, loaded, client, mo
     """Every dtype setting keeps the contract: the fp32 server against fp32 generate()."""
     stub, info = fp32_client
     drafter = make_drafter("heads", stub, info, "unified", True)
-    for prompt, (ids, expected) in greedy_references(Served(loaded, "float32"), client[2], PROMPTS[:3]).items():
+    for prompt, (ids, expected) in greedy_references(Served(loaded, "float32", info.device), client[2], PROMPTS[:3]).items():
         rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=32, mode=mode), drafter,
                        info.tokenizer_fingerprint, timeout=120)
         assert rec.token_ids == expected, prompt
