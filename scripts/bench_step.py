@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Step cost of the edge server's batched forward: what one scheduler step costs for R sessions
+that each verify a K-node tree over P committed positions, on this machine's device and dtype.
+
+This is the cost the load-aware budget trades against acceptance: on a compute-bound CPU a wider
+tree costs nearly in proportion to its tokens, on a GPU a step is mostly per-row and per-layer
+overhead and tree width is nearly free. The tree is the shipped heads' static tree (best paths
+first, as the device drafts it) cut to K nodes; K=1 is a decoding step. Each cell is the median
+of --reps steps after --warmup, timed around `TargetModel.forward_rows` (synchronized on CUDA).
+
+--grow lets the committed length advance by one every step, as in live serving, so every step
+meets key lengths it has not seen; without it every step repeats the same shapes. A gap between
+the two is per-shape work (kernel selection, plan building) that a fixed-shape timing hides.
+
+    .venv/bin/python scripts/bench_step.py                        # CPU, one thread
+    python3 scripts/bench_step.py --device cuda --grow            # on a GPU machine
+
+Writes results/<date>/step/{results.json, table.md} (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_common import markdown_table, results_dir, save_json  # noqa: E402
+from edge_server.cli import keep_freed_memory, pick_device, pick_dtype  # noqa: E402
+from edge_server.kv_cache import KVPool, Row  # noqa: E402
+from edge_server.model_store import load_model  # noqa: E402
+from edge_server.verifier import TargetModel  # noqa: E402
+from shared.tree import TokenTree, merge_paths  # noqa: E402
+
+HEADS_META = Path(__file__).resolve().parent.parent / "edge_server" / "heads" / "smollm2-135m-instruct" / "heads.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (the server's choice), float32, bfloat16, float16")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the load benchmark's server uses 1)")
+    p.add_argument("--past", type=int, nargs="+", default=[150, 600], help="committed positions per session")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8], help="sessions in the step")
+    p.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 8, 16], help="tree nodes per session")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--grow", action="store_true", help="advance the committed length by one every step")
+    p.add_argument("--out", default=None, help="output folder (default results/<date>/step)")
+    return p.parse_args(argv)
+
+
+def heads_tree(nodes: int) -> TokenTree:
+    """The shipped static tree's first `nodes` nodes; token ids are placeholders (rank r at
+    depth d), since a step's cost does not depend on which tokens it verifies."""
+    paths = json.loads(HEADS_META.read_text())["static_tree"]["paths"]
+    tokens = [[1000 * (d + 1) + r for d, r in enumerate(p)] for p in paths]
+    tree = merge_paths(1, tokens, nodes)
+    if len(tree) < nodes:
+        raise SystemExit(f"the static tree has {len(tree)} nodes; ask for at most that many")
+    return tree
+
+
+class Bench:
+    def __init__(self, target: TargetModel, pool: KVPool, device: str):
+        self.target, self.pool, self.sync = target, pool, device.startswith("cuda")
+        self.rng = np.random.default_rng(0)
+
+    def sessions(self, rows: int, past: int, room: int) -> list:
+        """Slots holding `past` committed positions of random tokens (prefilled in chunks)."""
+        slots = []
+        for _ in range(rows):
+            slot = self.pool.allocate(past + room)
+            for start in range(0, past, 128):
+                ids = self.rng.integers(100, 20000, min(128, past - start)).tolist()
+                self.target.forward_rows([Row(slot, start, ids, list(range(start, start + len(ids))))])
+            slot.length = past
+            slots.append(slot)
+        return slots
+
+    def step_ms(self, slots: list, past: int, tree: TokenTree, reps: int, warmup: int, grow: bool) -> float:
+        times = []
+        for i in range(warmup + reps):
+            at = past + (i if grow else 0)
+            rows = [Row(s, at, list(tree.tokens), [at + d for d in tree.depths],
+                        tree.ancestor_mask() if len(tree) > 1 else None, list(range(len(tree)))) for s in slots]
+            self._sync()
+            start = time.perf_counter()
+            self.target.forward_rows(rows)
+            self._sync()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times[warmup:]) * 1e3)
+
+    def _sync(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    if device == "cpu":
+        keep_freed_memory()  # as the server does
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    model = load_model("default", dtype, device).model
+    target = TargetModel(model, max(args.past) + args.warmup + args.reps + max(args.nodes) + 64)
+    room = args.warmup + args.reps + max(args.nodes) + 1
+    pool = KVPool.for_model(model, 1e9)  # no budget: the slots are few and freed after each cell
+    bench = Bench(target, pool, device)
+    trees = {k: heads_tree(k) for k in args.nodes}
+    rows = []
+    for past in args.past:
+        for n in args.rows:
+            slots = bench.sessions(n, past, room)
+            cells = {k: bench.step_ms(slots, past, trees[k], args.reps, args.warmup, args.grow) for k in args.nodes}
+            for slot in slots:
+                pool.free(slot)
+            base = cells[min(args.nodes)]
+            for k, ms in cells.items():
+                rows.append({"past": past, "rows": n, "nodes": k, "tokens": n * k, "step_ms": ms,
+                             "vs_fewest_nodes": ms / base})
+            print(f"past {past:4d} rows {n:2d}: " + "  ".join(f"k={k}: {ms:6.1f} ms" for k, ms in cells.items()),
+                  flush=True)
+    columns = [("past", "committed", ""), ("rows", "sessions", ""), ("nodes", "nodes/tree", ""),
+               ("tokens", "step tokens", ""), ("step_ms", "step ms", ".1f"),
+               ("vs_fewest_nodes", f"× k={min(args.nodes)}", ".2f")]
+    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or platform.machine()
+    note = (f"{where}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, {args.threads} CPU thread(s), "
+            f"median of {args.reps} steps after {args.warmup} warm-up, "
+            + ("committed length +1 every step (--grow)" if args.grow else "the same shapes every step"))
+    out = Path(args.out) if args.out else results_dir("step")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(markdown_table(rows, columns) + f"\n\n- {note}\n")
+    save_json(out / "results.json", {"args": vars(args), "device": where, "dtype": str(dtype), "rows": rows})
+    print(note)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
