@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# GPU check for the batching edge server, on a CUDA machine, in under 5 minutes:
+# GPU check for the batching edge server, on a CUDA machine, in about 5 minutes:
 #   1. the ragged batched forward on CUDA (bf16 and fp32) agrees with the per-session path;
-#   2. the lossless tests against a server on CUDA in fp32 (exact vs the fp32 CPU reference);
-#   3. a short load run (bf16, dtype auto) with server-ar / none / ngram (+ heads if shipped).
+#   2. the lossless tests against a server on CUDA in fp32 (exact vs fp32 generate() on CUDA);
+#   3. a short load run (bf16, dtype auto) at 1 and 8 clients: server-ar and heads (lock-step
+#      and pipelined); 8 clients is the issue's GPU goal (heads >= 2.2x server-ar). Not pinned:
+#      bench_load's default (server on one core) is for a 2-core CPU box;
+#   4. the step cost (scripts/bench_step.py) with the same shapes every step and with the
+#      committed length growing as in live serving.
+# On one H200 (2026-11-28) steps 1-2 took 2 min 45 s and the load run ~28 s per (N, method),
+# mostly a fresh server's start: keep step 3 to a handful of runs.
 # Usage: scripts/gpu_check.sh            (PY=/path/to/python to pick the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,9 +24,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), 'transformers', transformers.__version__)" \
   || { echo "FAIL: CUDA is not available to $PY"; exit 1; }
 
-step "1/3 ragged batched forward vs per-session forward on CUDA"
+step "1/4 ragged batched forward vs per-session forward on CUDA"
 timeout 120 "$PY" - <<'PY' || STATUS=1
-import time, torch
+import torch
 from edge_server.model_store import load_model
 from edge_server.kv_cache import KVPool
 from edge_server.sampling import Sampling
@@ -40,7 +46,7 @@ for dtype in (torch.bfloat16, torch.float32):
     rows = [s.prefill_row(64) for s in bat]
     lg, hd = t.forward_rows(rows)
     b = [s.after_prefill_row(r, l, h, t.max_context, 0.0).tokens for s, r, l, h in zip(bat, rows, lg, hd)]
-    same, total, diff = a == b, 0, 0.0
+    same, diff = a == b, 0.0
     for _ in range(6):
         trees = [TokenTree((s.bonus, 11, 12), (-1, 0, 0)) for s in solo]
         x = [s.verify(t, tr) for s, tr in zip(solo, trees)]
@@ -49,26 +55,24 @@ for dtype in (torch.bfloat16, torch.float32):
         y = [s.after_tree_row(tr, l, h, t.max_context, 0.0) for s, tr, l, h in zip(bat, trees, lg, hd)]
         same &= all(p.tokens == q.tokens for p, q in zip(x, y))
         diff = max(diff, max(float((p.hidden.float() - q.hidden.float()).abs().max()) for p, q in zip(x, y)))
-    torch.cuda.synchronize(); t0 = time.perf_counter()
-    for _ in range(10):
-        rows = [s.tree_row(TokenTree.root_only(s.bonus)) for s in bat]
-        t.forward_rows(rows)
-        for s in bat:
-            s.slot.length = s.committed  # discard: timing only
-    torch.cuda.synchronize()
-    print(f"{dtype}: batched == unbatched tokens: {same}; max hidden diff {diff:.2e}; "
-          f"3-row decode step {(time.perf_counter() - t0) * 100:.1f} ms")
+    print(f"{dtype}: batched == unbatched tokens: {same}; max hidden diff {diff:.2e}")  # step cost: 4/4
     if dtype == torch.float32 and not same:
         raise SystemExit("FAIL: batched and unbatched disagree in fp32")
 PY
 
-step "2/3 lossless tests, server on CUDA fp32"
+step "2/4 lossless tests, server on CUDA fp32"
 EDGESPEC_TEST_SERVER_ARGS="--device cuda --dtype float32" timeout 170 "$PY" -m pytest -q -x \
-  tests/test_lossless.py tests/test_batching.py tests/test_tree_forward.py || STATUS=1
+  tests/test_lossless.py tests/test_batching.py || STATUS=1
 
-step "3/3 short load run on CUDA (bf16)"
-timeout 150 "$PY" scripts/bench_load.py --clients 1 4 16 --methods server-ar none ngram heads heads/pipelined \
-  --max-new-tokens 48 --no-plot --out results/gpu_check || STATUS=1
+step "3/4 short load run on CUDA (bf16)"
+timeout 200 "$PY" scripts/bench_load.py --clients 1 8 --methods server-ar heads heads/pipelined \
+  --max-new-tokens 48 --no-pin --no-plot --out results/gpu_check || STATUS=1
+
+step "4/4 step cost on CUDA (bf16): fixed shapes, then growing as in serving"
+for grow in "" --grow; do
+  timeout 60 "$PY" scripts/bench_step.py --device cuda --past 150 600 --rows 1 8 16 --nodes 1 4 16 \
+    $grow --out "results/gpu_check/step${grow:+-grow}" || STATUS=1
+done
 
 step "done"
 [ $STATUS -eq 0 ] && echo "GPU CHECK PASSED" || echo "GPU CHECK FAILED (see above)"
