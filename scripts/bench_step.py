@@ -11,6 +11,8 @@ of --reps steps after --warmup, timed around `TargetModel.forward_rows` (synchro
 --grow lets the committed length advance by one every step, as in live serving, so every step
 meets key lengths it has not seen; without it every step repeats the same shapes. A gap between
 the two is per-shape work (kernel selection, plan building) that a fixed-shape timing hides.
+--gap-ms leaves the device idle between steps, as a server waiting for its devices' drafts
+does: a GPU that lowers its clocks when idle shows it there.
 
     .venv/bin/python scripts/bench_step.py                        # CPU, one thread
     python3 scripts/bench_step.py --device cuda --grow            # on a GPU machine
@@ -51,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--grow", action="store_true", help="advance the committed length by one every step")
+    p.add_argument("--gap-ms", type=float, default=0.0, help="idle time between steps (untimed)")
     p.add_argument("--out", default=None, help="output folder (default results/<date>/step)")
     return p.parse_args(argv)
 
@@ -83,10 +86,11 @@ class Bench:
             slots.append(slot)
         return slots
 
-    def step_ms(self, slots: list, past: int, tree: TokenTree, reps: int, warmup: int, grow: bool) -> float:
+    def step_ms(self, slots: list, past: int, tree: TokenTree, args: argparse.Namespace) -> float:
         times = []
-        for i in range(warmup + reps):
-            at = past + (i if grow else 0)
+        for i in range(args.warmup + args.reps):
+            time.sleep(args.gap_ms / 1e3)
+            at = past + (i if args.grow else 0)
             rows = [Row(s, at, list(tree.tokens), [at + d for d in tree.depths],
                         tree.ancestor_mask() if len(tree) > 1 else None, list(range(len(tree)))) for s in slots]
             self._sync()
@@ -94,7 +98,7 @@ class Bench:
             self.target.forward_rows(rows)
             self._sync()
             times.append(time.perf_counter() - start)
-        return float(np.median(times[warmup:]) * 1e3)
+        return float(np.median(times[args.warmup:]) * 1e3)
 
     def _sync(self) -> None:
         if self.sync:
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     for past in args.past:
         for n in args.rows:
             slots = bench.sessions(n, past, room)
-            cells = {k: bench.step_ms(slots, past, trees[k], args.reps, args.warmup, args.grow) for k in args.nodes}
+            cells = {k: bench.step_ms(slots, past, trees[k], args) for k in args.nodes}
             for slot in slots:
                 pool.free(slot)
             base = cells[min(args.nodes)]
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or platform.machine()
     note = (f"{where}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, {args.threads} CPU thread(s), "
             f"median of {args.reps} steps after {args.warmup} warm-up, "
-            + ("committed length +1 every step (--grow)" if args.grow else "the same shapes every step"))
+            + ("committed length +1 every step (--grow)" if args.grow else "the same shapes every step")
+            + (f", {args.gap_ms:g} ms idle before every step" if args.gap_ms else ""))
     out = Path(args.out) if args.out else results_dir("step")
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown_table(rows, columns) + f"\n\n- {note}\n")

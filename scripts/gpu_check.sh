@@ -5,8 +5,8 @@
 #   3. a short load run (bf16, dtype auto) at 1 and 8 clients: server-ar and heads (lock-step
 #      and pipelined); 8 clients is the GPU goal (heads >= 2.2x server-ar). Not pinned:
 #      bench_load's default (server on one core) is for a 2-core CPU box;
-#   4. the step cost (scripts/bench_step.py) with the same shapes every step and with the
-#      committed length growing as in live serving.
+#   4. the step cost (scripts/bench_step.py) with the same shapes every step, with the
+#      committed length growing as in live serving, and with idle gaps between steps.
 # On one H200 (2026-11-28) steps 1-2 took 2 min 45 s and the load run ~28 s per (N, method),
 # mostly a fresh server's start: keep step 3 to a handful of runs.
 # Usage: scripts/gpu_check.sh            (PY=/path/to/python to pick the interpreter)
@@ -68,11 +68,14 @@ step "3/4 short load run on CUDA (bf16)"
 timeout 200 "$PY" scripts/bench_load.py --clients 1 8 --methods server-ar heads heads/pipelined \
   --max-new-tokens 48 --no-pin --no-plot --out results/gpu_check || STATUS=1
 
-step "4/4 step cost on CUDA (bf16): fixed shapes, then growing as in serving"
-for grow in "" --grow; do
-  timeout 60 "$PY" scripts/bench_step.py --device cuda --past 150 600 --rows 1 8 16 --nodes 1 4 16 \
-    $grow --out "results/gpu_check/step${grow:+-grow}" || STATUS=1
-done
+step "4/4 step cost on CUDA (bf16): fixed shapes, growing shapes, idle gaps between steps"
+timeout 60 "$PY" scripts/bench_step.py --device cuda --past 150 600 --rows 1 8 16 --nodes 1 4 16 \
+  --out results/gpu_check/step || STATUS=1
+timeout 60 "$PY" scripts/bench_step.py --device cuda --past 150 600 --rows 1 8 16 --nodes 1 4 16 \
+  --grow --out results/gpu_check/step-grow || STATUS=1
+timeout 60 "$PY" scripts/bench_step.py --device cuda --past 150 --rows 1 8 --nodes 1 16 \
+  --gap-ms 30 --out results/gpu_check/step-gap || STATUS=1
+nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,pstate --format=csv 2>/dev/null
 
 step "done"
 [ $STATUS -eq 0 ] && echo "GPU CHECK PASSED" || echo "GPU CHECK FAILED (see above)"
