@@ -32,12 +32,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+if TYPE_CHECKING:
+    from shared.tree import TokenTree
 
 ATTN_NAME = "edgespec_ragged"
 ATTN_BUCKET = 64  # one-token queries see their keys padded to a multiple of this, masked (_query_groups)
@@ -150,6 +154,13 @@ class Row:
     # filled by the batch
     start: int = 0
     mask: torch.Tensor | None = None
+
+    @classmethod
+    def for_tree(cls, slot: Slot, past: int, tree: TokenTree) -> "Row":
+        """A tree verified after `past` committed positions, logits at every node (a one-node
+        tree is a decoding step)."""
+        return cls(slot, past, list(tree.tokens), [past + d for d in tree.depths],
+                   tree.ancestor_mask() if len(tree) > 1 else None, list(range(len(tree))))
 
     @property
     def n(self) -> int:

@@ -126,8 +126,7 @@ class Session:
         return self._after_prompt(logits, hidden[-1], max_context, started)
 
     def tree_row(self, tree: TokenTree) -> Row:
-        return Row(self.slot, self.committed, list(tree.tokens), [self.committed + d for d in tree.depths],
-                   tree.ancestor_mask() if len(tree) > 1 else None, list(range(len(tree))))
+        return Row.for_tree(self.slot, self.committed, tree)
 
     def after_tree_row(self, tree: TokenTree, logits: torch.Tensor, hidden: torch.Tensor, max_context: int,
                        started: float) -> RoundResult:

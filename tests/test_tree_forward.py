@@ -71,8 +71,7 @@ def test_bf16_tree_nodes_are_bitwise_the_decoding_steps(loaded, bf16_target, con
 
     p = len(prompt)
     tree_slot, other = prefilled(prompt), prefilled(other_prompt)
-    tree_row = Row(tree_slot, p, list(tree.tokens), [p + d for d in tree.depths], tree.ancestor_mask(),
-                   list(range(len(tree))))
+    tree_row = Row.for_tree(tree_slot, p, tree)
     other_row = Row(other, len(other_prompt), [7, 8, 9], [90, 91, 92], None, [2])  # a prompt chunk
     logits, hidden = target.forward_rows([other_row, tree_row])
     for node in range(len(tree)):
@@ -114,8 +113,7 @@ def test_sliding_window_layers_see_only_their_window():
     target.forward_rows([Row(slot, 8, prompt[8:], list(range(8, 14)), None, [])])
     p = len(prompt)
     logits, _ = target.forward_rows([Row(other_slot, len(other), [7], [len(other)], None, [0]),
-                                     Row(slot, p, list(tree.tokens), [p + d for d in tree.depths],
-                                         tree.ancestor_mask(), list(range(len(tree))))])
+                                     Row.for_tree(slot, p, tree)])
     with torch.inference_mode():
         for node in range(len(tree)):
             seq = prompt + [tree.tokens[i] for i in tree.path_to(node)]
@@ -143,8 +141,7 @@ def test_bf16_tree_nodes_are_bitwise_the_decoding_steps_in_sliding_window_layers
         target.forward_rows([Row(slot, 0, prompt, list(range(p)), None, [])])
         return slot
 
-    _, hidden = target.forward_rows([Row(prefilled(), p, list(tree.tokens), [p + d for d in tree.depths],
-                                         tree.ancestor_mask(), list(range(len(tree))))])
+    _, hidden = target.forward_rows([Row.for_tree(prefilled(), p, tree)])
     for node in range(len(tree)):
         slot = prefilled()
         for i, tok in enumerate(tree.tokens[j] for j in tree.path_to(node)):
