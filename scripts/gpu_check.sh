@@ -8,7 +8,7 @@
 #   4. the step cost (scripts/bench_step.py) with the same shapes every step, with the
 #      committed length growing as in live serving, and with idle gaps between steps.
 # On one H200 (2026-11-28) steps 1-2 took 2 min 45 s and the load run ~28 s per (N, method),
-# mostly a fresh server's start: keep step 3 to a handful of runs.
+# (a fresh server, two warm-up rounds, the run): keep step 3 to a handful of runs.
 # Usage: scripts/gpu_check.sh            (PY=/path/to/python to pick the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."

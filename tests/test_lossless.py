@@ -46,7 +46,7 @@ def test_greedy_equals_target_generate(client, references, name):
     stub, info, _ = client
     drafter = DRAFTERS[name](stub, info)
     accepted = 0
-    for prompt, (ids, expected) in references.items():
+    for prompt, (ids, expected) in refs.items():
         rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=32), drafter,
                        info.tokenizer_fingerprint, timeout=120)
         assert rec.token_ids == expected, prompt
@@ -128,7 +128,8 @@ def test_fp32_server_greedy_equals_fp32_generate(fp32_client, loaded, client, mo
     """Every dtype setting keeps the contract: the fp32 server against fp32 generate()."""
     stub, info = fp32_client
     drafter = make_drafter("heads", stub, info, "unified", True)
-    for prompt, (ids, expected) in greedy_references(Served(loaded, "float32", info.device), client[2], PROMPTS[:3]).items():
+    refs = greedy_references(Served(loaded, "float32", info.device), client[2], PROMPTS[:3])
+    for prompt, (ids, expected) in refs.items():
         rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=32, mode=mode), drafter,
                        info.tokenizer_fingerprint, timeout=120)
         assert rec.token_ids == expected, prompt
