@@ -179,3 +179,22 @@ def test_unified_mode_needs_the_calibration_and_auto_falls_back_loudly(tmp_path)
             assert len(t) == budget and t.tokens[0] == 6
             t.check_unique_siblings()
     assert 7 in [t.tokens[c] for c in t.children()[0]]  # the lookup's continuation is a branch
+
+
+def test_unified_heads_keep_one_ngram_index_and_draft_from_it_without_a_hidden_state(tmp_path):
+    """A round with no hidden state (e.g. a resumed session) drafts n-gram paths alone, from the
+    same index the unified tree keeps over the context."""
+    from device_client.drafters.heads import HeadsDrafter
+    from device_client.tree_builders import AcceptanceModel, TreeFeatures
+
+    f = TreeFeatures(num_heads=K)
+    zero = AcceptanceModel(f, *(tuple([0.0] * n) for n in f.sizes), -1.0)
+    _write_artifact(tmp_path, export_onnx(_heads(8), TOPK, tmp_path / "h.onnx"), 8)
+    meta = json.loads((tmp_path / "heads.json").read_text())
+    (tmp_path / "heads.json").write_text(json.dumps({**meta, "tree_calibration": zero.to_json()}))
+    d = HeadsDrafter(tmp_path, "unified", True, 1)
+    assert d._ngram.index is d._index
+    ctx = [5, 6, 7, 5, 6, 7, 5, 6]
+    d.propose(ctx, np.random.default_rng(0).standard_normal(D).astype(np.float32), 8)
+    assert d._index.tokens == ctx  # the unified tree indexed the context
+    assert d.propose(ctx + [7], None, 4).tokens == (7, 5, 6, 7)  # extended, then looked up

@@ -98,10 +98,10 @@ class HeadsDrafter:
         if ngram:
             from device_client.drafters.ngram import NgramDrafter, NgramIndex
 
-            self._ngram = NgramDrafter(max_ngram=4, min_ngram=2, depth=8)
-            if self.mode == "unified":
+            if self.mode == "unified":  # one index: the tree's n-gram features and the fallback's paths
                 f = self.acceptance.features
                 self._index = NgramIndex(f.max_n, f.max_occurrences, f.copy_window)
+            self._ngram = NgramDrafter(max_ngram=4, min_ngram=2, depth=8, index=self._index)
 
     def _acceptance_model(self, mode: str) -> tuple[AcceptanceModel | None, str | None]:
         """The calibrated acceptance model for mode unified/auto, and why it fell back if it did."""

@@ -117,9 +117,11 @@ class NgramDrafter:
     name = "ngram"
     needs_hidden_state = False
 
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, depth: int = 8):
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, depth: int = 8, index: NgramIndex | None = None):
+        """`index`: one already kept over the same context by another user (the unified heads
+        tree), so the context is indexed once; `max_ngram` is then the index's own."""
         self.min_ngram, self.depth = min_ngram, depth
-        self.index = NgramIndex(max_ngram)
+        self.index = index if index is not None else NgramIndex(max_ngram)
 
     def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int) -> TokenTree:
         self.index.sync(context)
