@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import markdown_table, results_dir, save_json  # noqa: E402
-from edge_server.cli import keep_freed_memory, pick_device, pick_dtype  # noqa: E402
+from edge_server.cli import DTYPES, keep_freed_memory, pick_device, pick_dtype  # noqa: E402
 from edge_server.kv_cache import KVPool, Row  # noqa: E402
 from edge_server.model_store import load_model  # noqa: E402
 from edge_server.verifier import TargetModel  # noqa: E402
@@ -45,7 +45,7 @@ HEADS_META = Path(__file__).resolve().parent.parent / "edge_server" / "heads" / 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (the server's choice), float32, bfloat16, float16")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: the server's choice")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the load benchmark's server uses 1)")
     p.add_argument("--past", type=int, nargs="+", default=[150, 600], help="committed positions per session")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8], help="sessions in the step")
