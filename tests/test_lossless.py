@@ -46,7 +46,7 @@ def test_greedy_equals_target_generate(client, references, name):
     stub, info, _ = client
     drafter = DRAFTERS[name](stub, info)
     accepted = 0
-    for prompt, (ids, expected) in refs.items():
+    for prompt, (ids, expected) in references.items():
         rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=32), drafter,
                        info.tokenizer_fingerprint, timeout=120)
         assert rec.token_ids == expected, prompt
