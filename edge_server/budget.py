@@ -20,10 +20,18 @@ measure, so the controller climbs it directly:
   step in all (8 for one session, 1 for eight): a guess that is right on a CPU, and a GPU,
   where wide steps are nearly free, climbs from it.
 - An epoch runs one level for at least MIN_STEPS steps and MIN_ROWS session-rounds and measures
-  tokens / seconds (each step's compute plus the wait before it, so slower device answers count).
-  After a level change one step is not sampled: the trees in flight were drafted under the old
-  budget. Steps that carry prompt chunks are not sampled either: prompts cost the same at every
-  level.
+  its rate: expected tokens / seconds (each step's compute plus the wait before it, so slower
+  device answers count). After a level change one step is not sampled: the trees in flight were
+  drafted under the old budget. Steps that carry prompt chunks are not sampled either: prompts
+  cost the same at every level.
+- Expected, not counted, tokens: the tokens one round yields are geometric-like (1-5 at τ 2), so
+  an epoch of ~15 rounds counted 10-20% more or fewer tokens than the same level's next epoch,
+  which let a probe win by luck (at 4 clients heads ended on a level up to 30% slower than
+  decoding alone in 4 of 6 runs). Each round instead counts the tokens its tree size yields on
+  average, from `NodeAcceptance`: every tree builder adds nodes best first, so a smaller budget's
+  tree is the first nodes of a larger one, and each verified round tells which of its node
+  indices were accepted: 1 + the acceptance rates of nodes 1..b-1 is what a b-node round yields,
+  learned from all recent rounds at b nodes or more. Decoding alone yields exactly 1.
 - The controller stays at its level and, when one is due, probes a neighbouring level.
   On this shared CPU one epoch's rate varies by 10-15% with nothing changed, more than most
   differences between neighbouring levels, so a probe is a paired comparison: the epoch before
@@ -44,7 +52,10 @@ measure, so the controller climbs it directly:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass
@@ -59,15 +70,44 @@ class _Load:
     direction: int = -1  # the preferred probe: -1 the next smaller level, +1 the next larger one
     probing_from: int | None = None  # the level to return to if the running probe loses
     schedule: list[int] = field(default_factory=list)  # the running probe's epochs still to come
-    trial: dict[int, list[float]] = field(default_factory=dict)  # level -> [tokens, seconds] in the probe
+    trial: dict[int, "_Epoch"] = field(default_factory=dict)  # level -> its rounds and seconds in the probe
 
 
 @dataclass
 class _Epoch:
     steps: int = 0
-    rows: int = 0
-    tokens: int = 0
     seconds: float = 0.0
+    sizes: list[int] = field(default_factory=list)  # the tree size of every round
+
+    def add(self, other: "_Epoch") -> None:
+        self.steps, self.seconds = self.steps + other.steps, self.seconds + other.seconds
+        self.sizes.extend(other.sizes)
+
+
+class NodeAcceptance:
+    """How often each node index of a round's tree was on its accepted path, over recent rounds
+    (a count that decays by DECAY a round, so drifting text and drafters are followed)."""
+
+    DECAY = 1.0 - 1.0 / 256
+
+    def __init__(self, max_nodes: int) -> None:
+        self.seen = np.zeros(max_nodes + 1)
+        self.hits = np.zeros(max_nodes + 1)
+
+    def add(self, size: int, path: Sequence[int]) -> None:
+        """One verified round: its tree's node count and the accepted path (root first)."""
+        self.seen *= self.DECAY
+        self.hits *= self.DECAY
+        self.seen[1:size] += 1
+        self.hits[list(path[1:])] += 1
+
+    def tokens(self, sizes: Sequence[int]) -> float:
+        """Expected tokens of rounds with these tree sizes (a node never seen counts as never
+        accepted: a size no round has reached yet is valued at what is known below it)."""
+        rate = np.divide(self.hits, self.seen, out=np.zeros_like(self.seen), where=self.seen > 0)
+        rate[0] = 1.0  # the bonus token: a round of s nodes yields by_size[s] = 1 + rates of nodes 1..s-1
+        by_size = np.concatenate(([0.0], np.cumsum(rate)))
+        return float(by_size[np.asarray(sizes, dtype=int)].sum())
 
 
 class BudgetController:
@@ -87,6 +127,7 @@ class BudgetController:
         self.speculative: dict[str, bool] = {}
         self.caps: dict[str, int] = {}
         self.loads: dict[int, _Load] = {}
+        self.acceptance = NodeAcceptance(self.max_nodes)
         self._epoch = _Epoch()
         self._settle = 0
 
@@ -149,42 +190,47 @@ class BudgetController:
         return self.levels[i] if 0 <= i < len(self.levels) else None
 
     # ---- measurements --------------------------------------------------------------------
-    def observe_step(self, rows: int, tokens: int, seconds: float, prefill: bool) -> None:
-        """One scheduler step: its decoding rows, the tokens they generated, and the seconds
+    def observe_step(self, rounds: Sequence[tuple[int, Sequence[int]]], seconds: float, prefill: bool) -> None:
+        """One scheduler step: each decoding row's (tree size, accepted path), and the seconds
         since the previous step ended (wait + compute)."""
         if not self.adaptive or not any(self.speculative.values()) or prefill:
             return
+        for size, path in rounds:
+            if size > 1:
+                self.acceptance.add(size, path)
         if self._settle > 0:
             self._settle -= 1
             return
         e = self._epoch
-        e.steps, e.rows, e.tokens, e.seconds = e.steps + 1, e.rows + rows, e.tokens + tokens, e.seconds + seconds
-        if e.steps >= self.MIN_STEPS and e.rows >= self.MIN_ROWS and e.seconds > 0:
+        e.add(_Epoch(1, seconds, [size for size, _ in rounds]))
+        if e.steps >= self.MIN_STEPS and len(e.sizes) >= self.MIN_ROWS and e.seconds > 0:
             self._epoch = _Epoch()
-            self._end_epoch(e.tokens, e.seconds)
+            self._end_epoch(e)
+
+    def _rate(self, epoch: _Epoch) -> float:
+        return self.acceptance.tokens(epoch.sizes) / epoch.seconds if epoch.seconds > 0 else 0.0
 
     def _switch(self, load: _Load, level: int) -> None:
         load.level = level
         self._settle = self.SETTLE_STEPS
 
-    def _end_epoch(self, tokens: int, seconds: float) -> None:
+    def _end_epoch(self, epoch: _Epoch) -> None:
         load = self._load()
         if load.probing_from is not None:
-            sums = load.trial.setdefault(load.level, [0, 0.0])
-            sums[0], sums[1] = sums[0] + tokens, sums[1] + seconds
+            load.trial.setdefault(load.level, _Epoch()).add(epoch)
             if load.schedule:
                 self._switch(load, load.schedule.pop(0))
             else:
                 self._judge_probe(load)
             return
-        old, rate = load.rates.get(load.level), tokens / seconds
+        old, rate = load.rates.get(load.level), self._rate(epoch)
         load.rates[load.level] = rate if old is None else old + self.EMA * (rate - old)
         load.epochs += 1
         nxt = self._due_probe(load)
         if nxt is None:
             return
         load.probing_from, load.schedule = load.level, [load.level, nxt]
-        load.trial = {load.level: [tokens, seconds]}  # this epoch is the pair's first base epoch
+        load.trial = {load.level: epoch}  # this epoch is the pair's first base epoch
         self._switch(load, nxt)
 
     def _due_probe(self, load: _Load) -> int | None:
@@ -199,7 +245,7 @@ class BudgetController:
     def _judge_probe(self, load: _Load) -> None:
         """Probe and base over the probe's epochs; the run ends on the probe level."""
         base, probe = load.probing_from, load.level
-        rates = {lv: t / s for lv, (t, s) in load.trial.items() if s > 0}
+        rates = {lv: self._rate(e) for lv, e in load.trial.items()}  # valued now, by the same acceptance
         load.rates.update(rates)
         load.probing_from, load.trial = None, {}
         won = rates.get(probe, 0.0) > rates.get(base, 0.0) * self.MARGIN

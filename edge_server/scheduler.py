@@ -337,9 +337,8 @@ class Scheduler:
         prefill_tokens = sum(row.n for (it, row) in batch if it.prefill)
         queue = []
         with self._cv:
-            decoded = [len(res.tokens) for (it, _), res in zip(batch, results) if not it.prefill]
-            self.budgets.observe_step(len(decoded), sum(decoded), ended - self._last_step_end,
-                                      prefill=prefill_tokens > 0)
+            rounds = [(len(it.tree), res.path) for (it, _), res in zip(batch, results) if not it.prefill]
+            self.budgets.observe_step(rounds, ended - self._last_step_end, prefill=prefill_tokens > 0)
             self._last_step_end = ended
             for (it, row), res in zip(batch, results):
                 if res is None:

@@ -29,7 +29,12 @@ class RoundResult:
     finish: int  # pb.FinishReason
     compute_ms: float
     tree_size: int
-    accepted: int = 0  # accepted draft nodes (root and bonus not counted)
+    path: list[int] = field(default_factory=lambda: [0])  # the accepted node indices, root first
+
+    @property
+    def accepted(self) -> int:
+        """Accepted draft nodes (root and bonus not counted)."""
+        return len(self.path) - 1
 
 
 @dataclass
@@ -150,7 +155,7 @@ class Session:
         # The newly generated tokens are the accepted non-root nodes, then the bonus choice.
         new = [tree.tokens[i] for i in path[1:]] + [choices[path[-1]]]
         result = self._finish_round(new, hidden[path[-1]], max_context, started, len(tree))
-        result.accepted = len(path) - 1
+        result.path = path
         return result
 
     def _finish_round(self, new: list[int], hidden: torch.Tensor, max_context: int, started: float,

@@ -7,23 +7,31 @@ import pytest
 from edge_server.budget import BudgetController, DeviceLink
 
 
-def _run(ctl: BudgetController, steps: int, rows: int, tau, step_s, noise: float = 0.0, seed: int = 0,
-         per_row: bool = False) -> list[int]:
-    """Feeds `steps` steps whose tokens and seconds follow the controller's current level;
-    returns the level of every step. `per_row`: each row's tokens are drawn as a real round's
-    are (a geometric run of accepted nodes, mean tau), not rounded from the mean."""
+def _run(ctl: BudgetController, steps: int, rows: int, tau, step_s, noise: float = 0.0, seed: int = 0) -> list[int]:
+    """Feeds `steps` steps whose rounds and seconds follow the controller's current level;
+    returns the level of every step. Each row's round is drawn by `_round`."""
     rng = np.random.default_rng(seed)
     levels = []
     for _ in range(steps):
         b = ctl.level
         levels.append(b)
         jitter = 1.0 + noise * rng.standard_normal()
-        if per_row:
-            tokens = int(rng.geometric(1.0 / tau(b), size=rows).sum())
-        else:
-            tokens = int(rows * tau(b) + rng.random())  # whole tokens, rows * tau on average
-        ctl.observe_step(rows, tokens, step_s(rows, b) * jitter, prefill=False)
+        rounds = [(b, _round(tau, b, u, v)) for u, v in rng.random((rows, 2))]
+        ctl.observe_step(rounds, step_s(rows, b) * jitter, prefill=False)
     return levels
+
+
+def _round(tau, b: int, u: float, v: float) -> list[int]:
+    """The accepted path of a b-node round in a synthetic tree whose nodes 2^k..2^(k+1)-1 are
+    the candidates at depth k+1: depth k+1 is reached when u < tau(2^(k+1)) - tau(2^k), at one
+    of those nodes picked by v. So a round of b nodes (a power of two) yields tau(b) tokens on
+    average, a smaller budget's tree is the first nodes of a larger one's, and one round
+    accepts many nodes or few, as a real one does."""
+    path, k = [0], 0
+    while (2 << k) <= b and u < tau(2 << k) - tau(1 << k):
+        path.append((1 << k) + int(v * (1 << k)))
+        k += 1
+    return path
 
 
 def _cpu_like_tau(b: int) -> float:
@@ -72,7 +80,7 @@ def test_a_new_heavy_load_starts_without_speculation_and_stays_there_through_noi
     # late devices and wider steps make the step 50% longer; acceptance varies row by row
     tau = {1: 1.0, 2: 1.24, 4: 1.46, 8: 1.6, 16: 1.75, 32: 1.85, 64: 1.9}.get
     step_s = lambda rows, b: {1: .115, 2: .175, 4: .22}.get(b, 0.3 * b / 8)  # noqa: E731
-    levels = _run(_controller(8), 150, 8, tau, step_s, noise=0.10, seed=seed, per_row=True)
+    levels = _run(_controller(8), 150, 8, tau, step_s, noise=0.10, seed=seed)
     assert levels[0] == 1
     assert _share(levels, {1}) >= 0.7  # the probes that check whether trees pay yet
 
@@ -114,6 +122,29 @@ def test_under_load_a_small_tree_is_kept_when_it_pays():
     assert _share(levels[-1000:], {2, 4}) >= 0.8
 
 
+def test_lucky_rounds_do_not_carry_the_level_up():
+    # 4 sessions as measured on this CPU: trees never pay (tokens/s at 1: 55.0, 2: 54.0, 4: 46.0,
+    # 8: 40.0). Counting an epoch's tokens, one round's luck let bigger trees win probes and some
+    # runs ended up to 25% slower; valued by learned node acceptance, every run stays close
+    tau = {1: 1.0, 2: 1.35, 4: 1.6, 8: 1.8, 16: 1.95, 32: 2.0, 64: 2.0}.get
+    step = {1: 0.0727, 2: 0.1, 4: 0.139, 8: 0.18, 16: 0.26, 32: 0.4, 64: 0.7}
+    achieved = []
+    for seed in range(30):
+        levels = _run(_controller(4), 200, 4, tau, lambda rows, b: step[b], noise=0.10, seed=seed)
+        achieved.append(sum(tau(b) for b in levels) / sum(step[b] for b in levels) / (1 / step[1]))
+    assert min(achieved) >= 0.93
+
+
+def test_expected_tokens_of_a_smaller_tree_come_from_the_rounds_of_larger_ones():
+    ctl = _controller(1)
+    ctl.observe_step([(8, [0, 1, 3])] * 4 + [(8, [0, 1])] * 4, 0.1, prefill=False)
+    acc = ctl.acceptance
+    assert acc.tokens([1]) == 1.0  # decoding alone: the bonus token only
+    assert acc.tokens([2]) == pytest.approx(2.0)  # node 1 was always accepted
+    assert acc.tokens([4]) == pytest.approx(2.5, abs=0.01)  # node 3 in half the rounds
+    assert acc.tokens([8, 4, 1]) == pytest.approx(2.5 + 2.5 + 1.0, abs=0.02)
+
+
 def test_a_heavier_load_starts_from_smaller_trees():
     ctl = _controller(1)
     _run(ctl, 400, 1, _cpu_like_tau, _cpu_like_step_s)
@@ -129,7 +160,7 @@ def test_a_heavier_load_starts_from_smaller_trees():
 def test_prefill_steps_are_not_measured_and_fixed_budgets_stay_fixed():
     ctl = _controller(1)
     for _ in range(200):  # prompt chunks at any budget: no evidence either way
-        ctl.observe_step(1, 0, 1.0, prefill=True)
+        ctl.observe_step([(8, [0, 1, 2])], 1.0, prefill=True)
     assert all(not load.rates for load in ctl.loads.values())
     fixed = BudgetController(16, adaptive=False)
     fixed.add("a", speculative=True)
