@@ -36,9 +36,19 @@ measure, so the controller climbs it directly:
   On this shared CPU one epoch's rate varies by 10-15% with nothing changed, more than most
   differences between neighbouring levels, so a probe is a paired comparison: the epoch before
   it, then probe, level, probe, and the two levels' tokens/s over those epochs are compared
-  (slow drifts of the machine or the text hit both alike). A probe that wins by MARGIN becomes
-  the level and the next probe continues that way at once; a losing probe sends it back and
-  flips the direction.
+  (slow drifts of the machine or the text hit both alike). A larger tree wins only by beating
+  the smaller one by MARGIN, whichever of them is probed: under load the rate falls faster past
+  the best level than before it (at 4 clients on this CPU fixed budgets 1 / 2 / 4 / 8 gave 1.01 /
+  1.00 / 0.93 / 0.84x of server-only decoding), so near-ties go to the smaller tree. (8% lost
+  a lone session 10-15%: every step up from 4 nodes gains less than that, all of them together
+  more.) A winning probe becomes the level and the next probe continues that way at once; a
+  losing one sends it back and flips the direction.
+- Text changes how much a tree yields, not what a round costs, so each probe also keeps the
+  two levels' seconds per round, and after every epoch the current level is compared with
+  the next smaller one at the acceptance of the latest rounds: when it no longer wins by MARGIN
+  the controller steps down at once, without a probe, and probes that pair again after a wait.
+  (Answers become less predictable after their opening tokens: the shipped heads accepted 2.0
+  tokens a 4-node round in the first 32 tokens of the benchmark's answers and 1.6 over 64.)
 - Each (level, neighbour) pair keeps its own wait before it is probed again, so a smaller level
   that lost says nothing about a larger one. A pair that loses again waits twice as long (at
   most MAX_WAIT epochs), and at least long enough that re-checking a level that lost by a
@@ -46,16 +56,19 @@ measure, so the controller climbs it directly:
   a 2-node tree that lost 25% at 8 clients waits 25 epochs, a close call waits 2 and is
   measured again soon. Doubling alone spent a fifth of a short run's steps on such probes at
   8-16 lock-step clients (each probe epoch 10-27% slower), which kept heads 7-10% under
-  server-only decoding. A level that just lost to the new one waits at least 3 epochs (its
-  loss is at least MARGIN's), so one noisy probe back does not undo a win at once.
+  server-only decoding. A smaller level that just lost to a larger one waits at least 3 epochs
+  (its loss is at least MARGIN's), so one noisy probe back does not undo a win at once.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger("edge-server.budget")
 
 
 @dataclass
@@ -71,6 +84,8 @@ class _Load:
     probing_from: int | None = None  # the level to return to if the running probe loses
     schedule: list[int] = field(default_factory=list)  # the running probe's epochs still to come
     trial: dict[int, "_Epoch"] = field(default_factory=dict)  # level -> its rounds and seconds in the probe
+    cost: dict[tuple[int, int], float] = field(default_factory=dict)  # (smaller, larger) -> their seconds
+    # per round, larger / smaller, in their last probe
 
 
 @dataclass
@@ -112,7 +127,7 @@ class NodeAcceptance:
 
 class BudgetController:
     EMA = 0.5  # weight of a new epoch in a level's rate
-    MARGIN = 1.03  # a probe must beat the current level by 3% (epoch-to-epoch noise is ~5-10%)
+    MARGIN = 1.03  # a larger tree must beat the next smaller one by 3%
     MIN_STEPS = 4
     MIN_ROWS = 8
     START_NODES = 8
@@ -226,12 +241,31 @@ class BudgetController:
         old, rate = load.rates.get(load.level), self._rate(epoch)
         load.rates[load.level] = rate if old is None else old + self.EMA * (rate - old)
         load.epochs += 1
+        if self._step_down(load):
+            return
         nxt = self._due_probe(load)
         if nxt is None:
             return
         load.probing_from, load.schedule = load.level, [load.level, nxt]
         load.trial = {load.level: epoch}  # this epoch is the pair's first base epoch
         self._switch(load, nxt)
+
+    def _gain(self, load: _Load, small: int, large: int) -> float | None:
+        """Tokens/s at `large` over `small` at the latest acceptance and their last probe's cost."""
+        cost = load.cost.get((small, large))
+        if cost is None:
+            return None
+        return self.acceptance.tokens([large]) / self.acceptance.tokens([small]) / cost
+
+    def _step_down(self, load: _Load) -> bool:
+        small = self._neighbour(load.level, -1)
+        gain = self._gain(load, small, load.level) if small is not None else None
+        if gain is None or gain > self.MARGIN:
+            return False
+        log.debug("load %d: %d no longer beats %d (x%.2f): stepping down", self._key(), load.level, small, gain)
+        self._wait(load, small, load.level, max(0.0, 1.0 - gain))
+        self._switch(load, small)
+        return True
 
     def _due_probe(self, load: _Load) -> int | None:
         """The neighbour to probe now, the preferred direction first, or None."""
@@ -245,12 +279,18 @@ class BudgetController:
     def _judge_probe(self, load: _Load) -> None:
         """Probe and base over the probe's epochs; the run ends on the probe level."""
         base, probe = load.probing_from, load.level
-        rates = {lv: self._rate(e) for lv, e in load.trial.items()}  # valued now, by the same acceptance
+        trial, load.probing_from, load.trial = load.trial, None, {}
+        rates = {lv: self._rate(e) for lv, e in trial.items()}  # valued now, by the same acceptance
         load.rates.update(rates)
-        load.probing_from, load.trial = None, {}
-        won = rates.get(probe, 0.0) > rates.get(base, 0.0) * self.MARGIN
+        small, large = sorted((base, probe))
+        load.cost[(small, large)] = _per_round(trial[large]) / _per_round(trial[small])
+        winner = large if self._gain(load, small, large) > self.MARGIN else small
+        won = winner == probe
+        log.debug("load %d: probe %d vs %d: %.1f vs %.1f tokens/s (%s) -> %d", self._key(), probe, base,
+                  rates[probe], rates[base],
+                  ", ".join(f"{lv}: {len(e.sizes)} rounds in {e.seconds:.2f} s" for lv, e in trial.items()), winner)
         winner, loser = (probe, base) if won else (base, probe)
-        self._wait(load, winner, loser, 1.0 - rates.get(loser, 0.0) / max(rates.get(winner, 0.0), 1e-9))
+        self._wait(load, winner, loser, max(0.0, 1.0 - rates[loser] / max(rates[winner], 1e-9)))
         if won:  # keep going this way
             load.due.pop((base, probe), None)
             load.waits.pop((base, probe), None)
@@ -272,6 +312,10 @@ class BudgetController:
                          next_probe_in={str(n): max(0, due - v.epochs) for (lv, n), due in v.due.items()
                                         if lv == v.level})
             for k, v in sorted(self.loads.items())})
+
+
+def _per_round(epoch: _Epoch) -> float:
+    return epoch.seconds / max(1, len(epoch.sizes))
 
 
 @dataclass
