@@ -84,8 +84,8 @@ class _Load:
     probing_from: int | None = None  # the level to return to if the running probe loses
     schedule: list[int] = field(default_factory=list)  # the running probe's epochs still to come
     trial: dict[int, "_Epoch"] = field(default_factory=dict)  # level -> its rounds and seconds in the probe
-    cost: dict[tuple[int, int], float] = field(default_factory=dict)  # (smaller, larger) -> their seconds
-    # per round, larger / smaller, in their last probe
+    cost: dict[tuple[int, int], float] = field(default_factory=dict)  # (smaller, larger) -> seconds per
+    # round at the larger over the smaller, from their last probe
 
 
 @dataclass
@@ -285,13 +285,12 @@ class BudgetController:
         small, large = sorted((base, probe))
         load.cost[(small, large)] = _per_round(trial[large]) / _per_round(trial[small])
         winner = large if self._gain(load, small, large) > self.MARGIN else small
-        won = winner == probe
+        loser = small if winner == large else large
         log.debug("load %d: probe %d vs %d: %.1f vs %.1f tokens/s (%s) -> %d", self._key(), probe, base,
                   rates[probe], rates[base],
                   ", ".join(f"{lv}: {len(e.sizes)} rounds in {e.seconds:.2f} s" for lv, e in trial.items()), winner)
-        winner, loser = (probe, base) if won else (base, probe)
         self._wait(load, winner, loser, max(0.0, 1.0 - rates[loser] / max(rates[winner], 1e-9)))
-        if won:  # keep going this way
+        if winner == probe:  # keep going this way
             load.due.pop((base, probe), None)
             load.waits.pop((base, probe), None)
             return
