@@ -305,7 +305,8 @@ class BudgetController:
         load.due[pair] = load.epochs + load.waits[pair]
 
     def as_dict(self) -> dict:
-        return dict(level=self.level, adaptive=self.adaptive, loads={
+        tokens_per_round = {str(lv): round(self.acceptance.tokens([lv]), 3) for lv in self.levels}
+        return dict(level=self.level, adaptive=self.adaptive, tokens_per_round=tokens_per_round, loads={
             str(k): dict(level=v.level, rates={str(lv): round(r, 2) for lv, r in sorted(v.rates.items())},
                          probing=v.probing_from is not None,
                          next_probe_in={str(n): max(0, due - v.epochs) for (lv, n), due in v.due.items()

@@ -168,4 +168,7 @@ def render_prometheus(snapshot: dict, prefix: str = "edgespec") -> str:
     budget = snapshot.get("budget")
     if budget:
         emit("tree_budget", "gauge", budget["level"], "tree budget the verdicts hand out now (load-aware)")
+        for level, tokens in budget.get("tokens_per_round", {}).items():
+            emit("tokens_per_round", "gauge", tokens, "tokens a round of this tree budget yields, learned from "
+                 "which node indices recent rounds accepted", f'{{budget="{level}"}}')
     return "\n".join(lines) + "\n"

@@ -1,4 +1,6 @@
 """Continuous batching: exactness across concurrent sessions, KV freed, backpressure."""
+import os
+import shlex
 import threading
 import time
 
@@ -6,6 +8,7 @@ import grpc
 import pytest
 import torch
 
+from device_client.cli import make_drafter
 from device_client.drafters.ngram import NgramDrafter
 from device_client.drafters.none import NoDrafter
 from device_client.session import Request, generate
@@ -17,7 +20,7 @@ from edge_server.verifier import TargetModel
 from shared.protocol import pb, rpc
 from shared.tree import TokenTree
 
-from conftest import PROMPTS
+from conftest import PROMPTS, Served
 
 MAX_NEW = 24
 
@@ -105,6 +108,46 @@ def test_eight_concurrent_sessions_each_equal_their_greedy_reference(client, ser
         assert rec.token_ids == expected
     sizes = [s["batch_size"]["max"] for s in [_metrics(stub).get("window", {})] if s]
     assert sizes and sizes[0] >= 2  # the sessions really shared forwards
+
+
+def test_adaptive_budgets_are_lossless_and_learn_node_acceptance(loaded, client):
+    """Under the load-aware controller the budgets change with the load (sessions arrive one by
+    one) and its probes; every session still equals its greedy reference, and the verified
+    rounds taught the server what a tree of each budget yields (GetMetrics)."""
+    srv = ServerProcess(["--log-level", "WARNING", "--max-tree-nodes", "16",
+                         *shlex.split(os.environ.get("EDGESPEC_TEST_SERVER_ARGS", ""))])
+    with srv, grpc.insecure_channel(srv.address) as channel:
+        stub = rpc.EdgeSpecStub(channel)
+        info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+        served = Served(loaded, info.dtype, info.device)
+        jobs = []
+        for i, prompt in enumerate(PROMPTS[:4]):
+            ids = client[2].chat_ids(prompt)
+            drafter = make_drafter("heads", stub, info, "unified", True) if i % 2 else NgramDrafter()
+            jobs.append((ids, served.greedy(ids, 48), drafter, "pipelined" if i == 3 else "speculative"))
+        results, errors = [None] * len(jobs), []
+
+        def run(i, ids, drafter, mode):
+            try:
+                results[i] = generate(stub, Request(ids, max_new_tokens=48, tree_budget=16, mode=mode), drafter,
+                                      info.tokenizer_fingerprint, timeout=300)
+            except Exception as err:  # reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=run, args=(i, ids, d, m)) for i, (ids, _, d, m) in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for (ids, expected, _, _), rec in zip(jobs, results):
+            assert rec.token_ids == expected
+        budget = _metrics(stub)["budget"]
+        assert budget["adaptive"]
+        assert budget["tokens_per_round"]["1"] == 1.0  # decoding alone: the bonus token
+        assert budget["tokens_per_round"]["2"] > 1.0  # some verified rounds accepted their first node
+        prometheus = stub.GetMetrics(pb.MetricsRequest(), timeout=10).prometheus
+        assert 'edgespec_tokens_per_round{budget="2"}' in prometheus
 
 
 def _metrics(stub):
