@@ -83,29 +83,32 @@ def test_batched_and_unbatched_accept_same_paths(loaded):
         pool.free(s.slot)
 
 
-def test_eight_concurrent_sessions_each_equal_their_greedy_reference(client, served):
-    stub, info, tokenizer = client
-    jobs = []
-    for i, prompt in enumerate(PROMPTS[:8]):
-        ids = tokenizer.chat_ids(prompt)
-        jobs.append((ids, served.greedy(ids, MAX_NEW), NgramDrafter() if i % 2 else NoDrafter()))
+def _generate_all(stub, info, jobs: list) -> list:
+    """Runs (Request, drafter) jobs as concurrent device sessions; their records, in order."""
     results, errors = [None] * len(jobs), []
 
-    def run(i, ids, drafter):
+    def run(i, request, drafter):
         try:
-            results[i] = generate(stub, Request(ids, max_new_tokens=MAX_NEW, tree_budget=16), drafter,
-                                  info.tokenizer_fingerprint, timeout=300)
+            results[i] = generate(stub, request, drafter, info.tokenizer_fingerprint, timeout=300)
         except Exception as err:  # reported below
             errors.append(err)
 
-    threads = [threading.Thread(target=run, args=(i, ids, d)) for i, (ids, _, d) in enumerate(jobs)]
+    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
-    for (ids, expected, _), rec in zip(jobs, results):
-        assert rec.token_ids == expected
+    return results
+
+
+def test_eight_concurrent_sessions_each_equal_their_greedy_reference(client, served):
+    stub, info, tokenizer = client
+    ids = [tokenizer.chat_ids(prompt) for prompt in PROMPTS[:8]]
+    jobs = [(Request(x, max_new_tokens=MAX_NEW, tree_budget=16), NgramDrafter() if i % 2 else NoDrafter())
+            for i, x in enumerate(ids)]
+    for x, rec in zip(ids, _generate_all(stub, info, jobs)):
+        assert rec.token_ids == served.greedy(x, MAX_NEW)
     sizes = [s["batch_size"]["max"] for s in [_metrics(stub).get("window", {})] if s]
     assert sizes and sizes[0] >= 2  # the sessions really shared forwards
 
@@ -120,28 +123,12 @@ def test_adaptive_budgets_are_lossless_and_learn_node_acceptance(loaded, client)
         stub = rpc.EdgeSpecStub(channel)
         info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
         served = Served(loaded, info.dtype, info.device)
-        jobs = []
-        for i, prompt in enumerate(PROMPTS[:4]):
-            ids = client[2].chat_ids(prompt)
-            drafter = make_drafter("heads", stub, info, "unified", True) if i % 2 else NgramDrafter()
-            jobs.append((ids, served.greedy(ids, 48), drafter, "pipelined" if i == 3 else "speculative"))
-        results, errors = [None] * len(jobs), []
-
-        def run(i, ids, drafter, mode):
-            try:
-                results[i] = generate(stub, Request(ids, max_new_tokens=48, tree_budget=16, mode=mode), drafter,
-                                      info.tokenizer_fingerprint, timeout=300)
-            except Exception as err:  # reported below
-                errors.append(err)
-
-        threads = [threading.Thread(target=run, args=(i, ids, d, m)) for i, (ids, _, d, m) in enumerate(jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
-        for (ids, expected, _, _), rec in zip(jobs, results):
-            assert rec.token_ids == expected
+        ids = [client[2].chat_ids(prompt) for prompt in PROMPTS[:4]]
+        jobs = [(Request(x, max_new_tokens=48, tree_budget=16, mode="pipelined" if i == 3 else "speculative"),
+                 make_drafter("heads", stub, info, "unified", True) if i % 2 else NgramDrafter())
+                for i, x in enumerate(ids)]
+        for x, rec in zip(ids, _generate_all(stub, info, jobs)):
+            assert rec.token_ids == served.greedy(x, 48)
         budget = _metrics(stub)["budget"]
         assert budget["adaptive"]
         assert budget["tokens_per_round"]["1"] == 1.0  # decoding alone: the bonus token
