@@ -83,7 +83,7 @@ class _Load:
     direction: int = -1  # the preferred probe: -1 the next smaller level, +1 the next larger one
     probing_from: int | None = None  # the level to return to if the running probe loses
     schedule: list[int] = field(default_factory=list)  # the running probe's epochs still to come
-    trial: dict[int, "_Epoch"] = field(default_factory=dict)  # level -> its rounds and seconds in the probe
+    trial: dict[int, _Epoch] = field(default_factory=dict)  # level -> its rounds and seconds in the probe
     cost: dict[tuple[int, int], float] = field(default_factory=dict)  # (smaller, larger) -> seconds per
     # round at the larger over the smaller, from their last probe
 

@@ -337,7 +337,7 @@ class Scheduler:
         prefill_tokens = sum(row.n for (it, row) in batch if it.prefill)
         queue = []
         with self._cv:
-            rounds = [(len(it.tree), res.path) for (it, _), res in zip(batch, results) if not it.prefill]
+            rounds = [(res.tree_size, res.path) for (it, _), res in zip(batch, results) if not it.prefill]
             self.budgets.observe_step(rounds, ended - self._last_step_end, prefill=prefill_tokens > 0)
             self._last_step_end = ended
             for (it, row), res in zip(batch, results):
