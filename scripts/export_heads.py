@@ -59,6 +59,8 @@ class ExportGraph(nn.Module):
             # one MatMul against U for all heads, so U is stored (and quantized) once
             low = torch.stack([F.linear(z, hd.A[k]) for k, z in enumerate(feats)], dim=1)  # [B, K, r]
             x = (low.reshape(-1, hd.rank) @ table_t).reshape(B, K, hd.vocab_size)
+            if hd.dense_tokens:
+                x = hd.add_dense(x, torch.stack(feats, dim=1))
         else:
             x = torch.stack([F.linear(z, hd.W[k]) for k, z in enumerate(feats)], dim=1)
         logp = torch.log_softmax(x, dim=-1)

@@ -95,6 +95,12 @@ def evaluate(heads: DraftHeads, H: np.ndarray, N: np.ndarray, L: np.ndarray, dev
             "positions": int(n[0])}
 
 
+def frequent_tokens(labels: np.ndarray, n: int, vocab_size: int) -> torch.Tensor:
+    """The n most frequent label ids (all heads' labels, ties by id): the tokens that get dense rows."""
+    counts = np.bincount(labels[labels >= 0].ravel(), minlength=vocab_size)
+    return torch.from_numpy(np.argsort(-counts, kind="stable")[:n].astype(np.int64))
+
+
 def train(args, cfg: dict, lm_head: torch.Tensor, H: np.ndarray, N: np.ndarray, L: np.ndarray,
           Hv: np.ndarray | None, Nv: np.ndarray | None, Lv: np.ndarray | None, device: str) -> DraftHeads:
     """Train (or resume) heads on rows (hidden H, root N, labels L); held-out rows for logging."""
@@ -105,7 +111,8 @@ def train(args, cfg: dict, lm_head: torch.Tensor, H: np.ndarray, N: np.ndarray, 
     ck_path = run / "checkpoint.pt"
     torch.manual_seed(args.seed)
     heads = build_heads(cfg)
-    svd_err = heads.init_from_lm_head(lm_head)
+    dense = cfg.get("dense_tokens", 0)
+    svd_err = heads.init_from_lm_head(lm_head, frequent_tokens(L, dense, cfg["vocab_size"]) if dense else None)
     heads.to(device).train()
     opt = torch.optim.AdamW(heads.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(H) / args.batch)
@@ -196,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-heads", type=int, default=4)
     ap.add_argument("--rank", type=int, default=64, help="0 = full rank (d -> V per head)")
     ap.add_argument("--num-layers", type=int, default=1)
+    ap.add_argument("--dense-tokens", type=int, default=4096,
+                    help="full-rank rows for this many of the most frequent label tokens (0: none; full rank has all)")
+    ap.add_argument("--dense-shared", action=argparse.BooleanOptionalAction, default=True,
+                    help="one set of dense rows for all heads (--no-dense-shared: one per head)")
     ap.add_argument("--plain", action="store_true", help="plain Medusa heads (no root conditioning): the baseline")
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--epochs", type=float, default=3.0)
@@ -241,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("model_fingerprint") not in (None, fingerprint):
         raise SystemExit(f"{data_dir} was built for model {summary['model_fingerprint']}, not {fingerprint}")
     cfg = {"hidden_size": lm_head.shape[1], "vocab_size": lm_head.shape[0], "num_heads": args.num_heads,
-           "rank": args.rank, "num_layers": args.num_layers, "root_conditioned": not args.plain}
+           "rank": args.rank, "num_layers": args.num_layers, "root_conditioned": not args.plain,
+           "dense_tokens": args.dense_tokens if args.rank else 0, "dense_shared": args.dense_shared and args.rank > 0}
     del lm
 
     # 2. train
@@ -279,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_fingerprint": fingerprint,
         "hidden_size": cfg["hidden_size"], "vocab_size": cfg["vocab_size"], "num_heads": cfg["num_heads"],
         "rank": cfg["rank"], "num_layers": cfg["num_layers"], "root_conditioned": cfg["root_conditioned"],
+        "dense_tokens": cfg["dense_tokens"], "dense_shared": cfg["dense_shared"],
         "top_k": args.top_k, "inputs": inputs,
         "outputs": {"ids": "int64 [batch, num_heads, top_k]", "logprobs": "float32 [batch, num_heads, top_k]"},
         "head_offsets": [2 + k for k in range(cfg["num_heads"])],

@@ -27,14 +27,17 @@ from heads_model import DraftHeads, TopKHeads  # noqa: E402
 D, V, K, TOPK = 48, 700, 3, 6
 
 
-def _heads(rank, root_conditioned=True):
-    """Random heads; C is set nonzero (trained heads' C is) so that the root matters."""
+def _heads(rank, root_conditioned=True, dense=0, shared=False):
+    """Random heads; C (and the dense rows) set nonzero, as trained heads' are, so they matter."""
     torch.manual_seed(0)
-    m = DraftHeads(D, V, K, rank, root_conditioned=root_conditioned)
+    m = DraftHeads(D, V, K, rank, root_conditioned=root_conditioned, dense_tokens=dense, dense_shared=shared)
     for blk in m.blocks:
         torch.nn.init.normal_(blk[0].linear.weight, std=0.1)
     if root_conditioned:
         torch.nn.init.normal_(m.C, std=0.5)
+    if dense:
+        m.dense_ids.copy_(torch.randperm(V)[:dense])
+        torch.nn.init.normal_(m.D, std=0.5)
     return m.eval()
 
 
@@ -51,10 +54,10 @@ def _write_artifact(tmp: Path, onnx_path: Path, rank) -> Path:
     return tmp
 
 
-@pytest.mark.parametrize("rank", [8, None])
+@pytest.mark.parametrize("rank,dense,shared", [(8, 0, False), (None, 0, False), (8, 40, False), (8, 40, True)])
 @pytest.mark.parametrize("root_conditioned", [True, False])
-def test_onnx_fp32_matches_torch(tmp_path, rank, root_conditioned):
-    m = _heads(rank, root_conditioned)
+def test_onnx_fp32_matches_torch(tmp_path, rank, dense, shared, root_conditioned):
+    m = _heads(rank, root_conditioned, dense, shared)
     path = export_onnx(m, TOPK, tmp_path / "heads.fp32.onnx")
     names = [i.name for i in ort_session(path).get_inputs()]
     assert names == (["hidden", "root"] if root_conditioned else ["hidden"])
@@ -83,11 +86,25 @@ def test_root_changes_the_drafts_and_zero_c_is_plain_medusa():
         assert torch.equal(m(ht, rt), plain(ht)) and torch.equal(m(ht, rt), m(ht, torch.full_like(rt, -1)))
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_dense_rows_change_only_the_frequent_tokens_logits(shared):
+    m = _heads(8, dense=40, shared=shared)
+    h, root = _inputs(16, 4)
+    ht, rt = torch.from_numpy(h), torch.from_numpy(root)
+    with torch.no_grad():
+        a = m(ht, rt)
+        m.D.zero_()
+        b = m(ht, rt)
+    changed = ((a - b).abs() > 1e-6).any(0).any(0)
+    assert set(torch.nonzero(changed).flatten().tolist()) == set(m.dense_ids.tolist())
+
+
 @pytest.mark.parametrize("scheme", ["int8-per-channel", "int8-per-tensor", "int8-u-fp16"])
-def test_int8_quantization_is_smaller_and_agrees(tmp_path, scheme):
+@pytest.mark.parametrize("dense,shared", [(0, False), (40, False), (40, True)])
+def test_int8_quantization_is_smaller_and_agrees(tmp_path, scheme, dense, shared):
     import onnx
 
-    m = _heads(16)
+    m = _heads(16, dense=dense, shared=shared)
     fp32 = export_onnx(m, TOPK, tmp_path / "heads.fp32.onnx")
     h, root = _inputs(128, 1)
     ref, _ = run_onnx(ort_session(fp32), h, root)

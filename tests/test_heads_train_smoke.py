@@ -65,20 +65,21 @@ def test_load_split_roots(tmp_path):
     assert sorted(N.tolist()) == [-1, -1] + [7] * 6
 
 
-@pytest.mark.parametrize("root_conditioned", [True, False])
-def test_training_smoke_and_resume(tiny_data, tmp_path, root_conditioned):
+@pytest.mark.parametrize("root_conditioned,dense,shared", [(True, 0, False), (False, 0, False), (True, 16, False),
+                                                         (True, 16, True)])
+def test_training_smoke_and_resume(tiny_data, tmp_path, root_conditioned, dense, shared):
     data, lm_head = tiny_data
     H, N, L = train_heads.load_split(data, "train", K)
     Hv, Nv, Lv = train_heads.load_split(data, "heldout", K)
     assert (N >= 0).all() and len(N) == len(H)
     cfg = {"hidden_size": D, "vocab_size": V, "num_heads": K, "rank": 8, "num_layers": 1,
-           "root_conditioned": root_conditioned}
+           "root_conditioned": root_conditioned, "dense_tokens": dense, "dense_shared": shared}
     args = argparse.Namespace(run_dir=str(tmp_path / "run"), seed=0, lr=3e-3, batch=32, steps=40, epochs=1,
                               decay=0.8, ckpt_every=10, max_minutes=0, restart=False)
     from heads_model import build_heads, head_loss
 
     init = build_heads(cfg)
-    init.init_from_lm_head(lm_head)
+    init.init_from_lm_head(lm_head, train_heads.frequent_tokens(L, dense, V) if dense else None)
     h, root, lab = torch.from_numpy(H.astype(np.float32)), torch.from_numpy(N).long(), torch.from_numpy(L)
     with torch.no_grad():
         before = head_loss(init(h, root), lab)[0].item()
@@ -87,6 +88,9 @@ def test_training_smoke_and_resume(tiny_data, tmp_path, root_conditioned):
         after = head_loss(heads(h, root), lab)[0].item()
         other = heads(h, (root + 1) % V)
     assert after < before
+    if dense:  # the dense rows trained too, and stayed on the training labels' most frequent tokens
+        assert not torch.equal(heads.D, init.D) and torch.equal(heads.dense_ids, init.dense_ids)
+        assert set(heads.dense_ids.tolist()) <= set(L[L >= 0].ravel().tolist())
     if root_conditioned:  # C started at zero; training made the heads use the root
         assert heads.C.abs().max() > 0
         assert (other - heads(h, root)).abs().amax(-1).mean() > 1e-3
@@ -110,6 +114,26 @@ def test_low_rank_init_is_truncated_svd(tiny_data):
     h, root = torch.randn(4, D), torch.arange(4)
     with torch.no_grad():
         np.testing.assert_allclose(m(h, root)[:, 0].numpy(), (h @ lm_head.t()).numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_dense_rows_start_as_the_lm_head_on_the_frequent_tokens(tiny_data, shared):
+    _, lm_head = tiny_data
+    from heads_model import DraftHeads
+
+    labels = np.array([[5, 7, 7], [7, 9, -1], [5, 7, 11]])
+    ids = train_heads.frequent_tokens(labels, 3, V)
+    assert ids.tolist() == [7, 5, 9]  # by count, ties by id
+    m = DraftHeads(D, V, K, rank=4, dense_tokens=3, dense_shared=shared)
+    m.init_from_lm_head(lm_head, ids)
+    h, root = torch.randn(6, D), torch.arange(6)
+    with torch.no_grad():
+        out, ref = m(h, root), h @ lm_head.t()
+    for k in range(K):  # every head starts as the exact LM head on the dense rows, rank 4 elsewhere
+        torch.testing.assert_close(out[:, k, ids], ref[:, ids], atol=1e-4, rtol=1e-4)
+    assert (out[:, 0, 20:] - ref[:, 20:]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="frequent tokens"):
+        DraftHeads(D, V, K, rank=4, dense_tokens=3).init_from_lm_head(lm_head)
 
 
 def test_full_rank_root_table_is_the_svd_left_factor(tiny_data):
