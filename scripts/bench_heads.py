@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -117,10 +118,10 @@ def simulate_tau(eval_path: Path | Sequences, variant_dir: Path | None, mode: st
     return simulate(drafter, eval_path, budget, max_prompts)
 
 
-def head_timing(hidden: int, vocab: int, heads: int, top_k: int, variants: list[tuple[int, bool]], work: Path,
+def head_timing(hidden: int, vocab: int, heads: int, top_k: int, variants: list[tuple[str, bool]], work: Path,
                 threads_list=(1, 2), reps: int = 200) -> dict:
     """Head-only ms per call for random heads with the real shapes (fp32 and int8), for each
-    (rank, root_conditioned) variant."""
+    (variant name as parse_variant reads it, root_conditioned)."""
     import torch
 
     from export_heads import export_onnx, ort_session, quantize
@@ -129,12 +130,16 @@ def head_timing(hidden: int, vocab: int, heads: int, top_k: int, variants: list[
     out = {}
     feeds_all = {"hidden": np.random.default_rng(0).standard_normal((1, hidden)).astype(np.float32),
                  "root": np.array([vocab // 3], dtype=np.int64)}
-    for r, cond in variants:
-        name = (f"r{r}" if r else "full") + ("-root" if cond else "-plain")
+    for variant, cond in variants:
+        r, dense, shared = parse_variant(variant)
+        name = variant + ("-root" if cond else "-plain")
         torch.manual_seed(0)
-        m = DraftHeads(hidden, vocab, heads, r or None, root_conditioned=cond)
+        m = DraftHeads(hidden, vocab, heads, r or None, root_conditioned=cond, dense_tokens=dense, dense_shared=shared)
         for blk in m.blocks:
             torch.nn.init.normal_(blk[0].linear.weight, std=0.02)
+        if dense:  # random distinct ids (the scatter's cost does not depend on which), random rows
+            m.dense_ids.copy_(torch.randperm(vocab)[:dense])
+            torch.nn.init.normal_(m.D, std=0.02)
         fp32 = export_onnx(m, top_k, work / f"timing-{name}.fp32.onnx")
         q = quantize(fp32, work / f"timing-{name}.int8.onnx", "int8-per-channel")
         for label, path in (("fp32", fp32), ("int8", q)):
@@ -154,6 +159,22 @@ def head_timing(hidden: int, vocab: int, heads: int, top_k: int, variants: list[
         out[f"{name}/int8_bytes"] = q.stat().st_size
         del m
     return out
+
+
+def variant_name(meta: dict) -> str:
+    """r64, r64d1024 (rank 64 + dense rows per head for 1,024 frequent tokens), r64s4096 (one
+    set of dense rows shared by the heads), full."""
+    dense = meta.get("dense_tokens", 0)
+    return ((f"r{meta['rank']}" if meta["rank"] else "full")
+            + (f"{'s' if meta.get('dense_shared') else 'd'}{dense}" if dense else ""))
+
+
+def parse_variant(name: str) -> tuple[int, int, bool]:
+    """variant_name's inverse: (rank, dense_tokens, dense_shared); rank 0 = full."""
+    m = re.fullmatch(r"(?:r(\d+)|full)(?:([ds])(\d+))?", name)
+    if not m:
+        raise ValueError(f"head variant {name!r}: expected r<rank>, r<rank>d<tokens>, r<rank>s<tokens> or full")
+    return int(m[1] or 0), int(m[3] or 0), m[2] == "s"
 
 
 DRAFTERS = {  # name -> (heads mode or None for the ngram drafter alone, merge ngram branches)
@@ -187,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-prompts", type=int, default=None)
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--head-ms-json", default=None, help="reuse head-only timings saved by an earlier run")
-    ap.add_argument("--timing-ranks", default="", help="ranks for head-only timing (default: shipped rank and full)")
+    ap.add_argument("--timing-variants", default="",
+                    help="head-only timing variants, e.g. r64,r64d1024,r64s4096,full (d / s: dense rows per head / "
+                         "shared; default: the shipped heads and full rank)")
     ap.add_argument("--heldout", action="store_true",
                     help="also the drafter table on the held-out split (the unified tree's calibration data)")
     args = ap.parse_args(argv)
@@ -218,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         if a is None or not (rd / "heads.fp32.onnx").exists():
             continue
         m = json.loads((a / "heads.json").read_text())
-        entry = {"rank": m["rank"] or "full", "root_conditioned": m.get("root_conditioned", False),
+        entry = {"rank": m["rank"] or "full", "variant": variant_name(m),
+                 "root_conditioned": m.get("root_conditioned", False),
                  "shipped": shipped_by(rd, art, meta), "heldout_accuracy": m.get("heldout_accuracy"),
                  "scheme": m.get("quantization", {}).get("scheme"),
                  "int8_bytes": (a / m.get("onnx", "heads.int8.onnx")).stat().st_size,
@@ -249,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.head_ms_json:
             res["head_ms"] = json.loads(Path(args.head_ms_json).read_text())
         else:
-            ranks_t = [int(x) for x in args.timing_ranks.split(",") if x] or [meta["rank"], 0]
-            # the shipped rank with and without root conditioning: what conditioning costs the device
-            variants = [(r, c) for r in ranks_t for c in ((False, True) if r == meta["rank"] else (True,))]
+            shipped = variant_name(meta)
+            names = [x for x in args.timing_variants.split(",") if x] or [shipped, "full"]
+            # the shipped heads with and without root conditioning: what conditioning costs the device
+            variants = [(v, c) for v in names for c in ((False, True) if v == shipped else (True,))]
             res["head_ms"] = head_timing(meta["hidden_size"], meta["vocab_size"], meta["num_heads"], meta["top_k"],
                                          variants, work)
             (work / "head_ms.json").write_text(json.dumps(res["head_ms"], indent=1))
@@ -347,7 +372,7 @@ def to_markdown(res: dict) -> str:
             t5 = "/".join(f"{x:.2f}" for x in a.get("top5", []))
             taus = " | ".join(f"{e[f'tau_{m}_int8']:.3f} / {e[f'tau_{m}_fp32']:.3f}" if f"tau_{m}_int8" in e else "-"
                               for m in RUN_DRAFTERS)
-            L.append(f"| {name}{' (shipped)' if e['shipped'] else ''} | {e['rank']} | "
+            L.append(f"| {name}{' (shipped)' if e['shipped'] else ''} | {e.get('variant', e['rank'])} | "
                      f"{'yes' if e['root_conditioned'] else 'no'} | {e['scheme']} | {e['int8_bytes']/1e6:.2f} | "
                      f"{t1} | {t5} | {taus} | {e['train_seconds'] or '-'} |")
     if res.get("draft_ms_per_round"):

@@ -32,3 +32,16 @@ def test_by_source_keeps_each_prompt_with_its_own_start():
     assert sorted(parts) == ["a", "b"]
     seqs, _, starts = parts["a"]
     assert [len(s) for s in seqs] == [len(data[0][0]), len(data[0][2])] and list(starts) == [5, 3]
+
+
+def test_head_variant_names_round_trip():
+    import pytest
+
+    for meta in ({"rank": 64}, {"rank": 0}, {"rank": 64, "dense_tokens": 1024},
+                 {"rank": 32, "dense_tokens": 4096, "dense_shared": True}):
+        name = bench_heads.variant_name(meta)
+        assert bench_heads.parse_variant(name) == (meta["rank"], meta.get("dense_tokens", 0),
+                                                   meta.get("dense_shared", False))
+    assert bench_heads.variant_name({"rank": 64, "dense_tokens": 4096, "dense_shared": True}) == "r64s4096"
+    with pytest.raises(ValueError, match="expected r<rank>"):
+        bench_heads.parse_variant("64")
