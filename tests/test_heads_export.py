@@ -215,3 +215,22 @@ def test_unified_heads_keep_one_ngram_index_and_draft_from_it_without_a_hidden_s
     d.propose(ctx, np.random.default_rng(0).standard_normal(D).astype(np.float32), 8)
     assert d._index.tokens == ctx  # the unified tree indexed the context
     assert d.propose(ctx + [7], None, 4).tokens == (7, 5, 6, 7)  # extended, then looked up
+
+
+def test_shipped_heads_fit_the_size_limit_and_heads_json_describes_the_graph():
+    """The artifact every device downloads: at most 8 MB (issue 3), one low-rank U, and dense rows
+    in the graph exactly when heads.json says so."""
+    import onnx
+
+    art = ROOT / "edge_server" / "heads" / "smollm2-135m-instruct"
+    meta = json.loads((art / "heads.json").read_text())
+    graph = art / meta["onnx"]
+    assert graph.stat().st_size <= 8_000_000
+    model = onnx.load(str(graph))
+    ops = {n.op_type for n in model.graph.node}
+    assert ("ScatterElements" in ops) == bool(meta.get("dense_tokens"))
+    dims = [tuple(i.dims) for i in model.graph.initializer]
+    assert (meta["rank"], meta["vocab_size"]) in dims  # U^T, stored once
+    if meta.get("dense_tokens"):
+        rows = (meta["hidden_size"], meta["dense_tokens"])  # D^T, one per head or one shared
+        assert dims.count(rows) == (1 if meta["dense_shared"] else meta["num_heads"])
