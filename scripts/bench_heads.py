@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = sorted(int(b) for b in args.budgets.split(","))
     B, P = budgets[-1], args.max_prompts
     res: dict = {"budget": B, "budgets": budgets, "eval_set": str(ev), "artifact": str(art), "rank": meta["rank"],
+                 "variant": variant_name(meta),
                  "root_conditioned": meta.get("root_conditioned", False),
                  "heldout_accuracy": meta.get("heldout_accuracy"), "quantization": meta.get("quantization", {}).get("scheme")}
     drafters = {n: v for n, v in DRAFTERS.items() if v[0] != "unified" or "tree_calibration" in meta}
@@ -341,7 +342,7 @@ def to_markdown(res: dict) -> str:
         L.append("")
     cond = "root-conditioned" if res.get("root_conditioned") else "plain"
     budgets = res["budgets"]
-    L += [f"Shipped artifact: rank {res['rank']}, {cond}, quantization {res['quantization']}. "
+    L += [f"Shipped artifact: {res['variant']} (rank {res['rank']}), {cond}, quantization {res['quantization']}. "
           "tau (tokens per round, bonus included) by tree budget (nodes, root included):", ""]
     L += tau_table(res["tau"], budgets)
     if any(n.startswith("heads-unified") for n in res["tau"]):
@@ -372,7 +373,7 @@ def to_markdown(res: dict) -> str:
             t5 = "/".join(f"{x:.2f}" for x in a.get("top5", []))
             taus = " | ".join(f"{e[f'tau_{m}_int8']:.3f} / {e[f'tau_{m}_fp32']:.3f}" if f"tau_{m}_int8" in e else "-"
                               for m in RUN_DRAFTERS)
-            L.append(f"| {name}{' (shipped)' if e['shipped'] else ''} | {e.get('variant', e['rank'])} | "
+            L.append(f"| {name}{' (shipped)' if e['shipped'] else ''} | {e['variant']} | "
                      f"{'yes' if e['root_conditioned'] else 'no'} | {e['scheme']} | {e['int8_bytes']/1e6:.2f} | "
                      f"{t1} | {t5} | {taus} | {e['train_seconds'] or '-'} |")
     if res.get("draft_ms_per_round"):
