@@ -251,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint = model_fingerprint(lm.model)
     if summary.get("model_fingerprint") not in (None, fingerprint):
         raise SystemExit(f"{data_dir} was built for model {summary['model_fingerprint']}, not {fingerprint}")
+    dense = args.dense_tokens if args.rank else 0  # full rank has every row already
     cfg = {"hidden_size": lm_head.shape[1], "vocab_size": lm_head.shape[0], "num_heads": args.num_heads,
            "rank": args.rank, "num_layers": args.num_layers, "root_conditioned": not args.plain,
-           "dense_tokens": args.dense_tokens if args.rank else 0, "dense_shared": args.dense_shared and args.rank > 0}
+           "dense_tokens": dense, "dense_shared": args.dense_shared and dense > 0}
     del lm
 
     # 2. train
