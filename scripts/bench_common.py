@@ -101,11 +101,12 @@ class MethodRun:
         return sum(int(((a > begin) & (a <= end)).sum()) for a in arrivals) / (end - begin)
 
 
-def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tokens: int,
+def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tokens: int | list[list[int]],
                 tree_budget: int, ignore_eos: bool = False, timeout: float = 900.0) -> MethodRun:
     """One device client per entry of `prompts` (its own channel and drafter), all starting
     together once every client has connected and loaded its drafter; each runs its prompts in
-    order."""
+    order. `max_new_tokens`: one length for every request, or one per prompt (same shape)."""
+    lengths = max_new_tokens if isinstance(max_new_tokens, list) else [[max_new_tokens] * len(ps) for ps in prompts]
     per_client: list[list[GenerationRecord]] = [[] for _ in prompts]
     starts: list[list[float]] = [[] for _ in prompts]
     errors: list[BaseException] = []
@@ -119,10 +120,10 @@ def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tok
                 tokenizer = load_tokenizer(stub, info)
                 drafter_name, mode = parse_method(method)
                 drafter = make_drafter(drafter_name, stub, info)
-                requests = [Request(tokenizer.chat_ids(p), max_new_tokens=max_new_tokens,
+                requests = [Request(tokenizer.chat_ids(p), max_new_tokens=length,
                                     tree_budget=min(tree_budget, info.max_tree_nodes),
                                     mode=mode, ignore_eos=ignore_eos)
-                            for p in prompts[index]]
+                            for p, length in zip(prompts[index], lengths[index], strict=True)]
                 barrier.wait(timeout=180)
                 for request in requests:
                     starts[index].append(time.perf_counter())

@@ -58,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="server-ar, or a drafter (none, ngram, heads) with an optional /MODE (pipelined)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=1, help="generations per client at each N")
+    p.add_argument("--length-spread", type=float, default=0.0,
+                   help="each request asks for max-new-tokens x (1 + s u), u uniform in [-1, 1], drawn once per "
+                        "(client, request) and the same for every method and repeat (0: all the same length, "
+                        "so the clients stay in step, as devices that all start at once and never stop would)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run every (N, method) this many times, the methods interleaved; each run is divided by "
                         "the server-ar run of its own repeat, and the table shows the medians (with the ratio's "
@@ -137,6 +141,14 @@ def client_prompts(clients: int, requests: int) -> list[list[str]]:
     return [[PROMPTS[(i + k * clients) % len(PROMPTS)] for k in range(requests)] for i in range(clients)]
 
 
+def client_lengths(clients: int, requests: int, tokens: int, spread: float) -> list[list[int]]:
+    """Per-request lengths around `tokens`: real devices ask for answers of different lengths, so
+    their requests end, and the next ones start, at different times; every method gets the
+    same lengths, so it does the same work."""
+    u = np.random.default_rng(1234).uniform(-1.0, 1.0, size=(clients, requests))
+    return np.maximum(1, np.rint(tokens * (1.0 + spread * u))).astype(int).tolist()
+
+
 def plot(rows: list[dict], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -171,7 +183,8 @@ def measure(address: str, n: int, method: str, args: argparse.Namespace) -> tupl
             run_clients(address, method, client_prompts(n, 1), args.warmup_tokens, args.tree_budget,
                         ignore_eos=True)
         stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30)
-        run = run_clients(address, method, client_prompts(n, args.requests), args.max_new_tokens,
+        run = run_clients(address, method, client_prompts(n, args.requests),
+                          client_lengths(n, args.requests, args.max_new_tokens, args.length_spread),
                           args.tree_budget, ignore_eos=True)
         metrics = json.loads(stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30).json)
     return run, summarize(run, metrics)
@@ -224,7 +237,8 @@ def main(argv=None) -> None:
     problems = lossless_problems(runs)
     shown = rows if args.repeats == 1 else median_rows(rows)
     table = markdown_table(shown, COLUMNS if args.repeats == 1 else COLUMNS + RANGE_COLUMNS)
-    notes = [f"max_new_tokens={args.max_new_tokens} (ignore_eos), requests/client={args.requests}, "
+    spread = f" x (1 ± {args.length_spread:g}) per request" if args.length_spread else ""
+    notes = [f"max_new_tokens={args.max_new_tokens}{spread} (ignore_eos), requests/client={args.requests}, "
              f"untimed warm-up of {args.warmup_tokens} tokens per client before each run, "
              f"device tree budget cap={args.tree_budget}, server args: {' '.join(server_args) or '(defaults)'}",
              *([f"{args.repeats} repeats, methods interleaved; medians over repeats, each run divided by the "

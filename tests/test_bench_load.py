@@ -1,0 +1,28 @@
+"""The load benchmark end to end on loopback: a tiny sweep, to keep the harness honest."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_load  # noqa: E402
+
+
+def test_lengths_are_spread_the_same_for_every_call():
+    a = bench_load.client_lengths(4, 3, 64, 0.5)
+    assert a == bench_load.client_lengths(4, 3, 64, 0.5)
+    flat = [x for row in a for x in row]
+    assert len(a) == 4 and all(len(row) == 3 for row in a)
+    assert all(32 <= x <= 96 for x in flat) and len(set(flat)) > 6
+    assert bench_load.client_lengths(2, 2, 10, 0.0) == [[10, 10], [10, 10]]
+
+
+def test_a_tiny_sweep_with_spread_lengths_does_the_same_work_per_method(server, tmp_path):
+    bench_load.main(["--server", server.address, "--clients", "2", "--methods", "server-ar", "none", "--max-new-tokens", "6",
+                     "--requests", "2", "--length-spread", "0.5", "--warmup-tokens", "0", "--no-plot", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "results.json").read_text())
+    expected = sum(x for row in bench_load.client_lengths(2, 2, 6, 0.5) for x in row)
+    assert [r["tokens"] for r in res["rows"]] == [expected, expected]
+    assert res["lossless"] == []
+    assert "(1 ± 0.5) per request" in (tmp_path / "table.md").read_text()
