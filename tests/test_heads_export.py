@@ -111,8 +111,13 @@ def test_int8_quantization_is_smaller_and_agrees(tmp_path, scheme, dense, shared
     q = quantize(fp32, tmp_path / f"heads.{scheme}.onnx", scheme)
     assert q.stat().st_size < fp32.stat().st_size
     # U is stored once: the root Gather reads the quantized (or fp16) U, no fp32 copy is left
-    big_fp32 = [i.name for i in onnx.load(str(q)).graph.initializer if i.data_type == 1 and np.prod(i.dims) > V]
+    graph = onnx.load(str(q)).graph
+    big_fp32 = [i.name for i in graph.initializer if i.data_type == 1 and np.prod(i.dims) > V]
     assert big_fp32 == []
+    # weights as uint8: ORT's uint8 x int8 kernels saturate on x86 CPUs without VNNI (AVX2)
+    types = {i.name: i.data_type for i in graph.initializer}
+    weights = [n.input[1] for n in graph.node if n.op_type == "MatMulInteger"]
+    assert weights and {types[w] for w in weights} == {onnx.TensorProto.UINT8}
     ids, _ = run_onnx(ort_session(q), h, root)
     assert (ids[..., 0] == ref[..., 0]).mean() > 0.8
     # the true top-1 stays among the quantized top candidates
