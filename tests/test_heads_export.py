@@ -223,8 +223,8 @@ def test_unified_heads_keep_one_ngram_index_and_draft_from_it_without_a_hidden_s
 
 
 def test_shipped_heads_fit_the_size_limit_and_heads_json_describes_the_graph():
-    """The artifact every device downloads: at most 8 MB (issue 3), one low-rank U, and dense rows
-    in the graph exactly when heads.json says so."""
+    """The artifact every device downloads: at most 8 MB (issue 3), one low-rank U, uint8 weights
+    (export_heads.unsigned_weights), and dense rows in the graph exactly when heads.json says so."""
     import onnx
 
     art = ROOT / "edge_server" / "heads" / "smollm2-135m-instruct"
@@ -236,6 +236,8 @@ def test_shipped_heads_fit_the_size_limit_and_heads_json_describes_the_graph():
     assert ("ScatterElements" in ops) == bool(meta.get("dense_tokens"))
     dims = [tuple(i.dims) for i in model.graph.initializer]
     assert (meta["rank"], meta["vocab_size"]) in dims  # U^T, stored once
+    types = {i.name: i.data_type for i in model.graph.initializer}  # exact on CPUs without VNNI too
+    assert {types[n.input[1]] for n in model.graph.node if n.op_type == "MatMulInteger"} == {onnx.TensorProto.UINT8}
     if meta.get("dense_tokens"):
         rows = (meta["hidden_size"], meta["dense_tokens"])  # D^T, one per head or one shared
         assert dims.count(rows) == (1 if meta["dense_shared"] else meta["num_heads"])
