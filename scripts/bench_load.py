@@ -2,7 +2,8 @@
 
 For N in --clients (default 1 2 4 8 16) and every method (server-ar, none, ngram, heads), all
 N clients start together, each runs --requests generations of exactly --max-new-tokens tokens
-(--ignore-eos, so methods do the same work) over a fixed prompt set, and the run records total
+(--ignore-eos, so methods do the same work; --length-spread varies the length per request, the
+same for every method) over a fixed prompt set, and the run records total
 tokens/s, per-client inter-token latency p50/p95, and the server's per-step batch statistics
 (GetMetrics, reset between runs). Methods run back to back at each N, and their tokens/s are
 reported as ratios to server-ar at the same N; with --repeats R the whole sweep runs R times

@@ -12,8 +12,8 @@ _gather_from_quantized), so the graph keeps no fp32 copy of U.
 Quantization schemes (pick by measured tau, see train_heads.py):
   int8-per-channel   dynamic int8, per-output-channel weight scales (default)
   int8-per-tensor    dynamic int8, one scale per weight (the naive scheme)
-  (both, and int8-u-fp16, store the int8 weights as uint8 + 128: see unsigned_weights)
   int8-u-fp16        per-channel int8 everywhere except U, stored fp16 (cast up at run time)
+  (these three store their int8 weights as uint8 + 128: see unsigned_weights)
   avx512-vnni / arm64  optimum's ORTQuantizer configs (dynamic, per-channel)
 
 Usage: python scripts/export_heads.py CHECKPOINT.pt OUT_DIR [--scheme ...] [--top-k 10]
