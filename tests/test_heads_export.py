@@ -99,6 +99,12 @@ def test_dense_rows_change_only_the_frequent_tokens_logits(shared):
     assert set(torch.nonzero(changed).flatten().tolist()) == set(m.dense_ids.tolist())
 
 
+def _matmul_weight_types(graph) -> set[int]:
+    """The ONNX data types of the quantized MatMuls' weights (set() when there are none)."""
+    types = {i.name: i.data_type for i in graph.initializer}
+    return {types[n.input[1]] for n in graph.node if n.op_type == "MatMulInteger"}
+
+
 @pytest.mark.parametrize("scheme", ["int8-per-channel", "int8-per-tensor", "int8-u-fp16"])
 @pytest.mark.parametrize("dense,shared", [(0, False), (40, False), (40, True)])
 def test_int8_quantization_is_smaller_and_agrees(tmp_path, scheme, dense, shared):
@@ -115,9 +121,7 @@ def test_int8_quantization_is_smaller_and_agrees(tmp_path, scheme, dense, shared
     big_fp32 = [i.name for i in graph.initializer if i.data_type == 1 and np.prod(i.dims) > V]
     assert big_fp32 == []
     # weights as uint8: ORT's uint8 x int8 kernels saturate on x86 CPUs without VNNI (AVX2)
-    types = {i.name: i.data_type for i in graph.initializer}
-    weights = [n.input[1] for n in graph.node if n.op_type == "MatMulInteger"]
-    assert weights and {types[w] for w in weights} == {onnx.TensorProto.UINT8}
+    assert _matmul_weight_types(graph) == {onnx.TensorProto.UINT8}
     ids, _ = run_onnx(ort_session(q), h, root)
     assert (ids[..., 0] == ref[..., 0]).mean() > 0.8
     # the true top-1 stays among the quantized top candidates
@@ -236,8 +240,7 @@ def test_shipped_heads_fit_the_size_limit_and_heads_json_describes_the_graph():
     assert ("ScatterElements" in ops) == bool(meta.get("dense_tokens"))
     dims = [tuple(i.dims) for i in model.graph.initializer]
     assert (meta["rank"], meta["vocab_size"]) in dims  # U^T, stored once
-    types = {i.name: i.data_type for i in model.graph.initializer}  # exact on CPUs without VNNI too
-    assert {types[n.input[1]] for n in model.graph.node if n.op_type == "MatMulInteger"} == {onnx.TensorProto.UINT8}
+    assert _matmul_weight_types(model.graph) == {onnx.TensorProto.UINT8}  # exact on CPUs without VNNI too
     if meta.get("dense_tokens"):
         rows = (meta["hidden_size"], meta["dense_tokens"])  # D^T, one per head or one shared
         assert dims.count(rows) == (1 if meta["dense_shared"] else meta["num_heads"])
