@@ -22,43 +22,63 @@ class ForwardResult:
     hidden: torch.Tensor  # [n, d] final (post-norm) hidden state at each input position
 
 
-def _padded_linear(linear: nn.Linear, lowest: int):
+PACK_ROWS = 8  # oneDNN's layout hint: the product widths a tree or batch step mostly has
+
+
+def _padded_linear(linear: nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[-2]
-        if lowest <= n < 4:
+        if n < 4:
             pad = x.new_zeros(*x.shape[:-2], 4 - n, x.shape[-1])
             return F.linear(torch.cat([x, pad], dim=-2), linear.weight, linear.bias)[..., :n, :]
         return F.linear(x, linear.weight, linear.bias)
     return forward
 
 
-def pad_small_products(model: nn.Module) -> None:
-    """Every product of fewer than 4 rows is padded to 4 on CPU, because of two things measured
-    here (1 thread, oneDNN):
+def _prepacked_linear(linear: nn.Linear):
+    packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
 
-    - Cost. Products of 2-3 rows run row by row and only switch to the GEMM kernel at 4 rows:
-      the fp32 LM head takes 10.6 ms for 1 row, 24 for 2, 35 for 3 and 18 for 4.
-    - Exactness. Each output row of a product of 4 or more rows is bitwise the same whatever
-      the other rows are (fp32 and bf16 alike), but a 1-3-row product sums in another order:
-      a bf16 MLP down-projection gives a different result for 4 of 30 random inputs. In bf16
-      that flips the greedy token often enough (7 of 34 64-token generations) that a tree
-      verified in one wide step would not reproduce one-token decoding.
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:
+            return F.linear(x, linear.weight, linear.bias)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, linear.bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    return forward
 
-    So 2-3 rows are always padded, and in reduced precision a single row too: there a 4-row
-    bf16 product costs what a 1-row one does (LM head 7.4 vs 7.6 ms), and every row then comes
-    out of the same kernel, so a token's logits do not depend on the batch it was in. In fp32
-    a single row keeps the fast GEMV (padding would double a decode step), at a ~1e-6 relative
-    difference that has not flipped a greedy token in the lossless tests."""
+
+def fit_cpu_products(model: nn.Module) -> None:
+    """Chooses how every linear layer multiplies on CPU, for cost and for exactness (measured on
+    one thread with torch 2.13's oneDNN and MKL).
+
+    Reduced precision: every product of fewer than 4 rows is padded to 4. Products of 2-3 rows
+    run row by row and cost more than 4 rows; and each output row of a product of 4 or more
+    rows is bitwise the same whatever the other rows are, while a 1-3-row product sums in
+    another order: a bf16 MLP down-projection differs for 4 of 30 random inputs, which flips
+    the greedy token often enough (7 of 34 64-token generations) that a tree verified in one
+    wide step would not reproduce one-token decoding. A 4-row bf16 product costs what a 1-row
+    one does (LM head 7.4 vs 7.6 ms).
+
+    fp32: products of 2 or more rows use a copy of the weight that oneDNN packed once at load.
+    MKL's GEMM, by all appearances packing the weight on every call, made a 4-node tree step cost
+    ~2x a decoding step on an AVX2 host (the LM head alone: 14 ms for 1 row, 32 for 4, 50
+    for 8; prepacked 19 and 25). With the packed copy (scripts/bench_step.py, old and new code
+    interleaved) one session's step of 2-16 nodes costs ~25% less (0.68-0.90x), a step of 4 or
+    8 sessions' rows ~10% less.
+    Its rows are bitwise independent of the batch (1 to 64 rows checked), so no padding is
+    needed. A single row keeps MKL's GEMV on the original weight: the packed layout makes a
+    decoding step ~15% dearer. That one-row product differs from the packed one by ~1e-6
+    relative, which has not flipped a greedy token in the lossless tests. The price is a second
+    copy of the linear weights in memory (~0.5 GB for the 135M default model)."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            lowest = 2 if module.weight.dtype == torch.float32 else 1
-            module.forward = _padded_linear(module, lowest)
+            fit = _prepacked_linear if module.weight.dtype == torch.float32 else _padded_linear
+            module.forward = fit(module)
 
 
 class TargetModel:
     def __init__(self, model: PreTrainedModel, max_context: int):
         if next(model.parameters()).device.type == "cpu":
-            pad_small_products(model)
+            fit_cpu_products(model)
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

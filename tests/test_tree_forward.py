@@ -148,3 +148,24 @@ def test_bf16_tree_nodes_are_bitwise_the_decoding_steps_in_sliding_window_layers
             _, step_hidden = target.forward_rows([Row(slot, p + i, [tok], [p + i], None, [0])])
         assert torch.equal(hidden[0][node], step_hidden[0][0]), node
         pool.free(slot)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_products_give_each_row_the_same_bits_in_any_batch(dtype):
+    """What a batched or tree step relies on: a token's product does not depend on how many
+    rows share it or which (fp32: from 2 rows up, a single row takes the GEMV; bf16: any)."""
+    from torch import nn
+
+    from edge_server.verifier import fit_cpu_products
+
+    torch.manual_seed(0)
+    layer = nn.Linear(576, 1536, bias=False).to(dtype)
+    fit_cpu_products(layer)
+    x = torch.randn(17, 576, dtype=dtype)
+    with torch.inference_mode():
+        reference = layer(x[None])[0]
+        smallest = 2 if dtype == torch.float32 else 1
+        for n in range(smallest, 17):
+            for first in (0, 17 - n):
+                rows = layer(x[None, first:first + n])[0]
+                assert torch.equal(rows, reference[first:first + n]), (n, first)
