@@ -58,17 +58,17 @@ def fit_cpu_products(model: nn.Module) -> None:
     wide step would not reproduce one-token decoding. A 4-row bf16 product costs what a 1-row
     one does (LM head 7.4 vs 7.6 ms).
 
-    fp32: products of 2 or more rows use a copy of the weight that oneDNN packed once at load.
-    MKL's GEMM, by all appearances packing the weight on every call, made a 4-node tree step cost
-    ~2x a decoding step on an AVX2 host (the LM head alone: 14 ms for 1 row, 32 for 4, 50
-    for 8; prepacked 19 and 25). With the packed copy (scripts/bench_step.py, old and new code
-    interleaved) one session's step of 2-16 nodes costs ~25% less (0.68-0.90x), a step of 4 or
-    8 sessions' rows ~10% less.
-    Its rows are bitwise independent of the batch (1 to 64 rows checked), so no padding is
-    needed. A single row keeps MKL's GEMV on the original weight: the packed layout makes a
-    decoding step ~15% dearer. That one-row product differs from the packed one by ~1e-6
-    relative, which has not flipped a greedy token in the lossless tests. The price is a second
-    copy of the linear weights in memory (~0.5 GB for the 135M default model)."""
+    fp32: products of 2 or more rows use a copy of the weight that oneDNN packed once at load
+    (the private ops inductor uses for frozen CPU linears; torch is pinned). MKL's GEMM, by all
+    appearances packing the weight on every call, made a 4-node tree step cost ~2x a decoding
+    step on an AVX2 host (the LM head alone: 14 ms for 1 row, 32 for 4, 50 for 8; prepacked 19
+    and 25). With the packed copy (scripts/bench_step.py, old and new code interleaved) one
+    session's step of 2-16 nodes costs ~25% less (0.68-0.90x), a step of 4 or 8 sessions' rows
+    ~10% less. The packed product's rows are bitwise independent of the batch (1 to 64 rows
+    checked), so no padding is needed. A single row keeps MKL's GEMV on the original weight:
+    the packed layout makes a decoding step ~15% dearer. That one-row product differs from the
+    packed one by ~1e-6 relative, which has not flipped a greedy token in the lossless tests.
+    The price is a second copy of the linear weights in memory (~0.5 GB for the default model)."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             fit = _prepacked_linear if module.weight.dtype == torch.float32 else _padded_linear

@@ -1,8 +1,9 @@
 """One tree forward gives every node the logits its own path gets when run sequentially."""
 import pytest
 import torch
+from torch import nn
 
-from edge_server.verifier import TargetModel
+from edge_server.verifier import TargetModel, fit_cpu_products
 from shared.tree import TokenTree
 
 
@@ -154,10 +155,6 @@ def test_bf16_tree_nodes_are_bitwise_the_decoding_steps_in_sliding_window_layers
 def test_cpu_products_give_each_row_the_same_bits_in_any_batch(dtype):
     """What a batched or tree step relies on: a token's product does not depend on how many
     rows share it or which (fp32: from 2 rows up, a single row takes the GEMV; bf16: any)."""
-    from torch import nn
-
-    from edge_server.verifier import fit_cpu_products
-
     torch.manual_seed(0)
     layer = nn.Linear(576, 1536, bias=False).to(dtype)
     fit_cpu_products(layer)
