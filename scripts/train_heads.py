@@ -1,6 +1,6 @@
 """One command: data -> train -> export -> quantize -> calibrate -> artifacts.
 
-    python scripts/train_heads.py                       # the shipped recipe: default model, rank 64, 4 heads
+    python scripts/train_heads.py                       # the shipped recipe: default model, rank 48 + 6,144 dense rows, 4 heads
     python scripts/train_heads.py --rank 0 --run-dir /tmp/edgespec-train/runs/full --no-artifact
     python scripts/train_heads.py --plain --run-dir /tmp/edgespec-train/runs/r64-plain --no-artifact
 
@@ -212,16 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact-dir", default=None)
     ap.add_argument("--no-artifact", action="store_true", help="keep outputs in the run dir only")
     ap.add_argument("--num-heads", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=64, help="0 = full rank (d -> V per head)")
+    ap.add_argument("--rank", type=int, default=48, help="0 = full rank (d -> V per head)")
     ap.add_argument("--num-layers", type=int, default=1)
-    ap.add_argument("--dense-tokens", type=int, default=4096,
+    ap.add_argument("--dense-tokens", type=int, default=6144,
                     help="full-rank rows for this many of the most frequent label tokens (0: none; full rank has all)")
     ap.add_argument("--dense-shared", action=argparse.BooleanOptionalAction, default=True,
                     help="one set of dense rows for all heads (--no-dense-shared: one per head)")
     ap.add_argument("--plain", action="store_true", help="plain Medusa heads (no root conditioning): the baseline")
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--epochs", type=float, default=3.0)
-    ap.add_argument("--steps", type=int, default=0, help="overrides --epochs")
+    ap.add_argument("--steps", type=int, default=1200,
+                    help="optimizer steps (1,200: the shipped heads and the full-rank comparison); 0 = --epochs")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--distill-repeat", type=int, default=2, help="weight of self-distilled vs corpus rows")
