@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import multiprocessing
 import os
 import statistics
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,49 +105,75 @@ class MethodRun:
 
 def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tokens: int | list[list[int]],
                 tree_budget: int, ignore_eos: bool = False, timeout: float = 900.0) -> MethodRun:
-    """One device client per entry of `prompts` (its own channel and drafter), all starting
-    together once every client has connected and loaded its drafter; each runs its prompts in
-    order. `max_new_tokens`: one length for every request, or one per prompt (same shape)."""
+    """One device client per entry of `prompts`, each in its own process with its own channel
+    and drafter, all starting together once every client has connected and loaded its
+    drafter; each runs its prompts in order. `max_new_tokens`: one length for every request,
+    or one per prompt (same shape).
+
+    Processes, not threads: devices draft on their own hardware, in parallel; as threads of
+    one process the clients' drafting and gRPC work also queued behind one GIL. They still
+    share this machine's cores (split_cores gives them all but the server's), so at 8 clients
+    the last tree of a 2-node round reaches the server ~35 ms after the verdicts went out,
+    with threads or processes alike (sweeps K and L in results/summary/load.md)."""
     lengths = max_new_tokens if isinstance(max_new_tokens, list) else [[max_new_tokens] * len(ps) for ps in prompts]
-    per_client: list[list[GenerationRecord]] = [[] for _ in prompts]
-    starts: list[list[float]] = [[] for _ in prompts]
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(prompts) + 1)
-
-    def client(index: int) -> None:
-        try:
-            with grpc.insecure_channel(address) as channel:
-                stub = rpc.EdgeSpecStub(channel)
-                info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
-                tokenizer = load_tokenizer(stub, info)
-                drafter_name, mode = parse_method(method)
-                drafter = make_drafter(drafter_name, stub, info)
-                requests = [Request(tokenizer.chat_ids(p), max_new_tokens=length,
-                                    tree_budget=min(tree_budget, info.max_tree_nodes),
-                                    mode=mode, ignore_eos=ignore_eos)
-                            for p, length in zip(prompts[index], lengths[index], strict=True)]
-                barrier.wait(timeout=180)
-                for request in requests:
-                    starts[index].append(time.perf_counter())
-                    per_client[index].append(
-                        generate(stub, request, drafter, info.tokenizer_fingerprint, timeout=timeout))
-        except BaseException as err:  # reported after the join, with the method named
-            errors.append(err)
-            barrier.abort()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
+    ctx = multiprocessing.get_context("spawn")  # no fork: gRPC's core is not fork-safe
+    barrier, results = ctx.Barrier(len(prompts) + 1), ctx.Queue()
+    procs = [ctx.Process(target=_client, name=f"device-client-{i}",
+                         args=(i, address, method, ps, ls, tree_budget, ignore_eos, timeout, barrier, results))
+             for i, (ps, ls) in enumerate(zip(prompts, lengths, strict=True))]
+    for proc in procs:
+        proc.start()
     try:
-        barrier.wait(timeout=240)
+        barrier.wait(timeout=300)
     except threading.BrokenBarrierError:
         pass
     start = time.perf_counter()
-    for t in threads:
-        t.join()
+    per_client: list[list[GenerationRecord]] = [[] for _ in prompts]
+    starts: list[list[float]] = [[] for _ in prompts]
+    errors = []
+    try:
+        for _ in procs:
+            index, recs, sent, error = results.get(timeout=timeout + 300)
+            per_client[index], starts[index] = recs, sent
+            if error:
+                errors.append(error)
+        wall = time.perf_counter() - start
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
     if errors:
-        raise RuntimeError(f"{method} with {len(prompts)} clients failed: {errors[0]!r}") from errors[0]
-    return MethodRun(method, len(prompts), time.perf_counter() - start, per_client, starts)
+        raise RuntimeError(f"{method} with {len(prompts)} clients failed: {errors[0]}")
+    return MethodRun(method, len(prompts), wall, per_client, starts)
+
+
+def _client(index: int, address: str, method: str, prompts: list[str], lengths: list[int], tree_budget: int,
+            ignore_eos: bool, timeout: float, barrier, results) -> None:
+    """One device client process of run_clients: sends (index, records, start times, error text).
+    perf_counter is the system's monotonic clock, so start times compare across processes."""
+    recs: list[GenerationRecord] = []
+    sent: list[float] = []
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = rpc.EdgeSpecStub(channel)
+            info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+            tokenizer = load_tokenizer(stub, info)
+            drafter_name, mode = parse_method(method)
+            drafter = make_drafter(drafter_name, stub, info)
+            requests = [Request(tokenizer.chat_ids(p), max_new_tokens=length,
+                                tree_budget=min(tree_budget, info.max_tree_nodes),
+                                mode=mode, ignore_eos=ignore_eos)
+                        for p, length in zip(prompts, lengths, strict=True)]
+            barrier.wait(timeout=300)
+            for request in requests:
+                sent.append(time.perf_counter())
+                recs.append(generate(stub, request, drafter, info.tokenizer_fingerprint, timeout=timeout))
+    except BaseException as err:  # reported by the parent, with the method named
+        barrier.abort()
+        results.put((index, recs, sent, f"client {index}: {err!r}\n{traceback.format_exc()}"))
+        return
+    results.put((index, recs, sent, None))
 
 
 def split_cores(server_args: list[str], pin: bool = True) -> tuple[list[str], str]:
