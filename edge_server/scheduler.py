@@ -17,10 +17,15 @@ Policy
   starts, its tokens come out the same however busy the server was.
 - Collection window: a device that misses a step waits a whole step, so when fewer sessions
   are ready than are active the step waits for the devices expected back soon. Each session's
-  turnaround (verdict out -> next draft in: network + drafting) is tracked; the step waits for
-  those whose expected arrival falls within `recent step ms x missing / ready` (waiting w ms
-  for one more row pays while w is below the step time that row would otherwise cost), at
-  most `window_max_ms`, and at least `window_ms` for a device with no history yet. It stops
+  turnaround (verdict out -> next draft in: network + drafting) is tracked, its mean and mean
+  deviation; the step waits for those whose mean arrival falls within `recent step ms x
+  missing / ready` (waiting w ms for one more row pays while w is below the step time that row
+  would otherwise cost), until their mean + LATE_DEVIATIONS deviations within that bound, at
+  most `window_max_ms`, and at least `window_ms` for a device with no history yet. (The
+  deviation: 8 devices sharing one core answered 5-40 ms after their verdicts, in a different
+  order every round; waiting only until each one's mean left 2.2 of 8 rows out of each 2-node
+  step, to wait a whole step, and 1.3 with the deviation, at the same throughput and with the
+  queueing p95 cut from 104-132 to 16-58 ms: sweep L in results/summary/load.md.) It stops
   as soon as every active session is ready. A lone session never waits for rows. A pipelined
   session is always ready, but a step waits up to half a step for its fresh draft when the
   device's turnaround says it is due by then (a slow link's draft is re-rooted later instead).
@@ -93,6 +98,8 @@ class _Item:
 
 
 class Scheduler:
+    LATE_DEVIATIONS = 2.0  # a device's turnaround varies: wait for it until mean + this x deviation
+
     def __init__(self, target: TargetModel, pool: KVPool, config: SchedulerConfig, max_tree_nodes: int,
                  metrics: ServerMetrics | None = None):
         self.target = target
@@ -108,7 +115,8 @@ class Scheduler:
         self.recent_step_ms = 0.0  # EMA of step compute, for the collection window and retry hints
         self._last_step_end = time.perf_counter()
         self._sent: dict[str, dict[int, float]] = {}  # session -> round -> when its result was handed back
-        self._turnaround: dict[str, float] = {}  # session -> EMA seconds from result to next item
+        self._turnaround: dict[str, tuple[float, float]] = {}  # session -> EMAs of the seconds from
+        # result to next item and of their deviation
         self._pipelined: set[str] = set()  # sessions whose next step the server itself queues
         self._thread = threading.Thread(target=self._run, name="edgespec-scheduler", daemon=True)
         self._thread.start()
@@ -157,8 +165,8 @@ class Scheduler:
         sent = self._sent.get(sid, {}).pop(answered_round, None)
         if sent is not None:
             took = now - sent
-            old = self._turnaround.get(sid)
-            self._turnaround[sid] = took if old is None else 0.7 * old + 0.3 * took
+            mean, dev = self._turnaround.get(sid, (took, 0.0))
+            self._turnaround[sid] = (0.7 * mean + 0.3 * took, 0.7 * dev + 0.3 * abs(took - mean))
 
     async def _submit(self, session: Session, tree: TokenTree | None, pipelined: bool = False):
         loop = asyncio.get_running_loop()
@@ -303,9 +311,10 @@ class Scheduler:
             if sid in self._pipelined and sid in missing:
                 wait = max(wait, bound)  # the server requeues it itself, within a moment: hold the step
             elif sent and took is not None:
-                due = sent[max(sent)] + took - now
+                mean, dev = took
+                due = sent[max(sent)] + mean - now
                 if due <= bound:
-                    wait = max(wait, min(due + cfg.window_ms / 1e3, bound))
+                    wait = max(wait, min(due + self.LATE_DEVIATIONS * dev + cfg.window_ms / 1e3, bound))
         return now + wait
 
     def _step(self, batch: list[tuple[_Item, Row]]) -> None:

@@ -66,10 +66,11 @@ def test_long_prefill_does_not_stall_other_rounds(target):
 
 
 def _deadline_wait_ms(ready: list[str], active: list[str], due_ms: dict[str, float],
-                      step_ms: float = 100.0, drafting: tuple[str, ...] = ()) -> float:
+                      step_ms: float = 100.0, drafting: tuple[str, ...] = (), spread_ms: float = 0.0) -> float:
     """How long the scheduler would wait for more rows, with `due_ms` the expected arrival of
-    each missing session's next item (from its turnaround history); `drafting` sessions are
-    pipelined ones whose draft for this round is not in yet."""
+    each missing session's next item (from its turnaround history) and `spread_ms` the
+    turnarounds' mean deviation; `drafting` sessions are pipelined ones whose draft for this
+    round is not in yet."""
     from types import SimpleNamespace
     import time
 
@@ -83,7 +84,7 @@ def _deadline_wait_ms(ready: list[str], active: list[str], due_ms: dict[str, flo
         sched.recent_step_ms = step_ms
         for sid, due in due_ms.items():  # sent 10 ms ago, back after 10 + due ms
             sched._sent[sid] = {3: now - 0.010}
-            sched._turnaround[sid] = 0.010 + due / 1e3
+            sched._turnaround[sid] = (0.010 + due / 1e3, spread_ms / 1e3)
         return (sched._collection_deadline() - now) * 1e3
     finally:
         sched._pending = []  # stand-ins, not real items: nothing for the model thread to cancel
@@ -101,6 +102,15 @@ def test_collection_window_waits_for_devices_due_soon_only():
     assert _deadline_wait_ms(everyone[:3], everyone, {}) <= 2.5
     # a lone waiting session among slow steps is capped by window_max_ms
     assert _deadline_wait_ms(["a"], ["a", "b"], {"b": 45.0}, step_ms=400.0) <= 50.5
+
+
+def test_collection_window_allows_for_devices_whose_answer_time_varies():
+    everyone = ["a", "b", "c", "d"]
+    # devices sharing a core answer 5-40 ms after a verdict, in any order: d, due in 5 ms on
+    # average with a mean deviation of 8, is waited for until 5 + 2 x 8 (+ 2) ms, not 7
+    assert 22.0 <= _deadline_wait_ms(everyone[:3], everyone, {"d": 5.0}, spread_ms=8.0) <= 23.5
+    # never past what the row is worth: a third of the 100 ms step
+    assert 32.0 <= _deadline_wait_ms(everyone[:3], everyone, {"d": 5.0}, spread_ms=30.0) <= 34.0
 
 
 def test_pipelined_step_waits_briefly_for_a_fresh_draft():
