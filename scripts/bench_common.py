@@ -10,8 +10,8 @@ import datetime as _dt
 import json
 import multiprocessing
 import os
+import queue
 import statistics
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -117,41 +117,59 @@ def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tok
     with threads or processes alike (sweeps K and L in results/summary/load.md)."""
     lengths = max_new_tokens if isinstance(max_new_tokens, list) else [[max_new_tokens] * len(ps) for ps in prompts]
     ctx = multiprocessing.get_context("spawn")  # no fork: gRPC's core is not fork-safe
-    barrier, results = ctx.Barrier(len(prompts) + 1), ctx.Queue()
+    go, results = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_client, name=f"device-client-{i}",
-                         args=(i, address, method, ps, ls, tree_budget, ignore_eos, timeout, barrier, results))
+                         args=(i, address, method, ps, ls, tree_budget, ignore_eos, timeout, go, results))
              for i, (ps, ls) in enumerate(zip(prompts, lengths, strict=True))]
     for proc in procs:
         proc.start()
-    try:
-        barrier.wait(timeout=300)
-    except threading.BrokenBarrierError:
-        pass
-    start = time.perf_counter()
     per_client: list[list[GenerationRecord]] = [[] for _ in prompts]
     starts: list[list[float]] = [[] for _ in prompts]
-    errors = []
+    finished = False
     try:
-        for _ in procs:
-            index, recs, sent, error = results.get(timeout=timeout + 300)
-            per_client[index], starts[index] = recs, sent
+        unready = set(range(len(procs)))
+        while unready:  # every client connected, with its drafter loaded
+            kind, index, *done = _receive(results, procs, unready)
+            unready.discard(index)
+            if kind == "done":  # failed while setting up
+                raise RuntimeError(done[-1])
+        go.set()
+        start = time.perf_counter()
+        running = set(range(len(procs)))
+        while running:
+            _, index, per_client[index], starts[index], error = _receive(results, procs, running)
+            running.discard(index)
             if error:
-                errors.append(error)
+                raise RuntimeError(error)
         wall = time.perf_counter() - start
+        finished = True
+    except RuntimeError as err:
+        raise RuntimeError(f"{method} with {len(prompts)} clients failed: {err}") from None
     finally:
         for proc in procs:
-            proc.join(timeout=30)
+            proc.join(timeout=30 if finished else 0)
             if proc.is_alive():
                 proc.kill()
-    if errors:
-        raise RuntimeError(f"{method} with {len(prompts)} clients failed: {errors[0]}")
     return MethodRun(method, len(prompts), wall, per_client, starts)
 
 
+def _receive(results, procs: list, pending: set[int]) -> tuple:
+    """The next message from the clients; a client of `pending` that died without a word (a
+    signal, not an exception) is an error rather than a wait for ever."""
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            for i in pending:
+                if procs[i].exitcode not in (None, 0):
+                    raise RuntimeError(f"client {i} exited with code {procs[i].exitcode}") from None
+
+
 def _client(index: int, address: str, method: str, prompts: list[str], lengths: list[int], tree_budget: int,
-            ignore_eos: bool, timeout: float, barrier, results) -> None:
-    """One device client process of run_clients: sends (index, records, start times, error text).
-    perf_counter is the system's monotonic clock, so start times compare across processes."""
+            ignore_eos: bool, timeout: float, go, results) -> None:
+    """One device client process of run_clients. Sends ("ready", index) once set up, waits for
+    `go`, then ("done", index, records, start times, error text or None). perf_counter is the
+    system's monotonic clock, so start times compare across processes."""
     recs: list[GenerationRecord] = []
     sent: list[float] = []
     try:
@@ -165,15 +183,15 @@ def _client(index: int, address: str, method: str, prompts: list[str], lengths: 
                                 tree_budget=min(tree_budget, info.max_tree_nodes),
                                 mode=mode, ignore_eos=ignore_eos)
                         for p, length in zip(prompts, lengths, strict=True)]
-            barrier.wait(timeout=300)
+            results.put(("ready", index))
+            go.wait()
             for request in requests:
                 sent.append(time.perf_counter())
                 recs.append(generate(stub, request, drafter, info.tokenizer_fingerprint, timeout=timeout))
     except BaseException as err:  # reported by the parent, with the method named
-        barrier.abort()
-        results.put((index, recs, sent, f"client {index}: {err!r}\n{traceback.format_exc()}"))
+        results.put(("done", index, recs, sent, f"client {index}: {err!r}\n{traceback.format_exc()}"))
         return
-    results.put((index, recs, sent, None))
+    results.put(("done", index, recs, sent, None))
 
 
 def split_cores(server_args: list[str], pin: bool = True) -> tuple[list[str], str]:
