@@ -307,11 +307,11 @@ class Scheduler:
         wait = cfg.window_ms / 1e3
         for sid, bound_ms in bounds.items():
             bound = min(cfg.window_max_ms, bound_ms) / 1e3
-            sent, took = self._sent.get(sid), self._turnaround.get(sid)
+            sent, turnaround = self._sent.get(sid), self._turnaround.get(sid)
             if sid in self._pipelined and sid in missing:
                 wait = max(wait, bound)  # the server requeues it itself, within a moment: hold the step
-            elif sent and took is not None:
-                mean, dev = took
+            elif sent and turnaround is not None:
+                mean, dev = turnaround
                 due = sent[max(sent)] + mean - now
                 if due <= bound:
                     wait = max(wait, min(due + self.LATE_DEVIATIONS * dev + cfg.window_ms / 1e3, bound))

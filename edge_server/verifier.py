@@ -37,16 +37,23 @@ def _padded_linear(linear: nn.Linear):
 
 def _prepacked_linear(linear: nn.Linear, transposed_row: bool = False):
     packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
-    weight_t = linear.weight.detach().t().contiguous() if transposed_row else None
+    one_row = (_transposed_row_product(linear) if transposed_row
+               else lambda x: F.linear(x, linear.weight, linear.bias))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.numel() == x.shape[-1]:
-            if weight_t is None:
-                return F.linear(x, linear.weight, linear.bias)
-            y = x @ weight_t
-            return y if linear.bias is None else y + linear.bias
+            return one_row(x)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, linear.bias, "none", [], "")
         return y.reshape(*x.shape[:-1], y.shape[-1])
+    return forward
+
+
+def _transposed_row_product(linear: nn.Linear):
+    weight_t = linear.weight.detach().t().contiguous()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = x @ weight_t
+        return y if linear.bias is None else y + linear.bias
     return forward
 
 
