@@ -264,9 +264,11 @@ class QueryGroup:
 def exact_one_token_queries(dtype: torch.dtype, device: torch.device) -> bool:
     """Where a tree node's output can be made bitwise a decoding step's: in reduced precision on
     CPU, whose products of 4+ rows are batch-invariant and every product is padded to 4 rows
-    (edge_server.verifier.fit_cpu_products). In fp32 a decoding step keeps the faster
-    one-row product, so tree and step differ by ~1e-6 anyway and the fused masked kernel is
-    used; on CUDA the library picks kernels by shape, so nothing is claimed there."""
+    (edge_server.verifier.fit_cpu_products). In fp32 the fused masked kernel is used: on
+    several threads a decoding step keeps the faster one-row product, so tree and step differ
+    by ~1e-6 anyway; on one thread the products are batch-invariant, but gathering every
+    node's keys would cost more than the products saved. On CUDA the library picks kernels by
+    shape, so nothing is claimed there."""
     return device.type == "cpu" and dtype != torch.float32
 
 

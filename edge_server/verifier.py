@@ -57,9 +57,42 @@ def _transposed_row_product(linear: nn.Linear):
     return forward
 
 
-def fit_cpu_products(model: nn.Module) -> None:
-    """Chooses how every linear layer multiplies on CPU, for cost and for exactness (measured on
-    one thread with torch 2.13's oneDNN and MKL).
+class _OnnxRuntimeLinear:
+    """One linear layer as a one-node onnxruntime graph (`Gemm`, B transposed), so its products
+    run on MLAS, which packs the weight once at load. The graph reads the layer's own weight
+    (an external initializer over the same memory), so the only extra memory is MLAS's packed
+    copy. One thread: the session has no thread pool of its own to compete with torch's."""
+
+    def __init__(self, linear: nn.Linear):
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        self.out_features, self.in_features = linear.weight.shape
+        weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[self.out_features, self.in_features],
+                             data_location=TensorProto.EXTERNAL)
+        weight.external_data.add(key="location", value="supplied-at-load")
+        graph = helper.make_graph(
+            [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "linear",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", self.in_features])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", self.out_features])], [weight])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        self.weight = ort.OrtValue.ortvalue_from_numpy(linear.weight.detach().numpy())  # kept alive here
+        options.add_external_initializers(["w"], [self.weight])
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.bias = linear.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous().numpy()
+        y = torch.from_numpy(self.session.run(None, {"x": rows})[0]).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def fit_cpu_products(model: nn.Module, threads: int | None = None) -> None:
+    """Chooses how every linear layer multiplies on CPU, for cost and for exactness (measured with
+    torch 2.13's oneDNN and MKL and onnxruntime 1.32's MLAS). `threads`: the CPU threads the
+    server computes on (default: torch's setting).
 
     Reduced precision: every product of fewer than 4 rows is padded to 4. Products of 2-3 rows
     run row by row and cost more than 4 rows; and each output row of a product of 4 or more
@@ -69,30 +102,35 @@ def fit_cpu_products(model: nn.Module) -> None:
     wide step would not reproduce one-token decoding. A 4-row bf16 product costs what a 1-row
     one does (LM head 7.4 vs 7.6 ms).
 
-    fp32: products of 2 or more rows use a copy of the weight that oneDNN packed once at load
-    (the private ops inductor uses for frozen CPU linears; torch is pinned). MKL's GEMM, by all
-    appearances packing the weight on every call, made a 4-node tree step cost ~2x a decoding
-    step on an AVX2 host (the LM head alone: 14 ms for 1 row, 32 for 4, 50 for 8; prepacked 19
-    and 25). With the packed copy (scripts/bench_step.py, old and new code interleaved) one
-    session's step of 2-16 nodes costs ~25% less (0.68-0.90x), a step of 4 or 8 sessions' rows
-    ~10% less. The packed product's rows are bitwise independent of the batch (1 to 64 rows
-    checked), so no padding is needed. A single row keeps MKL's GEMV on the original weight:
-    the packed layout makes a decoding step ~15% dearer. That one-row product differs from the
-    packed one by ~1e-6 relative, which has not flipped a greedy token in the lossless tests.
-    The price is a second copy of the linear weights in memory (~0.5 GB for the default model).
+    fp32 on one thread (the load benchmark's server, `--threads 1`): every product goes through
+    MLAS (_OnnxRuntimeLinear). On an AVX2 core it streams the weights for a few rows nearly as
+    fast as for one, where oneDNN's and MKL's skinny products are compute-bound from ~4 rows:
+    all of SmolLM2-135M's products (LM head excluded) for 1 / 2 / 4 / 8 / 16 rows took 44-60 /
+    46-65 / 51-80 / 65-93 / 89-137 ms against 70 (MKL) / 84 / 85 / 110 / 121 (oneDNN packed),
+    and one session's step in the server (interleaved in one process, 200 positions) costs
+    0.94x for decoding and 0.68-0.76x for a 2-8-node tree; 2-8 sessions' steps 0.71-0.86x.
+    Its rows are bitwise independent of the batch from one row up, so a tree node's products
+    are a decoding step's exactly. With more threads each session would need its own pool
+    (MLAS's global pool spins and, measured on 2 threads, doubled every step against torch's
+    OpenMP threads; per-session pools without spinning were 0.9-1.18x the oneDNN path), so:
 
-    The fp32 LM head, the widest product, also keeps a transposed copy for one row: `x @ W.T`
-    with W.T contiguous streams the weight at about twice the rate of the GEMV on W (7.4 vs
-    15.5 ms for SmolLM2's 49,152 x 576 on an AVX2 core), which made a lone session's decoding
-    step ~9% cheaper (bench_step-style, interleaved: 0.91x); one more copy of that matrix
-    (113 MB for the default model). The other layers gained ~2 ms together: not worth a copy."""
+    fp32 on several threads: products of 2 or more rows use a copy of the weight that oneDNN
+    packed once at load (the private ops inductor uses for frozen CPU linears; torch is
+    pinned), its rows bitwise independent of the batch (1 to 64 rows checked). A single row
+    keeps MKL's GEMV on the original weight (the packed layout made a decoding step ~15%
+    dearer), ~1e-6 relative from the packed product. The LM head keeps a transposed copy for
+    one row: `x @ W.T` with W.T contiguous streams the weight about twice as fast as the GEMV
+    (7.4 vs 15.5 ms for 49,152 x 576 on an AVX2 core)."""
+    threads = threads or torch.get_num_threads()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            if module.weight.dtype == torch.float32:
-                module.forward = _prepacked_linear(module, transposed_row=module is head)
-            else:
+            if module.weight.dtype != torch.float32:
                 module.forward = _padded_linear(module)
+            elif threads == 1:
+                module.forward = _OnnxRuntimeLinear(module)
+            else:
+                module.forward = _prepacked_linear(module, transposed_row=module is head)
 
 
 class TargetModel:

@@ -108,9 +108,11 @@ def server():
     from edge_server.launcher import ServerProcess
 
     # --fixed-budget: every speculative round verifies a real tree (the load-aware budget could
-    # settle at 1, where the server decodes alone); the budget controller has its own tests
+    # settle at 1, where the server decodes alone); the budget controller has its own tests.
+    # --threads 1: the benchmarks' server, whose fp32 products run on MLAS (edge_server.verifier);
+    # the in-process tests cover the several-thread products
     srv = ServerProcess(["--log-level", "WARNING", "--max-tree-nodes", "64", "--max-new-tokens", "512",
-                         "--max-sessions", "16", "--fixed-budget",
+                         "--max-sessions", "16", "--fixed-budget", "--threads", "1",
                          # e.g. "--device cuda --dtype float32" (scripts/gpu_check.sh)
                          *shlex.split(os.environ.get("EDGESPEC_TEST_SERVER_ARGS", ""))])
     yield srv

@@ -1,6 +1,7 @@
 """One tree forward gives every node the logits its own path gets when run sequentially."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edge_server.verifier import TargetModel, fit_cpu_products
@@ -151,17 +152,20 @@ def test_bf16_tree_nodes_are_bitwise_the_decoding_steps_in_sliding_window_layers
         pool.free(slot)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_products_give_each_row_the_same_bits_in_any_batch(dtype):
+@pytest.mark.parametrize("dtype, threads", [(torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 1)])
+def test_cpu_products_give_each_row_the_same_bits_in_any_batch(dtype, threads):
     """What a batched or tree step relies on: a token's product does not depend on how many
-    rows share it or which (fp32: from 2 rows up, a single row takes the GEMV; bf16: any)."""
+    rows share it or which (fp32 on one thread, MLAS: any; on several, oneDNN: from 2 rows up,
+    a single row takes the GEMV; bf16: any). And each path computes the layer's own product."""
     torch.manual_seed(0)
-    layer = nn.Linear(576, 1536, bias=False).to(dtype)
-    fit_cpu_products(layer)
+    layer = nn.Linear(576, 1536).to(dtype)
+    fit_cpu_products(layer, threads)
     x = torch.randn(17, 576, dtype=dtype)
     with torch.inference_mode():
         reference = layer(x[None])[0]
-        smallest = 2 if dtype == torch.float32 else 1
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(reference, F.linear(x, layer.weight, layer.bias), atol=tolerance, rtol=tolerance)
+        smallest = 2 if dtype == torch.float32 and threads > 1 else 1
         for n in range(smallest, 17):
             for first in (0, 17 - n):
                 rows = layer(x[None, first:first + n])[0]
