@@ -78,7 +78,8 @@ class _OnnxRuntimeLinear:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
-        self.weight = ort.OrtValue.ortvalue_from_numpy(linear.weight.detach().numpy())  # kept alive here
+        # the session reads this memory, so the layer holds it for as long as the session lives
+        self.weight = ort.OrtValue.ortvalue_from_numpy(linear.weight.detach().contiguous().numpy())
         options.add_external_initializers(["w"], [self.weight])
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.bias = linear.bias
