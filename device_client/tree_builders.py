@@ -281,10 +281,13 @@ def _sigmoid(z: float) -> float:
 
 
 def unified_tree(context: Sequence[int], ids: np.ndarray, lps: np.ndarray, budget: int,
-                 model: AcceptanceModel, index: "NgramIndex | None" = None) -> TokenTree:
+                 model: AcceptanceModel, index: "NgramIndex | None" = None,
+                 min_probability: float = 0.0) -> TokenTree:
     """The `budget - 1` nodes with the highest P(path accepted) = product of the calibrated
     per-child probabilities along the path, over head candidates and (with `index`) prompt
-    lookups below every node. The root is `context[-1]`.
+    lookups below every node, leaving out nodes below `min_probability` (the server's price of
+    a node at its load: a confident round gets a deep tree, a doubtful one a small tree or
+    none, instead of the same size for both). The root is `context[-1]`.
 
     Products only shrink down a path, so popping the best frontier child from a heap adds parents
     before children and yields the budget's best node set. Each node's children are scored
@@ -306,7 +309,7 @@ def unified_tree(context: Sequence[int], ids: np.ndarray, lps: np.ndarray, budge
             heapq.heappush(heap, (-scores[i] * kids[0][0], next(tick), i, kids, 0))
 
     expand(0)
-    while heap and len(tokens) < budget:
+    while heap and len(tokens) < budget and -heap[0][0] >= min_probability:
         neg, _, p, kids, j = heapq.heappop(heap)
         tokens.append(kids[j][1])
         parents.append(p)

@@ -53,6 +53,17 @@ measure, so the controller climbs it directly:
   trees such a level beat decoding alone in probes while serving 4-16% fewer tokens.
   (Answers become less predictable after their opening tokens: the shipped heads accepted 2.0
   tokens a 4-node round in the first 32 tokens of the benchmark's answers and 1.6 over 64.)
+- The level caps every round at the same size, but rounds differ: a device that can tell a
+  node's chance of acceptance (the calibrated heads) should spend nodes where they are likely
+  to be accepted. The verdict therefore also carries the price of one node, as a probability
+  (`min_node_probability`): a node adds p tokens and costs c model seconds, which pays while
+  p > c x R, R the tokens/s at the current level. c comes from the last probe of the load, the
+  two levels' model seconds per step against their tokens per step (paired, as the rates
+  are); until a probe has measured it the price is 0. On this CPU at 4 clients with 8-node
+  trees, c x R ~ 0.2: the devices' trees shrank from 8 to ~2.5 nodes, steps from 262 to 129
+  ms, tokens a round from 1.72 to 1.42: 0.67x of server-only decoding became 0.94x. The
+  price is the same at every level of a load (it changes after a probe, not within one), so a
+  node index still means the same thing at the levels a probe compares.
 - Each (level, neighbour) pair keeps its own wait before it is probed again, so a smaller level
   that lost says nothing about a larger one. A pair that loses again waits twice as long (at
   most MAX_WAIT epochs), and at least long enough that re-checking a level that lost by a
@@ -90,17 +101,24 @@ class _Load:
     trial: dict[int, _Epoch] = field(default_factory=dict)  # level -> its rounds and seconds in the probe
     probed: dict[tuple[int, int], tuple[_Epoch, _Epoch]] = field(default_factory=dict)  # (smaller, larger)
     # -> the rounds and seconds each had in their last probe
+    token_s: float | None = None  # model seconds one more verified token adds to a step (last probe)
 
 
 @dataclass
 class _Epoch:
     steps: int = 0
     seconds: float = 0.0
+    compute: float = 0.0  # the model's share of `seconds` (the rest: waiting for devices)
     sizes: list[int] = field(default_factory=list)  # the tree size of every round
 
     def add(self, other: "_Epoch") -> None:
         self.steps, self.seconds = self.steps + other.steps, self.seconds + other.seconds
+        self.compute += other.compute
         self.sizes.extend(other.sizes)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return sum(self.sizes) / max(1, self.steps)
 
 
 class NodeAcceptance:
@@ -209,9 +227,10 @@ class BudgetController:
         return self.levels[i] if 0 <= i < len(self.levels) else None
 
     # ---- measurements --------------------------------------------------------------------
-    def observe_step(self, rounds: Sequence[tuple[int, Sequence[int]]], seconds: float, prefill: bool) -> None:
-        """One scheduler step: each decoding row's (tree size, accepted path), and the seconds
-        since the previous step ended (wait + compute)."""
+    def observe_step(self, rounds: Sequence[tuple[int, Sequence[int]]], seconds: float, compute: float,
+                     prefill: bool) -> None:
+        """One scheduler step: each decoding row's (tree size, accepted path), the seconds
+        since the previous step ended (wait + compute) and the model's seconds in it."""
         if not self.adaptive or not any(self.speculative.values()) or prefill:
             return
         for size, path in rounds:
@@ -221,10 +240,21 @@ class BudgetController:
             self._settle -= 1
             return
         e = self._epoch
-        e.add(_Epoch(1, seconds, [size for size, _ in rounds]))
+        e.add(_Epoch(1, seconds, compute, [size for size, _ in rounds]))
         if e.steps >= self.MIN_STEPS and len(e.sizes) >= self.MIN_ROWS and e.seconds > 0:
             self._epoch = _Epoch()
             self._end_epoch(e)
+
+    @property
+    def min_node_probability(self) -> float:
+        """The price of one tree node at the current load, as a chance of acceptance: the
+        model seconds a token adds to a step x the tokens/s at the current level (see the
+        module docstring); 0 until a probe has measured the first, and without adaptation."""
+        load = self._load() if self.adaptive else None
+        rate = load.rates.get(load.level) if load else None
+        if load is None or load.token_s is None or rate is None:
+            return 0.0
+        return min(1.0, load.token_s * rate)
 
     def _rate(self, epoch: _Epoch) -> float:
         return self.acceptance.tokens(epoch.sizes) / epoch.seconds if epoch.seconds > 0 else 0.0
@@ -289,6 +319,10 @@ class BudgetController:
         load.rates.update(rates)
         small, large = sorted((base, probe))
         load.probed[(small, large)] = (trial[small], trial[large])
+        extra = trial[large].tokens_per_step - trial[small].tokens_per_step
+        if extra >= 1.0:  # trees that barely differ (few drafts in time) cannot tell a token's cost
+            per_step = trial[large].compute / trial[large].steps - trial[small].compute / trial[small].steps
+            load.token_s = max(0.0, per_step / extra)
         winner = large if self._gain(load, small, large) > self.MARGIN else small
         loser = small if winner == large else large
         log.debug("load %d: probe %d vs %d: %.1f vs %.1f tokens/s (%s) -> %d", self._key(), probe, base,
@@ -311,8 +345,10 @@ class BudgetController:
 
     def as_dict(self) -> dict:
         tokens_per_round = {str(lv): round(self.acceptance.tokens([lv]), 3) for lv in self.levels}
-        return dict(level=self.level, adaptive=self.adaptive, tokens_per_round=tokens_per_round, loads={
+        return dict(level=self.level, adaptive=self.adaptive, tokens_per_round=tokens_per_round,
+                    min_node_probability=round(self.min_node_probability, 3), loads={
             str(k): dict(level=v.level, rates={str(lv): round(r, 2) for lv, r in sorted(v.rates.items())},
+                         token_ms=None if v.token_s is None else round(v.token_s * 1e3, 2),
                          probing=v.probing_from is not None,
                          next_probe_in={str(n): max(0, due - v.epochs) for (lv, n), due in v.due.items()
                                         if lv == v.level})

@@ -192,6 +192,11 @@ class Scheduler:
         self.metrics.session_budget(session.id, budget)
         return budget
 
+    def node_price(self) -> float:
+        """Verdict.min_node_probability: the load's price of one tree node (BudgetController)."""
+        with self._cv:
+            return self.budgets.min_node_probability
+
     def _budget(self, session: Session) -> int:
         level = self.budgets.level
         return min(level, session.tree_cap or level) if session.speculative else 1
@@ -347,7 +352,7 @@ class Scheduler:
         queue = []
         with self._cv:
             rounds = [(res.tree_size, res.path) for (it, _), res in zip(batch, results) if not it.prefill]
-            self.budgets.observe_step(rounds, ended - self._last_step_end, prefill=prefill_tokens > 0)
+            self.budgets.observe_step(rounds, ended - self._last_step_end, ended - started, prefill=prefill_tokens > 0)
             self._last_step_end = ended
             for (it, row), res in zip(batch, results):
                 if res is None:

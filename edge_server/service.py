@@ -224,7 +224,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             finish_reason=result.finish,
             timings=pb.ServerTimings(queue_ms=step.queue_ms, compute_ms=step.compute_ms,
                                      batch_size=step.batch_size, batch_tokens=step.batch_tokens),
-            next_tree_budget=budget,
+            next_tree_budget=budget, min_node_probability=self.scheduler.node_price() if budget > 1 else 0.0,
         )
 
     # ---- validation --------------------------------------------------------------------

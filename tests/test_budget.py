@@ -19,7 +19,8 @@ def _run(ctl: BudgetController, steps: int, rows: int, tau, step_s, noise: float
         levels.append(b)
         jitter = 1.0 + noise * rng.standard_normal()
         rounds = [(b, _round(tau, b, u, v)) if w < tree_share else (1, [0]) for u, v, w in rng.random((rows, 3))]
-        ctl.observe_step(rounds, step_s(rows, b) * jitter, prefill=False)
+        seconds = step_s(rows, b) * jitter
+        ctl.observe_step(rounds, seconds, seconds, prefill=False)
     return levels
 
 
@@ -177,7 +178,7 @@ def test_when_answers_become_less_predictable_the_level_comes_down():
 
 def test_expected_tokens_of_a_smaller_tree_come_from_the_rounds_of_larger_ones():
     ctl = _controller(1)
-    ctl.observe_step([(8, [0, 1, 3])] * 4 + [(8, [0, 1])] * 4, 0.1, prefill=False)
+    ctl.observe_step([(8, [0, 1, 3])] * 4 + [(8, [0, 1])] * 4, 0.1, 0.1, prefill=False)
     acc = ctl.acceptance
     assert acc.tokens([1]) == 1.0  # decoding alone: the bonus token only
     assert acc.tokens([2]) == pytest.approx(2.0)  # node 1 was always accepted
@@ -200,7 +201,7 @@ def test_a_heavier_load_starts_from_smaller_trees():
 def test_prefill_steps_are_not_measured_and_fixed_budgets_stay_fixed():
     ctl = _controller(1)
     for _ in range(200):  # prompt chunks at any budget: no evidence either way
-        ctl.observe_step([(8, [0, 1, 2])], 1.0, prefill=True)
+        ctl.observe_step([(8, [0, 1, 2])], 1.0, 1.0, prefill=True)
     assert all(not load.rates for load in ctl.loads.values())
     fixed = BudgetController(16, adaptive=False)
     fixed.add("a", speculative=True)
@@ -269,3 +270,18 @@ def test_unlucky_rounds_do_not_stop_a_fast_devices_trees():
         assert link.next_round_has_tree(0.075)
         link.tree_round(0.03, tokens)
     assert link.next_round_has_tree(0.075)
+
+
+def test_a_node_is_priced_at_its_measured_cost_times_the_tokens_per_second():
+    # one session; every verified token adds 4 ms to a 50 ms step
+    ctl = _controller(1)
+    assert ctl.min_node_probability == 0.0  # nothing measured yet: every node pays
+    _run(ctl, 200, 1, _cpu_like_tau, lambda rows, b: 0.050 + 0.004 * rows * b)
+    load = ctl.loads[1]
+    assert load.token_s == pytest.approx(0.004)  # from the probes' two levels
+    assert ctl.min_node_probability == pytest.approx(0.004 * load.rates[load.level])
+    assert 0.05 < ctl.min_node_probability < 0.2
+    fixed = BudgetController(64, adaptive=False)
+    fixed.add("a", speculative=True)
+    _run(fixed, 200, 1, _cpu_like_tau, lambda rows, b: 0.050 + 0.004 * rows * b)
+    assert fixed.min_node_probability == 0.0  # a fixed budget is not load-aware

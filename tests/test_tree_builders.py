@@ -192,6 +192,19 @@ def test_unified_tree_is_the_budgets_best_node_set(budget):
     assert all(probs[i] <= probs[tree.parents[i]] for i in range(1, len(tree)))
 
 
+@pytest.mark.parametrize("price, nodes", [(0.0, 12), (0.3, 9), (0.45, 5), (0.6, 3), (1.0, 1)])
+def test_unified_tree_leaves_out_nodes_below_the_servers_price(price, nodes):
+    ids, lps = _heads()
+    context = [7, 100, 3, 8, 7, 101, 3, 8, 7]
+    model = _model(bias=5.0)  # paths' chances from 0.73 down to 0.27
+    full = unified_tree(context, ids, lps, 12, model)
+    tree = unified_tree(context, ids, lps, 12, model, None, price)
+    probs, _ = _path_probs(full, model, context, ids, lps, None)
+    kept = [i for i in range(len(full)) if probs[i] >= price]  # best-first: a prefix of the full tree
+    assert len(kept) == len(tree) == nodes
+    assert tree.tokens == tuple(full.tokens[i] for i in kept) and tree.parents == full.parents[:len(kept)]
+
+
 def test_unified_tree_follows_a_long_lookup_past_the_heads():
     ids, lps = _heads(K=3)
     quote = list(range(500, 520))

@@ -15,7 +15,9 @@ through the heads once; their top-k candidates become a token tree:
 - mode "unified": one best-first tree over head candidates and (with `ngram=True`) prompt
   lookups below every node, each scored by its calibrated probability of acceptance
   (heads.json `tree_calibration`, written by scripts/calibrate_tree.py; see
-  tree_builders.unified_tree). No fixed share: the budget goes where acceptance is likelier;
+  tree_builders.unified_tree). No fixed share: the budget goes where acceptance is likelier.
+  The only mode that knows those chances, so the only one that leaves out the nodes below
+  the server's price (`min_probability`);
 - mode "auto": "unified" when heads.json has `tree_calibration`, else "dynamic". Artifacts
   from before the calibration existed keep loading and draft as they always did, but not
   silently: the drafter warns once and says so in `fallback` (None when nothing fell back).
@@ -135,7 +137,8 @@ class HeadsDrafter:
         ids, lps = self.session.run(None, feeds)
         return ids[0], lps[0]
 
-    def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int) -> TokenTree:
+    def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int,
+                min_probability: float = 0.0) -> TokenTree:
         root = int(context[-1])
         if budget <= 1:
             return TokenTree.root_only(root)
@@ -145,7 +148,7 @@ class HeadsDrafter:
             return TokenTree.root_only(root)
         ids, lps = self.candidates(hidden, root)
         if self.mode == "unified":
-            return unified_tree(context, ids, lps, budget, self.acceptance, self._index)
+            return unified_tree(context, ids, lps, budget, self.acceptance, self._index, min_probability)
         if self.mode == "static":
             tree = tree_from_topology(root, self.topology, ids, budget)
         else:

@@ -12,5 +12,6 @@ class NoDrafter:
     name = "none"
     needs_hidden_state = False
 
-    def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int) -> TokenTree:
+    def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int,
+                min_probability: float = 0.0) -> TokenTree:
         return TokenTree.root_only(context[-1])
