@@ -57,13 +57,16 @@ measure, so the controller climbs it directly:
   node's chance of acceptance (the calibrated heads) should spend nodes where they are likely
   to be accepted. The verdict therefore also carries the price of one node, as a probability
   (`min_node_probability`): a node adds p tokens and costs c model seconds, which pays while
-  p > c x R, R the tokens/s at the current level. c comes from the last probe of the load, the
-  two levels' model seconds per step against their tokens per step (paired, as the rates
-  are); until a probe has measured it the price is 0. On this CPU at 4 clients with 8-node
-  trees, c x R ~ 0.2: the devices' trees shrank from 8 to ~2.5 nodes, steps from 262 to 129
-  ms, tokens a round from 1.72 to 1.42: 0.67x of server-only decoding became 0.94x. The
-  price is the same at every level of a load (it changes after a probe, not within one), so a
-  node index still means the same thing at the levels a probe compares.
+  p > c x R, R the tokens/s at the current level. c is what the nodes the current level adds
+  over the next smaller one cost: the two levels' model seconds per step against their tokens
+  per step in their last probe (paired, as the rates are; the pair above stands in until the
+  pair below is measured, and until a probe has measured either the price is 0). Per pair,
+  because a step's cost is not linear in its tokens: on this CPU one session's first extra
+  token turns a matrix-vector step into a matrix one (~25 ms), the next few cost ~3 ms each.
+  With 8-node trees fixed at 4 clients a hand-set price of 0.15 shrank trees from 8 to ~2.5
+  nodes, steps from 262 to 129 ms and tokens a round from 1.72 to 1.42: 0.67x of server-only
+  decoding became 0.94x. A probe keeps the price of the level it started from, so a node
+  index means the same thing at the two levels it compares.
 - Each (level, neighbour) pair keeps its own wait before it is probed again, so a smaller level
   that lost says nothing about a larger one. A pair that loses again waits twice as long (at
   most MAX_WAIT epochs), and at least long enough that re-checking a level that lost by a
@@ -101,7 +104,8 @@ class _Load:
     trial: dict[int, _Epoch] = field(default_factory=dict)  # level -> its rounds and seconds in the probe
     probed: dict[tuple[int, int], tuple[_Epoch, _Epoch]] = field(default_factory=dict)  # (smaller, larger)
     # -> the rounds and seconds each had in their last probe
-    token_s: float | None = None  # model seconds one more verified token adds to a step (last probe)
+    token_s: dict[tuple[int, int], float] = field(default_factory=dict)  # (smaller, larger) -> model
+    # seconds a token adds to a step between them, from their last probe
 
 
 @dataclass
@@ -250,11 +254,16 @@ class BudgetController:
         """The price of one tree node at the current load, as a chance of acceptance: the
         model seconds a token adds to a step x the tokens/s at the current level (see the
         module docstring); 0 until a probe has measured the first, and without adaptation."""
-        load = self._load() if self.adaptive else None
-        rate = load.rates.get(load.level) if load else None
-        if load is None or load.token_s is None or rate is None:
+        return self._price(self._load()) if self.adaptive else 0.0
+
+    def _price(self, load: _Load) -> float:
+        level = load.level if load.probing_from is None else load.probing_from
+        if level not in self.levels:  # devices with another cap since: nothing measured applies
             return 0.0
-        return min(1.0, load.token_s * rate)
+        below, above = self._neighbour(level, -1), self._neighbour(level, +1)
+        cost = load.token_s.get((below, level), load.token_s.get((level, above)))
+        rate = load.rates.get(level)
+        return 0.0 if cost is None or rate is None else min(1.0, cost * rate)
 
     def _rate(self, epoch: _Epoch) -> float:
         return self.acceptance.tokens(epoch.sizes) / epoch.seconds if epoch.seconds > 0 else 0.0
@@ -322,7 +331,7 @@ class BudgetController:
         extra = trial[large].tokens_per_step - trial[small].tokens_per_step
         if extra >= 1.0:  # trees that barely differ (few drafts in time) cannot tell a token's cost
             per_step = trial[large].compute / trial[large].steps - trial[small].compute / trial[small].steps
-            load.token_s = max(0.0, per_step / extra)
+            load.token_s[(small, large)] = max(0.0, per_step / extra)
         winner = large if self._gain(load, small, large) > self.MARGIN else small
         loser = small if winner == large else large
         log.debug("load %d: probe %d vs %d: %.1f vs %.1f tokens/s (%s) -> %d", self._key(), probe, base,
@@ -348,7 +357,8 @@ class BudgetController:
         return dict(level=self.level, adaptive=self.adaptive, tokens_per_round=tokens_per_round,
                     min_node_probability=round(self.min_node_probability, 3), loads={
             str(k): dict(level=v.level, rates={str(lv): round(r, 2) for lv, r in sorted(v.rates.items())},
-                         token_ms=None if v.token_s is None else round(v.token_s * 1e3, 2),
+                         token_ms={f"{a}-{b}": round(c * 1e3, 2) for (a, b), c in sorted(v.token_s.items())},
+                         min_node_probability=round(self._price(v), 3) if self.adaptive else 0.0,
                          probing=v.probing_from is not None,
                          next_probe_in={str(n): max(0, due - v.epochs) for (lv, n), due in v.due.items()
                                         if lv == v.level})

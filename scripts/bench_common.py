@@ -229,11 +229,12 @@ def results_dir(name: str) -> Path:
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """columns: (key, header, format spec)."""
+    """columns: (key, header, format spec); a value a row lacks (or None) shows as –."""
     lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(format(row[k], f) if f else str(row[k]) for k, _, f in columns) + " |")
+        cells = ("–" if row.get(k) is None else format(row[k], f) if f else str(row[k]) for k, _, f in columns)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

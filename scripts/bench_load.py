@@ -45,7 +45,7 @@ from shared.protocol import pb, rpc  # noqa: E402
 
 COLUMNS = [("clients", "N", "d"), ("method", "method", ""), ("tokens_per_s", "tok/s", ".1f"),
            ("vs_server_ar", "× server-ar", ".2f"), ("steady_tokens_per_s", "steady tok/s", ".1f"),
-           ("steady_vs_server_ar", "steady ×", ".2f"), ("tau", "τ", ".2f"), ("budget_level", "budget", ""), ("itl_ms_p50", "ITL p50 ms", ".1f"),
+           ("steady_vs_server_ar", "steady ×", ".2f"), ("tau", "τ", ".2f"), ("budget_level", "budget", ""), ("node_price", "node price", ".2f"), ("itl_ms_p50", "ITL p50 ms", ".1f"),
            ("itl_ms_p95", "ITL p95 ms", ".1f"), ("ttft_ms_p50", "TTFT p50 ms", ".0f"),
            ("batch_size_mean", "batch rows", ".1f"), ("batch_tokens_mean", "batch tok", ".1f"),
            ("verify_ms_p50", "step ms p50", ".1f"), ("queue_ms_p50", "queue ms p50", ".1f"),
@@ -82,6 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _settled(metrics: dict, clients: int) -> dict:
+    """What the budget controller learned for this run's load (session counts rounded up to 2^k)."""
+    return (metrics.get("budget") or {}).get("loads", {}).get(str(1 << (clients - 1).bit_length()), {})
+
+
 def summarize(run: MethodRun, metrics: dict) -> dict:
     win = metrics.get("window", {})
     return {
@@ -98,9 +103,9 @@ def summarize(run: MethodRun, metrics: dict) -> dict:
         "device_wait_ms_p50": win.get("device_wait_ms", {}).get("p50", 0.0),
         "device_wait_ms_p95": win.get("device_wait_ms", {}).get("p95", 0.0),
         "steps": win.get("steps", 0), "budget": metrics.get("budget"),
-        # the level the server settled on for this load (loads are session counts rounded up to 2^k)
-        "budget_level": (metrics.get("budget") or {}).get("loads", {}).get(
-            str(1 << (run.clients - 1).bit_length()), {}).get("level"),
+        # the level and node price (Verdict.min_node_probability) the server settled on
+        "budget_level": _settled(metrics, run.clients).get("level"),
+        "node_price": _settled(metrics, run.clients).get("min_node_probability"),
         # pipelined runs: the share of steps that verified a device draft (the rest decoded alone)
         "pipelined_tree_share": (metrics["counters"]["pipelined_steps_with_tree"]
                                  / max(1, metrics["counters"]["pipelined_steps"])),

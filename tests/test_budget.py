@@ -278,9 +278,20 @@ def test_a_node_is_priced_at_its_measured_cost_times_the_tokens_per_second():
     assert ctl.min_node_probability == 0.0  # nothing measured yet: every node pays
     _run(ctl, 200, 1, _cpu_like_tau, lambda rows, b: 0.050 + 0.004 * rows * b)
     load = ctl.loads[1]
-    assert load.token_s == pytest.approx(0.004)  # from the probes' two levels
-    assert ctl.min_node_probability == pytest.approx(0.004 * load.rates[load.level])
+    assert load.token_s and all(c == pytest.approx(0.004) for c in load.token_s.values())  # per probed pair
+    level = load.level if load.probing_from is None else load.probing_from  # a probe keeps its base's price
+    assert ctl.min_node_probability == pytest.approx(0.004 * load.rates[level])
     assert 0.05 < ctl.min_node_probability < 0.2
+
+
+def test_a_node_is_priced_at_what_the_nodes_of_its_level_cost():
+    # one session; a second token turns a matrix-vector step into a matrix one (+25 ms), later
+    # tokens add 3 ms each: the nodes that 8 adds over 4 cost 3 ms, not the jump
+    ctl = _controller(1)
+    _run(ctl, 400, 1, _cpu_like_tau, _cpu_like_step_s)
+    load = ctl.loads[1]
+    assert load.level >= 4 and load.token_s[(load.level // 2, load.level)] == pytest.approx(0.003)
+    assert ctl.min_node_probability < 0.003 * 40
     fixed = BudgetController(64, adaptive=False)
     fixed.add("a", speculative=True)
     _run(fixed, 200, 1, _cpu_like_tau, lambda rows, b: 0.050 + 0.004 * rows * b)
