@@ -58,8 +58,8 @@ measure, so the controller climbs it directly:
   to be accepted. The verdict therefore also carries the price of one node, as a probability
   (`min_node_probability`): a node adds p tokens and costs c model seconds, which pays while
   p > c x R, R the tokens/s at the current level. c is what the nodes the current level adds
-  over the next smaller one cost: the two levels' model seconds per step against their tokens
-  per step in their last probe (paired, as the rates are; the pair above stands in until the
+  over the next smaller one cost: the slope of model seconds over tokens across the steps of
+  the two levels' last probe (paired, as the rates are; the pair above stands in until the
   pair below is measured, and until a probe has measured either the price is 0). Per pair,
   because a step's cost is not linear in its tokens: on this CPU one session's first extra
   token turns a matrix-vector step into a matrix one (~25 ms), the next few cost ~3 ms each.
@@ -112,17 +112,13 @@ class _Load:
 class _Epoch:
     steps: int = 0
     seconds: float = 0.0
-    compute: float = 0.0  # the model's share of `seconds` (the rest: waiting for devices)
     sizes: list[int] = field(default_factory=list)  # the tree size of every round
+    costs: list[tuple[int, float]] = field(default_factory=list)  # each step's tokens and model seconds
 
     def add(self, other: "_Epoch") -> None:
         self.steps, self.seconds = self.steps + other.steps, self.seconds + other.seconds
-        self.compute += other.compute
         self.sizes.extend(other.sizes)
-
-    @property
-    def tokens_per_step(self) -> float:
-        return sum(self.sizes) / max(1, self.steps)
+        self.costs.extend(other.costs)
 
 
 class NodeAcceptance:
@@ -244,7 +240,8 @@ class BudgetController:
             self._settle -= 1
             return
         e = self._epoch
-        e.add(_Epoch(1, seconds, compute, [size for size, _ in rounds]))
+        sizes = [size for size, _ in rounds]
+        e.add(_Epoch(1, seconds, sizes, [(sum(sizes), compute)]))
         if e.steps >= self.MIN_STEPS and len(e.sizes) >= self.MIN_ROWS and e.seconds > 0:
             self._epoch = _Epoch()
             self._end_epoch(e)
@@ -293,6 +290,19 @@ class BudgetController:
         load.trial = {load.level: epoch}  # this epoch is the pair's first base epoch
         self._switch(load, nxt)
 
+    @staticmethod
+    def _token_cost(costs: list[tuple[int, float]]) -> float | None:
+        """Model seconds per token: the slope of the steps' seconds over their tokens. A slope,
+        not the two levels' difference in means: lock-step rows that miss a step (their device
+        answered late) make steps of the larger level fewer-rowed as well as wider, and a
+        difference in means charged the missing rows to the extra tokens (26 ms a token at 8
+        lock-step clients on this CPU, whose steps with 2 and 4 nodes a row cost 3-4 ms a token
+        more than decoding steps). None when the tokens barely vary."""
+        tokens, seconds = np.array(costs, dtype=float).T
+        if tokens.std() < 0.5:
+            return None
+        return max(0.0, float(np.polyfit(tokens, seconds, 1)[0]))
+
     def _gain(self, load: _Load, small: int, large: int) -> float | None:
         """Tokens/s at `large` over `small`: their last probe's rounds and seconds, valued at the
         latest acceptance."""
@@ -328,10 +338,9 @@ class BudgetController:
         load.rates.update(rates)
         small, large = sorted((base, probe))
         load.probed[(small, large)] = (trial[small], trial[large])
-        extra = trial[large].tokens_per_step - trial[small].tokens_per_step
-        if extra >= 1.0:  # trees that barely differ (few drafts in time) cannot tell a token's cost
-            per_step = trial[large].compute / trial[large].steps - trial[small].compute / trial[small].steps
-            load.token_s[(small, large)] = max(0.0, per_step / extra)
+        cost = self._token_cost(trial[small].costs + trial[large].costs)
+        if cost is not None:
+            load.token_s[(small, large)] = cost
         winner = large if self._gain(load, small, large) > self.MARGIN else small
         loser = small if winner == large else large
         log.debug("load %d: probe %d vs %d: %.1f vs %.1f tokens/s (%s) -> %d", self._key(), probe, base,

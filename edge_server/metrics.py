@@ -168,6 +168,8 @@ def render_prometheus(snapshot: dict, prefix: str = "edgespec") -> str:
     budget = snapshot.get("budget")
     if budget:
         emit("tree_budget", "gauge", budget["level"], "tree budget the verdicts hand out now (load-aware)")
+        emit("node_price", "gauge", budget["min_node_probability"], "the chance of acceptance below which a "
+             "tree node costs more than it yields at the current load (Verdict.min_node_probability)")
         for level, tokens in budget.get("tokens_per_round", {}).items():
             emit("tokens_per_round", "gauge", tokens, "tokens a round of this tree budget yields, learned from "
                  "which node indices recent rounds accepted", f'{{budget="{level}"}}')

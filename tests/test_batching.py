@@ -135,6 +135,7 @@ def test_adaptive_budgets_are_lossless_and_learn_node_acceptance(loaded, client)
         assert budget["tokens_per_round"]["2"] > 1.0  # some verified rounds accepted their first node
         prometheus = stub.GetMetrics(pb.MetricsRequest(), timeout=10).prometheus
         assert 'edgespec_tokens_per_round{budget="2"}' in prometheus
+        assert 0.0 <= budget["min_node_probability"] <= 1.0 and "edgespec_node_price " in prometheus
 
 
 def _metrics(stub):

@@ -296,3 +296,16 @@ def test_a_node_is_priced_at_what_the_nodes_of_its_level_cost():
     fixed.add("a", speculative=True)
     _run(fixed, 200, 1, _cpu_like_tau, lambda rows, b: 0.050 + 0.004 * rows * b)
     assert fixed.min_node_probability == 0.0  # a fixed budget is not load-aware
+
+
+def test_a_tokens_cost_is_measured_when_late_rows_make_steps_smaller():
+    # 8 lock-step sessions: decoding alone, all 8 rows ride each step; with 2-node trees 2 of
+    # the 8 devices answer late each round and take a step of their own. A step costs 100 ms
+    # + 4 ms a token, however its tokens are split into rows
+    ctl = _controller(8)
+    for _ in range(200):
+        groups = [[1] * 8] if ctl.level == 1 else [[2] * 6, [2] * 2]
+        for sizes in groups:
+            seconds = 0.100 + 0.004 * sum(sizes)
+            ctl.observe_step([(b, [0]) for b in sizes], seconds, seconds, prefill=False)
+    assert ctl.loads[8].token_s[(1, 2)] == pytest.approx(0.004)

@@ -147,6 +147,15 @@ def test_lock_step_waits_for_trees_only_when_the_budget_asks_for_one():
     assert all(v.min_node_probability == (0.25 if v.next_tree_budget > 1 else 0.0) for v in verdicts)
 
 
+def test_a_tree_the_price_left_empty_is_a_round_of_its_root():
+    # a device whose every node fell below the verdict's price answers with the root alone
+    svc = _service([4] * 20)
+    verdicts, sent = asyncio.run(_device(svc, _start(), lambda v: _draft(v.round + 1, [], [])
+                                         if v.finish_reason == pb.FINISH_NONE else None))
+    assert [t for v in verdicts for t in v.tokens] == [(6 + i) % VOCAB for i in range(12)]
+    assert svc.scheduler.trees == [1] * 11 and len(sent) == 11
+
+
 @pytest.mark.parametrize("mode", [pb.MODE_SPECULATIVE, pb.MODE_SERVER_AR])
 def test_a_draft_nobody_asked_for_is_refused(mode):
     svc = _service([1] * 20)
