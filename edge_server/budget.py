@@ -59,7 +59,7 @@ measure, so the controller climbs it directly:
   (`min_node_probability`): a node adds p tokens and costs c model seconds, which pays while
   p > c x R, R the tokens/s at the current level. c is what the nodes the current level adds
   over the next smaller one cost: the slope of model seconds over tokens across the steps of
-  the two levels' last probe (paired, as the rates are; the pair above stands in until the
+  the two levels' probes (paired, as the rates are; the pair above stands in until the
   pair below is measured, and until a probe has measured either the price is 0). Per pair,
   because a step's cost is not linear in its tokens: on this CPU one session's first extra
   token turns a matrix-vector step into a matrix one (~25 ms), the next few cost ~3 ms each.
@@ -105,7 +105,7 @@ class _Load:
     probed: dict[tuple[int, int], tuple[_Epoch, _Epoch]] = field(default_factory=dict)  # (smaller, larger)
     # -> the rounds and seconds each had in their last probe
     token_s: dict[tuple[int, int], float] = field(default_factory=dict)  # (smaller, larger) -> model
-    # seconds a token adds to a step between them, from their last probe
+    # seconds a token adds to a step between them, measured in their probes
 
 
 @dataclass
@@ -338,9 +338,9 @@ class BudgetController:
         load.rates.update(rates)
         small, large = sorted((base, probe))
         load.probed[(small, large)] = (trial[small], trial[large])
-        cost = self._token_cost(trial[small].costs + trial[large].costs)
-        if cost is not None:
-            load.token_s[(small, large)] = cost
+        cost, old = self._token_cost(trial[small].costs + trial[large].costs), load.token_s.get((small, large))
+        if cost is not None:  # an average over probes, as the rates: one probe's slope varies by 2x
+            load.token_s[(small, large)] = cost if old is None else old + self.EMA * (cost - old)
         winner = large if self._gain(load, small, large) > self.MARGIN else small
         loser = small if winner == large else large
         log.debug("load %d: probe %d vs %d: %.1f vs %.1f tokens/s (%s) -> %d", self._key(), probe, base,
