@@ -45,7 +45,8 @@ from shared.protocol import pb, rpc  # noqa: E402
 
 COLUMNS = [("clients", "N", "d"), ("method", "method", ""), ("tokens_per_s", "tok/s", ".1f"),
            ("vs_server_ar", "× server-ar", ".2f"), ("steady_tokens_per_s", "steady tok/s", ".1f"),
-           ("steady_vs_server_ar", "steady ×", ".2f"), ("tau", "τ", ".2f"), ("budget_level", "budget", ""), ("node_price", "node price", ".2f"), ("itl_ms_p50", "ITL p50 ms", ".1f"),
+           ("steady_vs_server_ar", "steady ×", ".2f"), ("tau", "τ", ".2f"), ("budget_level", "budget", ""),
+           ("node_price", "node price", ".2f"), ("itl_ms_p50", "ITL p50 ms", ".1f"),
            ("itl_ms_p95", "ITL p95 ms", ".1f"), ("ttft_ms_p50", "TTFT p50 ms", ".0f"),
            ("batch_size_mean", "batch rows", ".1f"), ("batch_tokens_mean", "batch tok", ".1f"),
            ("verify_ms_p50", "step ms p50", ".1f"), ("queue_ms_p50", "queue ms p50", ".1f"),

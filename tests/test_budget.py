@@ -282,6 +282,10 @@ def test_a_node_is_priced_at_its_measured_cost_times_the_tokens_per_second():
     level = load.level if load.probing_from is None else load.probing_from  # a probe keeps its base's price
     assert ctl.min_node_probability == pytest.approx(0.004 * load.rates[level])
     assert 0.05 < ctl.min_node_probability < 0.2
+    fixed = BudgetController(64, adaptive=False)
+    fixed.add("a", speculative=True)
+    _run(fixed, 200, 1, _cpu_like_tau, lambda rows, b: 0.050 + 0.004 * rows * b)
+    assert fixed.min_node_probability == 0.0  # a fixed budget is not load-aware
 
 
 def test_a_node_is_priced_at_what_the_nodes_of_its_level_cost():
@@ -292,10 +296,6 @@ def test_a_node_is_priced_at_what_the_nodes_of_its_level_cost():
     load = ctl.loads[1]
     assert load.level >= 4 and load.token_s[(load.level // 2, load.level)] == pytest.approx(0.003)
     assert ctl.min_node_probability < 0.003 * 40
-    fixed = BudgetController(64, adaptive=False)
-    fixed.add("a", speculative=True)
-    _run(fixed, 200, 1, _cpu_like_tau, lambda rows, b: 0.050 + 0.004 * rows * b)
-    assert fixed.min_node_probability == 0.0  # a fixed budget is not load-aware
 
 
 def test_a_tokens_cost_is_measured_when_late_rows_make_steps_smaller():
