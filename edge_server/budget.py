@@ -223,8 +223,9 @@ class BudgetController:
         return max([lv for lv in self.levels if lv <= budget] or [1])
 
     def _neighbour(self, level: int, direction: int) -> int | None:
-        i = self.levels.index(level) + direction
-        return self.levels[i] if 0 <= i < len(self.levels) else None
+        levels = self.levels
+        i = levels.index(level) + direction
+        return levels[i] if 0 <= i < len(levels) else None
 
     # ---- measurements --------------------------------------------------------------------
     def observe_step(self, rounds: Sequence[tuple[int, Sequence[int]]], seconds: float, compute: float,
@@ -262,6 +263,11 @@ class BudgetController:
         rate = load.rates.get(level)
         return 0.0 if cost is None or rate is None else min(1.0, cost * rate)
 
+    def _averaged(self, old: float | None, new: float) -> float:
+        """A measurement that drifts with the machine and the text: recent epochs or probes
+        weigh most."""
+        return new if old is None else old + self.EMA * (new - old)
+
     def _rate(self, epoch: _Epoch) -> float:
         return self.acceptance.tokens(epoch.sizes) / epoch.seconds if epoch.seconds > 0 else 0.0
 
@@ -279,7 +285,7 @@ class BudgetController:
                 self._judge_probe(load)
             return
         old, rate = load.rates.get(load.level), self._rate(epoch)
-        load.rates[load.level] = rate if old is None else old + self.EMA * (rate - old)
+        load.rates[load.level] = self._averaged(old, rate)
         load.epochs += 1
         if self._step_down(load):
             return
@@ -338,9 +344,9 @@ class BudgetController:
         load.rates.update(rates)
         small, large = sorted((base, probe))
         load.probed[(small, large)] = (trial[small], trial[large])
-        cost, old = self._token_cost(trial[small].costs + trial[large].costs), load.token_s.get((small, large))
+        cost = self._token_cost(trial[small].costs + trial[large].costs)
         if cost is not None:  # an average over probes, as the rates: one probe's slope varies by 2x
-            load.token_s[(small, large)] = cost if old is None else old + self.EMA * (cost - old)
+            load.token_s[(small, large)] = self._averaged(load.token_s.get((small, large)), cost)
         winner = large if self._gain(load, small, large) > self.MARGIN else small
         loser = small if winner == large else large
         log.debug("load %d: probe %d vs %d: %.1f vs %.1f tokens/s (%s) -> %d", self._key(), probe, base,
