@@ -129,7 +129,7 @@ def head_timing(hidden: int, vocab: int, heads: int, top_k: int, variants: list[
 
     out = {}
     feeds_all = {"hidden": np.random.default_rng(0).standard_normal((1, hidden)).astype(np.float32),
-                 "root": np.array([vocab // 3], dtype=np.int64)}
+                 "root": np.array([vocab // 3], dtype=np.int64), "heads": np.array([heads], dtype=np.int64)}
     for variant, cond in variants:
         r, dense, shared = parse_variant(variant)
         name = variant + ("-root" if cond else "-plain")

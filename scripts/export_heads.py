@@ -1,9 +1,10 @@
 """Export draft heads to ONNX (fp32) and quantize them (int8), with parity checks.
 
-Graph: inputs `hidden` float32 [B, hidden_size] (the device casts the fp16 wire payload up) and,
-for root-conditioned heads, `root` int64 [B] (the round's root token); outputs `ids` int64
-[B, K, top_k] and `logprobs` float32 [B, K, top_k] (log-softmax over the full vocabulary,
-sorted descending). Every projection is a plain 2-D MatMul against a constant, so ONNX
+Graph: inputs `hidden` float32 [B, hidden_size] (the device casts the fp16 wire payload up),
+for root-conditioned heads `root` int64 [B] (the round's root token), and `heads` int64 [1]
+(how many of the K heads to compute, 1..K: a small tree needs only the first); outputs `ids`
+int64 [B, heads, top_k] and `logprobs` float32 [B, heads, top_k] (log-softmax over the full
+vocabulary, sorted descending). Every projection is a plain 2-D MatMul against a constant, so ONNX
 Runtime's quantizers see them. The root embedding is a Gather (axis 1) on the same [r, V]
 constant that the vocabulary MatMul uses, so U is stored once; after int8 quantization the
 Gather reads the quantized U and dequantizes only the gathered columns (see
@@ -44,10 +45,15 @@ class ExportGraph(nn.Module):
         self.heads = heads
         self.top_k = top_k
 
-    def forward(self, hidden: torch.Tensor, root: torch.Tensor | None = None):
+    def forward(self, hidden: torch.Tensor, root: torch.Tensor | None = None, heads: torch.Tensor | None = None):
+        """`heads` (int64 [1], optional): project only the first that many heads onto the
+        vocabulary. A b-node tree is at most b - 1 deep, so a small budget needs only the first
+        heads, and the vocabulary projection, the dense rows, the softmax and the top-k (~95% of
+        a call) scale with the heads computed: a 2-node round needs one of the four."""
         hd = self.heads
         h = hidden.to(torch.float32)
         B, K, d = h.shape[0], hd.num_heads, hd.hidden_size
+        first = (lambda t: t) if heads is None else (lambda t: t.index_select(1, torch.arange(heads[0])))
         # U^T [r, V] (or E^T): the one constant that the vocabulary MatMul and the root Gather share
         table_t = hd.root_table.t() if hd.root_conditioned or hd.rank else None
         if hd.root_conditioned:
@@ -57,20 +63,26 @@ class ExportGraph(nn.Module):
         else:
             feats = [hd.blocks[k](h) for k in range(K)]
         if hd.rank:
+            z = torch.stack(feats, dim=1)  # [B, K, d]
+            low = torch.stack([F.linear(f, hd.A[k]) for k, f in enumerate(feats)], dim=1)  # [B, K, r]
+            late = hd.dense_tokens and not hd.dense_shared  # add_dense runs a D per head on every head
+            if not late:
+                low, z = first(low), first(z)
             # one MatMul against U for all heads, so U is stored (and quantized) once
-            low = torch.stack([F.linear(z, hd.A[k]) for k, z in enumerate(feats)], dim=1)  # [B, K, r]
-            x = (low.reshape(-1, hd.rank) @ table_t).reshape(B, K, hd.vocab_size)
+            x = (low.reshape(-1, hd.rank) @ table_t).reshape(B, -1, hd.vocab_size)
             if hd.dense_tokens:
-                x = hd.add_dense(x, torch.stack(feats, dim=1))
+                x = hd.add_dense(x, z)
+            if late:
+                x = first(x)
         else:
-            x = torch.stack([F.linear(z, hd.W[k]) for k, z in enumerate(feats)], dim=1)
+            x = first(torch.stack([F.linear(z, hd.W[k]) for k, z in enumerate(feats)], dim=1))
         logp = torch.log_softmax(x, dim=-1)
         vals, ids = torch.topk(logp, self.top_k, dim=-1)
         return ids, vals
 
 
 def export_onnx(heads: DraftHeads, top_k: int, path: Path) -> Path:
-    """fp32 ONNX graph; root-conditioned heads get the second input `root`."""
+    """fp32 ONNX graph; root-conditioned heads get the input `root`, every graph `heads`."""
     heads = heads.eval().float()
     graph = ExportGraph(heads, top_k)
     args: tuple = (torch.zeros(1, heads.hidden_size),)
@@ -78,11 +90,13 @@ def export_onnx(heads: DraftHeads, top_k: int, path: Path) -> Path:
     if heads.root_conditioned:
         args += (torch.zeros(1, dtype=torch.int64),)
         names.append("root")
+    args += ({"heads": torch.tensor([heads.num_heads])},)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(
-            graph, args, str(path), input_names=names, output_names=["ids", "logprobs"],
-            dynamic_axes={**{n: {0: "batch"} for n in names}, "ids": {0: "batch"}, "logprobs": {0: "batch"}},
+            graph, args, str(path), input_names=[*names, "heads"], output_names=["ids", "logprobs"],
+            dynamic_axes={**{n: {0: "batch"} for n in names}, "ids": {0: "batch", 1: "heads"},
+                          "logprobs": {0: "batch", 1: "heads"}},
             opset_version=17, dynamo=False,
         )
     return path
@@ -242,14 +256,17 @@ def ort_session(path: Path, threads: int = 1):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(sess, hidden: np.ndarray, root: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Batched graph outputs; `root` (the token after each hidden state's position) is fed only
-    to graphs that take it, so plain (format 1) graphs run on the same data."""
-    takes_root = "root" in {i.name for i in sess.get_inputs()}
+def run_onnx(sess, hidden: np.ndarray, root: np.ndarray, heads: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Batched graph outputs of the first `heads` heads; `root` (the token after each hidden
+    state's position) and `heads` are fed only to graphs that take them, so older graphs run
+    on the same data."""
+    inputs = {i.name for i in sess.get_inputs()}
     ids, lps = [], []
     for i in range(0, len(hidden), batch):
         feeds = {"hidden": np.ascontiguousarray(hidden[i:i + batch], dtype=np.float32)}
-        if takes_root:
+        if "heads" in inputs:
+            feeds["heads"] = np.array([heads], dtype=np.int64)
+        if "root" in inputs:
             feeds["root"] = np.ascontiguousarray(root[i:i + batch], dtype=np.int64)
         a, b = sess.run(None, feeds)
         ids.append(a)
@@ -262,7 +279,7 @@ def parity(heads: DraftHeads, onnx_path: Path, hidden: np.ndarray, root: np.ndar
     with torch.no_grad():
         ref_ids, ref_lp = ExportGraph(heads.eval().float(), top_k)(
             torch.from_numpy(hidden.astype(np.float32)), torch.from_numpy(root.astype(np.int64)))
-    ids, lp = run_onnx(ort_session(onnx_path), hidden, root)
+    ids, lp = run_onnx(ort_session(onnx_path), hidden, root, heads.num_heads)
     ref_ids, ref_lp = ref_ids.numpy(), ref_lp.numpy()
     return {
         "top1_agreement": float((ids[..., 0] == ref_ids[..., 0]).mean()),

@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         inputs.append({"name": "root", "dtype": "int64", "shape": ["batch"],
                        "semantics": "the round's root token (the bonus token the server returned), i.e. the "
                                     "token after the hidden state's position"})
+    inputs.append({"name": "heads", "dtype": "int64", "shape": [1],
+                   "semantics": "how many heads to compute (1..num_heads), the first ones: a tree of b nodes "
+                                "is at most b - 1 deep"})
     meta = {
         "format": 2,
         "model": summary.get("model", args.model if args.model != "default" else "smollm2-135m-instruct"),
@@ -311,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "rank": cfg["rank"], "num_layers": cfg["num_layers"], "root_conditioned": cfg["root_conditioned"],
         "dense_tokens": cfg["dense_tokens"], "dense_shared": cfg["dense_shared"],
         "top_k": args.top_k, "inputs": inputs,
-        "outputs": {"ids": "int64 [batch, num_heads, top_k]", "logprobs": "float32 [batch, num_heads, top_k]"},
+        "outputs": {"ids": "int64 [batch, heads, top_k]", "logprobs": "float32 [batch, heads, top_k]"},
         "head_offsets": [2 + k for k in range(cfg["num_heads"])],
         "training": {"data": summary, "epochs": args.epochs, "steps": args.steps, "steps_done": steps_done,
                      "train_rows": train_positions, "batch": args.batch,
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     from device_client.tree_builders import expected_accepted, measure_acceptance, static_topology
 
     def calibrate(onnx_path: Path) -> dict:
-        ids, _ = run_onnx(ort_session(onnx_path, threads=2), Hv.astype(np.float32), Nv)
+        ids, _ = run_onnx(ort_session(onnx_path, threads=2), Hv.astype(np.float32), Nv, cfg["num_heads"])
         accm = measure_acceptance(ids, Lv)
         topo = static_topology(accm, args.tree_budget)
         return {"budget": args.tree_budget, "acceptance": accm.round(4).tolist(),

@@ -60,17 +60,21 @@ def test_onnx_fp32_matches_torch(tmp_path, rank, dense, shared, root_conditioned
     m = _heads(rank, root_conditioned, dense, shared)
     path = export_onnx(m, TOPK, tmp_path / "heads.fp32.onnx")
     names = [i.name for i in ort_session(path).get_inputs()]
-    assert names == (["hidden", "root"] if root_conditioned else ["hidden"])
+    assert names == (["hidden", "root", "heads"] if root_conditioned else ["hidden", "heads"])
     h, root = _inputs(32, 0)
     with torch.no_grad():
         ref_ids, ref_lp = TopKHeads(m, TOPK)(torch.from_numpy(h), torch.from_numpy(root))
         g_ids, g_lp = ExportGraph(m, TOPK)(torch.from_numpy(h), torch.from_numpy(root))
     assert torch.equal(ref_ids, g_ids)
-    ids, lp = run_onnx(ort_session(path), h, root)
+    ids, lp = run_onnx(ort_session(path), h, root, K)
     assert ids.shape == (32, K, TOPK) and lp.shape == (32, K, TOPK)
     assert (ids[..., 0] == ref_ids.numpy()[..., 0]).all()
     np.testing.assert_allclose(lp, ref_lp.numpy(), atol=1e-4)
     assert (np.diff(lp, axis=-1) <= 1e-6).all()  # sorted best first
+    for n in range(1, K):  # the first n heads alone: the same candidates as with all of them
+        few, few_lp = run_onnx(ort_session(path), h, root, n)
+        assert few.shape == (32, n, TOPK) and (few == ids[:, :n]).all()
+        np.testing.assert_allclose(few_lp, lp[:, :n], atol=1e-5)
 
 
 def test_root_changes_the_drafts_and_zero_c_is_plain_medusa():
@@ -113,7 +117,7 @@ def test_int8_quantization_is_smaller_and_agrees(tmp_path, scheme, dense, shared
     m = _heads(16, dense=dense, shared=shared)
     fp32 = export_onnx(m, TOPK, tmp_path / "heads.fp32.onnx")
     h, root = _inputs(128, 1)
-    ref, _ = run_onnx(ort_session(fp32), h, root)
+    ref, _ = run_onnx(ort_session(fp32), h, root, K)
     q = quantize(fp32, tmp_path / f"heads.{scheme}.onnx", scheme)
     assert q.stat().st_size < fp32.stat().st_size
     # U is stored once: the root Gather reads the quantized (or fp16) U, no fp32 copy is left
@@ -122,12 +126,12 @@ def test_int8_quantization_is_smaller_and_agrees(tmp_path, scheme, dense, shared
     assert big_fp32 == []
     # weights as uint8: ORT's uint8 x int8 kernels saturate on x86 CPUs without VNNI (AVX2)
     assert _matmul_weight_types(graph) == {onnx.TensorProto.UINT8}
-    ids, _ = run_onnx(ort_session(q), h, root)
+    ids, _ = run_onnx(ort_session(q), h, root, K)
     assert (ids[..., 0] == ref[..., 0]).mean() > 0.8
     # the true top-1 stays among the quantized top candidates
     assert np.mean([ref[i, k, 0] in ids[i, k] for i in range(len(h)) for k in range(K)]) > 0.95
     # and the quantized graph still follows the root
-    other, _ = run_onnx(ort_session(q), h, (root + 1) % V)
+    other, _ = run_onnx(ort_session(q), h, (root + 1) % V, K)
     assert (other[..., 0] != ids[..., 0]).mean() > 0.3
 
 
@@ -166,6 +170,31 @@ def test_device_drafter_runs_without_torch(tmp_path, root_conditioned):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
+
+
+def test_drafter_computes_only_the_heads_a_budget_can_reach(tmp_path):
+    """A tree of b nodes is at most b - 1 deep, so the drafter asks the graph for the first b - 1
+    heads; in fp32, where those heads' outputs do not depend on how many run, every tree mode
+    drafts exactly the trees it drafts from all K heads (int8 differs slightly: the activations'
+    quantization scale spans the heads computed)."""
+    from device_client.drafters.heads import HeadsDrafter
+    from device_client.tree_builders import AcceptanceModel, TreeFeatures
+
+    _write_artifact(tmp_path, export_onnx(_heads(8, dense=40, shared=True), TOPK, tmp_path / "h.onnx"), 8)
+    f = TreeFeatures(num_heads=K)
+    calibration = AcceptanceModel(f, *(tuple(np.linspace(-1, 1, n)) for n in f.sizes), -0.5)
+    meta = json.loads((tmp_path / "heads.json").read_text())
+    (tmp_path / "heads.json").write_text(json.dumps({**meta, "tree_calibration": calibration.to_json()}))
+    h = np.random.default_rng(0).standard_normal(D).astype(np.float32)
+    ctx = [5, 6, 7, 5, 6, 7, 5, 6]
+    for mode in ("static", "dynamic", "unified"):
+        few, every = HeadsDrafter(tmp_path, mode, True, 1), HeadsDrafter(tmp_path, mode, True, 1)
+        every.candidates = lambda hidden, root, heads=None, d=every: HeadsDrafter.candidates(d, hidden, root)  # all K
+        asked, run = [], few.session.run
+        few.session.run = lambda out, feeds: asked.append(int(feeds["heads"][0])) or run(out, feeds)
+        for budget in (2, 3, 4, 8):
+            assert few.propose(ctx, h, budget) == every.propose(ctx, h, budget), (mode, budget)
+        assert asked == [1, 2, 3, K], mode
 
 
 def test_drafter_rejects_wrong_hidden_size(tmp_path):
@@ -241,6 +270,7 @@ def test_shipped_heads_fit_the_size_limit_and_heads_json_describes_the_graph():
     dims = [tuple(i.dims) for i in model.graph.initializer]
     assert (meta["rank"], meta["vocab_size"]) in dims  # U^T, stored once
     assert _matmul_weight_types(model.graph) == {onnx.TensorProto.UINT8}  # exact on CPUs without VNNI too
+    assert [i.name for i in model.graph.input] == [i["name"] for i in meta["inputs"]]
     if meta.get("dense_tokens"):
         rows = (meta["hidden_size"], meta["dense_tokens"])  # D^T, one per head or one shared
         assert dims.count(rows) == (1 if meta["dense_shared"] else meta["num_heads"])

@@ -95,7 +95,9 @@ class HeadsDrafter:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"])
-        self.takes_root = "root" in {i.name for i in self.session.get_inputs()}
+        inputs = {i.name for i in self.session.get_inputs()}
+        self.takes_root = "root" in inputs
+        self.takes_heads = "heads" in inputs  # graphs from before it always compute every head
         self._ngram = self._index = None
         if ngram:
             from device_client.drafters.ngram import NgramDrafter, NgramIndex
@@ -120,9 +122,10 @@ class HeadsDrafter:
         warnings.warn(why, stacklevel=3)
         return None, why
 
-    def candidates(self, hidden: np.ndarray, root: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k ids [K, k] and log-probs [K, k] for one hidden state [hidden_size] and the
-        round's root token (used by root-conditioned graphs only)."""
+    def candidates(self, hidden: np.ndarray, root: int, heads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ids [n, k] and log-probs [n, k] of the first n = `heads` heads (None: all) for
+        one hidden state [hidden_size] and the round's root token (used by root-conditioned
+        graphs only). Graphs without the `heads` input compute all K and return them all."""
         h = np.asarray(hidden, dtype=np.float32).reshape(1, -1)
         if h.shape[1] != self.hidden_size:
             raise ValueError(
@@ -134,6 +137,8 @@ class HeadsDrafter:
             if not 0 <= root < self.vocab_size:
                 raise ValueError(f"root token {root} is outside the heads' vocabulary of {self.vocab_size}")
             feeds["root"] = np.array([root], dtype=np.int64)
+        if self.takes_heads:
+            feeds["heads"] = np.array([min(heads or self.num_heads, self.num_heads)], dtype=np.int64)
         ids, lps = self.session.run(None, feeds)
         return ids[0], lps[0]
 
@@ -146,7 +151,8 @@ class HeadsDrafter:
             if self._ngram is not None:
                 return self._ngram.propose(context, None, budget)
             return TokenTree.root_only(root)
-        ids, lps = self.candidates(hidden, root)
+        # a tree of `budget` nodes is at most budget - 1 deep: the heads past that would go unused
+        ids, lps = self.candidates(hidden, root, budget - 1)
         if self.mode == "unified":
             return unified_tree(context, ids, lps, budget, self.acceptance, self._index, min_probability)
         if self.mode == "static":
