@@ -175,21 +175,33 @@ def test_device_drafter_runs_without_torch(tmp_path, root_conditioned):
 def test_drafter_computes_only_the_heads_a_budget_can_reach(tmp_path):
     """A tree of b nodes is at most b - 1 deep, so the drafter asks the graph for the first b - 1
     heads; in fp32, where those heads' outputs do not depend on how many run, every tree mode
-    drafts exactly the trees it drafts from all K heads (int8 differs slightly: the activations'
-    quantization scale spans the heads computed)."""
+    drafts exactly the trees that a graph without the `heads` input (an older artifact, which
+    computes all K) gives (int8 differs slightly: the activations' quantization scale spans the
+    heads computed)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
     from device_client.drafters.heads import HeadsDrafter
     from device_client.tree_builders import AcceptanceModel, TreeFeatures
 
-    _write_artifact(tmp_path, export_onnx(_heads(8, dense=40, shared=True), TOPK, tmp_path / "h.onnx"), 8)
+    path = export_onnx(_heads(8, dense=40, shared=True), TOPK, tmp_path / "h.onnx")
     f = TreeFeatures(num_heads=K)
     calibration = AcceptanceModel(f, *(tuple(np.linspace(-1, 1, n)) for n in f.sizes), -0.5)
-    meta = json.loads((tmp_path / "heads.json").read_text())
-    (tmp_path / "heads.json").write_text(json.dumps({**meta, "tree_calibration": calibration.to_json()}))
+    old = tmp_path / "old"  # the same graph as artifacts from before the input: `heads` fixed at K
+    old.mkdir()
+    model = onnx.load(str(path))
+    model.graph.input.remove(next(i for i in model.graph.input if i.name == "heads"))
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["heads"], value=numpy_helper.from_array(np.array([K]))))
+    onnx.save(model, str(old / "h.onnx"))
+    for folder, graph in ((tmp_path, path), (old, old / "h.onnx")):
+        _write_artifact(folder, graph, 8)
+        meta = json.loads((folder / "heads.json").read_text())
+        (folder / "heads.json").write_text(json.dumps({**meta, "tree_calibration": calibration.to_json()}))
     h = np.random.default_rng(0).standard_normal(D).astype(np.float32)
     ctx = [5, 6, 7, 5, 6, 7, 5, 6]
     for mode in ("static", "dynamic", "unified"):
-        few, every = HeadsDrafter(tmp_path, mode, True, 1), HeadsDrafter(tmp_path, mode, True, 1)
-        every.candidates = lambda hidden, root, heads=None, d=every: HeadsDrafter.candidates(d, hidden, root)  # all K
+        few, every = HeadsDrafter(tmp_path, mode, True, 1), HeadsDrafter(old, mode, True, 1)
+        assert few.takes_heads and not every.takes_heads
         asked, run = [], few.session.run
         few.session.run = lambda out, feeds: asked.append(int(feeds["heads"][0])) or run(out, feeds)
         for budget in (2, 3, 4, 8):
