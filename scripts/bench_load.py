@@ -252,7 +252,8 @@ def main(argv=None) -> None:
                 "server-ar run of its own repeat"] if args.repeats > 1 else []),
              pinning,
              f"machine: {platform.processor() or platform.machine()}, shared CPU (noisy); same run, "
-             "a fresh server for every N and method"]
+             + ("one running server for every run (what its budget controller learned carries over)"
+                if args.server else "a fresh server for every N and method")]
     notes += [f"skipped {m}: {why}" for m, why in skipped.items()]
     notes.append("lossless check: " + ("OK, all methods gave identical tokens" if not problems else "; ".join(problems)))
     (out / "table.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")

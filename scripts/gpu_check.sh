@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU check for the batching edge server, on a CUDA machine, in about 5 minutes:
 #   1. the ragged batched forward on CUDA (bf16 and fp32) agrees with the per-session path;
-#   2. the lossless tests against a server on CUDA in fp32 (exact vs fp32 generate() on CUDA);
-#   3. a short load run (bf16, dtype auto) at 1 and 8 clients: server-ar and heads (lock-step
+#   2. a short load run (bf16, dtype auto) at 1 and 8 clients: server-ar and heads (lock-step
 #      and pipelined); 8 clients is the GPU goal (heads >= 2.2x server-ar). Not pinned:
-#      bench_load's default (server on one core) is for a 2-core CPU box;
+#      bench_load's default (server on one core) is for a 2-core CPU box. It runs before the
+#      tests because a lent machine's time is short and this is the number no CPU run gives;
+#   3. the lossless tests against a server on CUDA in fp32 (exact vs fp32 generate() on CUDA);
 #   4. the step cost (scripts/bench_step.py) with the same shapes every step, with the
 #      committed length growing as in live serving, and with idle gaps between steps.
 # On one H200 (2026-11-28) steps 1-2 took 2 min 45 s and the load run ~28 s per (N, method),
@@ -60,13 +61,13 @@ for dtype in (torch.bfloat16, torch.float32):
         raise SystemExit("FAIL: batched and unbatched disagree in fp32")
 PY
 
-step "2/4 lossless tests, server on CUDA fp32"
+step "2/4 short load run on CUDA (bf16)"
+timeout 240 "$PY" scripts/bench_load.py --clients 1 8 --methods server-ar heads heads/pipelined \
+  --max-new-tokens 64 --no-pin --no-plot --out results/gpu_check || STATUS=1
+
+step "3/4 lossless tests, server on CUDA fp32"
 EDGESPEC_TEST_SERVER_ARGS="--device cuda --dtype float32" timeout 170 "$PY" -m pytest -q -x \
   tests/test_lossless.py tests/test_batching.py || STATUS=1
-
-step "3/4 short load run on CUDA (bf16)"
-timeout 200 "$PY" scripts/bench_load.py --clients 1 8 --methods server-ar heads heads/pipelined \
-  --max-new-tokens 48 --no-pin --no-plot --out results/gpu_check || STATUS=1
 
 step "4/4 step cost on CUDA (bf16): fixed shapes, growing shapes, idle gaps between steps"
 timeout 60 "$PY" scripts/bench_step.py --device cuda --past 150 600 --rows 1 8 16 --nodes 1 4 16 \
