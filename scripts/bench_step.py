@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import markdown_table, results_dir, save_json  # noqa: E402
-from edge_server.cli import DTYPES, keep_freed_memory, pick_device, pick_dtype  # noqa: E402
+from edge_server.hardware import DTYPES, keep_freed_memory, pick_device, pick_dtype  # noqa: E402
 from edge_server.kv_cache import KVPool, Row  # noqa: E402
 from edge_server.model_store import load_model  # noqa: E402
 from edge_server.verifier import TargetModel  # noqa: E402

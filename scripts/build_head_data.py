@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from edge_server.cli import pick_dtype
+    from edge_server.hardware import pick_dtype
     from edge_server.model_store import load_model, model_fingerprint
 
     if args.threads:

@@ -79,7 +79,7 @@ def load_split(data_dir: Path, part: str, K: int, limit: int | None = None, dist
 def _has_bf16(device: str) -> bool:
     """bf16 where the hardware has it: an AVX2-only CPU emulates bf16 products, and a training
     step (rank 48, batch 256, 2 threads) took 18.8 s there against 1.3 s in fp32."""
-    from edge_server.cli import pick_dtype
+    from edge_server.hardware import pick_dtype
 
     return pick_dtype("auto", device) == torch.bfloat16
 

@@ -36,7 +36,7 @@ class Served:
 
     fp32: transformers' generate() on the same weights (the server's fp32 steps match it).
     Reduced precision (bf16 by default on a CPU with native bf16, see
-    edge_server.cli.pick_dtype): one-token greedy decoding through the server's own batched
+    edge_server.hardware.pick_dtype): one-token greedy decoding through the server's own batched
     forward, prompt in the server's chunks. There every step's numbers come from the kernels
     that make a tree node bitwise a decoding step (edge_server.kv_cache._query_groups), which
     transformers' bf16 attention does not use, so its greedy text can differ in a near-tie.
