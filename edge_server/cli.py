@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="most a step waits for devices expected back soon (never when all are ready)")
     p.add_argument("--fixed-budget", action="store_true",
                    help="always offer --max-tree-nodes as next_tree_budget (no load-aware speculation)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics over HTTP on --host at this port (0 picks a free one, "
+                        "printed at start; default: off, GetMetrics still has them)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -103,6 +106,8 @@ async def serve(args: argparse.Namespace) -> None:
                         window_ms=args.batch_window_ms, window_max_ms=args.batch_window_max_ms,
                         adaptive_budget=not args.fixed_budget),
     )
+    if args.metrics_port is not None:
+        serve_metrics(service.metrics, args.host, args.metrics_port)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
     rpc.add_EdgeSpecServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
@@ -130,6 +135,17 @@ async def serve(args: argparse.Namespace) -> None:
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     service.shutdown()
+
+
+def serve_metrics(metrics, host: str, port: int) -> None:
+    """Prometheus's HTTP endpoint, on its own thread (prometheus_client's server)."""
+    from prometheus_client import start_http_server
+
+    try:
+        httpd, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as err:
+        raise SystemExit(f"cannot serve metrics on {host}:{port} ({err}); pick another --metrics-port") from None
+    print(f"edge-server metrics on http://{host}:{httpd.server_port}/metrics", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,12 @@
-"""Server-side metrics: per scheduler step and per session, as JSON and Prometheus text.
+"""Server-side metrics: per scheduler step and per session, as JSON and for Prometheus.
 
-Steps are kept in a bounded ring (the load benchmark reads the recent window; counters and
-sums cover the whole run). Everything is updated on the model thread and read from the gRPC
-thread under one lock.
+Two readers with different needs. The load benchmark reads a recent window of steps and
+counters since its last reset (GetMetrics with reset), as JSON. A Prometheus server scrapes
+`--metrics-port` (or reads GetMetrics.prometheus): counters that only grow over the server's
+life, histograms of step time, rows, tokens, queueing and device turnaround, and gauges read at
+scrape time (sessions, KV, the load-aware tree budget). Both come from the same events: the
+counters once, lifetime totals, with the reset only moving the JSON's baseline. Updated on the
+model thread and the gRPC loop, read from the gRPC loop and the scrape thread, under one lock.
 """
 from __future__ import annotations
 
@@ -10,9 +14,27 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+PREFIX = "edgespec"
+# counters: what Prometheus gets as PREFIX_<key>_total; the *_ms sums and device_waits go to it
+# as the histograms' _sum and _count instead
+COUNTER_HELP = dict(
+    steps="scheduler steps (batched forwards)", rows="rows (sessions) over all steps",
+    batch_tokens="tokens over all steps", rounds="verification rounds",
+    accepted_tokens="accepted draft tokens", generated_tokens="generated tokens",
+    sessions_started="sessions admitted", sessions_rejected="sessions refused (backpressure)",
+    sessions_idle_closed="sessions closed for idleness",
+    pipelined_steps="steps of pipelined sessions",
+    pipelined_steps_with_tree="pipelined steps that verified a (re-rooted) device draft")
+_COUNTERS = (*COUNTER_HELP, "verify_ms", "device_wait_ms", "device_waits")
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_POWERS = tuple(float(1 << k) for k in range(12))  # 1 .. 2048
 
 
 @dataclass
@@ -42,33 +64,46 @@ class ServerMetrics:
         self.steps: deque[StepRecord] = deque(maxlen=window)
         self.sessions: dict[str, SessionRecord] = {}
         self.finished: deque[SessionRecord] = deque(maxlen=256)
-        self.counters = dict(steps=0, batch_tokens=0, rows=0, verify_ms=0.0, rounds=0, accepted_tokens=0,
-                             generated_tokens=0, sessions_started=0, sessions_rejected=0,
-                             sessions_idle_closed=0, device_wait_ms=0.0, device_waits=0,
-                             pipelined_steps=0, pipelined_steps_with_tree=0)
+        self._totals = dict.fromkeys(_COUNTERS, 0.0)  # over the server's life
+        self._baseline = dict(self._totals)  # the totals at the last reset (the JSON counts from there)
         self.device_waits: deque[float] = deque(maxlen=window)
         self.started = time.monotonic()
+        self.status: Callable[[], dict] = dict  # the live gauges (sessions, KV, budget); the service sets it
+        self.registry = CollectorRegistry()
+        self.registry.register(_Live(self))
+
+        def histogram(name: str, help_: str, buckets: tuple) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", help_, buckets=buckets, registry=self.registry)
+        self._step_seconds = histogram("step_seconds", "a scheduler step: forward, acceptance and KV commit",
+                                       _SECONDS)
+        self._step_rows = histogram("step_rows", "rows (sessions) in a step", _POWERS)
+        self._step_tokens = histogram("step_tokens", "tokens in a step (trees, decoding steps, prefill)", _POWERS)
+        self._queue_seconds = histogram("step_queue_seconds", "mean wait of a step's rows since they were ready",
+                                        _SECONDS)
+        self._device_wait_seconds = histogram(
+            "device_wait_seconds", "a lock-step verdict sent -> that device's next draft in (link + drafting)",
+            _SECONDS)
 
     def step(self, rec: StepRecord) -> None:
         with self._lock:
             self.steps.append(rec)
-            c = self.counters
-            c["steps"] += 1
-            c["batch_tokens"] += rec.batch_tokens
-            c["rows"] += rec.batch_size
-            c["verify_ms"] += rec.verify_ms
+            self._add(steps=1, batch_tokens=rec.batch_tokens, rows=rec.batch_size, verify_ms=rec.verify_ms)
+        self._step_seconds.observe(rec.verify_ms / 1e3)
+        self._step_rows.observe(rec.batch_size)
+        self._step_tokens.observe(rec.batch_tokens)
+        self._queue_seconds.observe(rec.queue_ms_mean / 1e3)
 
     def device_wait(self, ms: float) -> None:
         """Time from sending a verdict to receiving that device's next draft (network + drafting)."""
         with self._lock:
             self.device_waits.append(ms)
-            self.counters["device_wait_ms"] += ms
-            self.counters["device_waits"] += 1
+            self._add(device_wait_ms=ms, device_waits=1)
+        self._device_wait_seconds.observe(ms / 1e3)
 
     def session_open(self, sid: str, mode: str) -> None:
         with self._lock:
             self.sessions[sid] = SessionRecord(sid, mode)
-            self.counters["sessions_started"] += 1
+            self._add(sessions_started=1)
 
     def session_round(self, sid: str, tree_tokens: int, accepted: int, generated: int) -> None:
         with self._lock:
@@ -79,9 +114,15 @@ class ServerMetrics:
             rec.tree_tokens += tree_tokens
             rec.accepted_tokens += accepted
             rec.generated_tokens += generated
-            self.counters["rounds"] += 1
-            self.counters["accepted_tokens"] += accepted
-            self.counters["generated_tokens"] += generated
+            self._add(rounds=1, accepted_tokens=accepted, generated_tokens=generated)
+
+    def session_prefilled(self, sid: str, generated: int) -> None:
+        """The prompt is in: its last position's logits gave the first token."""
+        with self._lock:
+            rec = self.sessions.get(sid)
+            if rec is not None:
+                rec.generated_tokens += generated
+                self._add(generated_tokens=generated)
 
     def session_budget(self, sid: str, budget: int) -> None:
         with self._lock:
@@ -97,22 +138,34 @@ class ServerMetrics:
 
     def count(self, key: str, n: int = 1) -> None:
         with self._lock:
-            self.counters[key] += n
+            self._add(**{key: n})
+
+    def _add(self, **amounts: float) -> None:
+        for key, n in amounts.items():
+            self._totals[key] += n
+
+    def totals(self) -> dict[str, float]:
+        """Counters over the server's life (what Prometheus sees)."""
+        with self._lock:
+            return dict(self._totals)
 
     def reset(self) -> None:
+        """Starts the JSON's window and counters afresh; Prometheus's counters keep growing."""
         with self._lock:
             self.steps.clear()
             self.device_waits.clear()
             self.finished.clear()
-            for key in self.counters:
-                self.counters[key] = 0
+            self._baseline = dict(self._totals)
             self.started = time.monotonic()
 
     def snapshot(self, extra: dict | None = None) -> dict:
         with self._lock:
             steps = list(self.steps)
             waits = list(self.device_waits)
-            out = dict(counters=dict(self.counters), uptime_s=time.monotonic() - self.started,
+            counters = {k: v - self._baseline[k] for k, v in self._totals.items()}
+            out = dict(counters={k: (int(v) if k not in ("verify_ms", "device_wait_ms") else v)
+                                 for k, v in counters.items()},
+                       uptime_s=time.monotonic() - self.started,
                        sessions=[asdict(s) for s in self.sessions.values()],
                        finished_sessions=[asdict(s) for s in self.finished])
 
@@ -135,42 +188,34 @@ class ServerMetrics:
     def to_json(self, extra: dict | None = None) -> str:
         return json.dumps(self.snapshot(extra))
 
+    def prometheus_text(self) -> str:
+        """The text exposition a scrape of --metrics-port returns."""
+        return generate_latest(self.registry).decode()
 
-def render_prometheus(snapshot: dict, prefix: str = "edgespec") -> str:
-    """Prometheus text exposition (0.0.4) of a snapshot: counters, gauges and window summaries."""
-    lines: list[str] = []
 
-    def emit(name: str, kind: str, value, help_: str, labels: str = "") -> None:
-        full = f"{prefix}_{name}"
-        if not any(line.startswith(f"# TYPE {full} ") for line in lines):
-            lines.append(f"# HELP {full} {help_}")
-            lines.append(f"# TYPE {full} {kind}")
-        lines.append(f"{full}{labels} {float(value):.6g}")
+class _Live:
+    """The counters and the gauges, read when Prometheus scrapes (the histograms register themselves)."""
 
-    helps = dict(steps="scheduler steps (batched forwards)", batch_tokens="tokens over all steps",
-                 rows="rows over all steps", verify_ms="milliseconds spent in steps",
-                 rounds="verification rounds", accepted_tokens="accepted draft tokens",
-                 generated_tokens="generated tokens", sessions_started="sessions admitted",
-                 sessions_rejected="sessions refused (backpressure)",
-                 sessions_idle_closed="sessions closed for idleness",
-                 pipelined_steps="steps of pipelined sessions",
-                 pipelined_steps_with_tree="pipelined steps that verified a (re-rooted) device draft")
-    for key, value in snapshot.get("counters", {}).items():
-        emit(f"{key}_total", "counter", value, helps.get(key, key))
-    for key in ("active_sessions", "kv_used_tokens", "kv_budget_tokens", "queued_prefill_tokens"):
-        if key in snapshot:
-            emit(key, "gauge", snapshot[key], key.replace("_", " "))
-    for key, stats in snapshot.get("window", {}).items():
-        if isinstance(stats, dict):
-            for q in ("p50", "p95"):
-                emit(f"step_{key}", "summary", stats[q], f"per-step {key} over the recent window",
-                     f'{{quantile="{0.5 if q == "p50" else 0.95}"}}')
-    budget = snapshot.get("budget")
-    if budget:
-        emit("tree_budget", "gauge", budget["level"], "tree budget the verdicts hand out now (load-aware)")
-        emit("node_price", "gauge", budget["min_node_probability"], "the chance of acceptance below which a "
-             "tree node costs more than it yields at the current load (Verdict.min_node_probability)")
-        for level, tokens in budget.get("tokens_per_round", {}).items():
-            emit("tokens_per_round", "gauge", tokens, "tokens a round of this tree budget yields, learned from "
-                 "which node indices recent rounds accepted", f'{{budget="{level}"}}')
-    return "\n".join(lines) + "\n"
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        totals = self.metrics.totals()
+        for key, help_ in COUNTER_HELP.items():
+            yield CounterMetricFamily(f"{PREFIX}_{key}", help_, value=totals[key])
+        status = self.metrics.status()
+        for key in ("active_sessions", "kv_used_tokens", "kv_budget_tokens", "queued_prefill_tokens"):
+            if key in status:
+                yield GaugeMetricFamily(f"{PREFIX}_{key}", key.replace("_", " "), value=status[key])
+        budget = status.get("budget")
+        if budget:
+            yield GaugeMetricFamily(f"{PREFIX}_tree_budget", "tree budget the verdicts hand out now (load-aware)",
+                                    value=budget["level"])
+            yield GaugeMetricFamily(
+                f"{PREFIX}_node_price", "the chance of acceptance below which a tree node costs more than it "
+                "yields at the current load (Verdict.min_node_probability)", value=budget["min_node_probability"])
+            rounds = GaugeMetricFamily(f"{PREFIX}_tokens_per_round", "tokens a round of this tree budget yields, "
+                                       "learned from which node indices recent rounds accepted", labels=["budget"])
+            for level, tokens in budget.get("tokens_per_round", {}).items():
+                rounds.add_metric([str(level)], tokens)
+            yield rounds

@@ -363,7 +363,9 @@ class Scheduler:
                 if it.pipelined:
                     self.metrics.count("pipelined_steps")
                     self.metrics.count("pipelined_steps_with_tree", int(len(it.tree) > 1))
-                if not it.prefill:
+                if it.prefill:
+                    self.metrics.session_prefilled(it.session.id, len(res.tokens))
+                else:
                     self.metrics.session_round(it.session.id, len(it.tree), res.accepted, len(res.tokens))
                 info = StepInfo(queue_ms, compute_ms, len(rows), n_tokens)
                 if res.finish != pb.FINISH_NONE:

@@ -18,7 +18,7 @@ import numpy as np
 
 from edge_server.artifacts import ArtifactStore
 from edge_server.kv_cache import KVBudgetError, KVPool
-from edge_server.metrics import ServerMetrics, render_prometheus
+from edge_server.metrics import ServerMetrics
 from edge_server.sampling import Sampling, check_sampling
 from edge_server.scheduler import Scheduler, SchedulerConfig, StepInfo
 from edge_server.session import RoundResult, Session
@@ -76,6 +76,11 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         self.scheduler = Scheduler(target, self.pool, scheduler_config or SchedulerConfig(),
                                    limits.max_tree_nodes, self.metrics)
         self.sessions: dict[str, Session] = {}
+        self.metrics.status = self.status
+
+    def status(self) -> dict:
+        """The live state the metrics report: sessions, KV use, queued prefill, the budget."""
+        return dict(active_sessions=len(self.sessions), **self.scheduler.status())
 
     def shutdown(self) -> None:
         self.scheduler.stop()
@@ -94,12 +99,12 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         )
 
     async def GetMetrics(self, request, context) -> pb.ServerMetrics:
-        status = self.scheduler.status()
-        snap = self.metrics.snapshot(dict(active_sessions=len(self.sessions), **status))
+        status = self.status()
+        snap = self.metrics.snapshot(status)
         if request.reset:
             self.metrics.reset()
-        return pb.ServerMetrics(json=json.dumps(snap), prometheus=render_prometheus(snap),
-                                active_sessions=len(self.sessions), kv_used_tokens=status["kv_used_tokens"],
+        return pb.ServerMetrics(json=json.dumps(snap), prometheus=self.metrics.prometheus_text(),
+                                active_sessions=status["active_sessions"], kv_used_tokens=status["kv_used_tokens"],
                                 kv_budget_tokens=status["kv_budget_tokens"])
 
     async def FetchArtifact(self, request, context) -> AsyncIterator[pb.ArtifactChunk]:

@@ -112,7 +112,7 @@ def server():
     # --threads 1: the benchmarks' server, whose fp32 products run on MLAS (edge_server.verifier);
     # the in-process tests cover the several-thread products
     srv = ServerProcess(["--log-level", "WARNING", "--max-tree-nodes", "64", "--max-new-tokens", "512",
-                         "--max-sessions", "16", "--fixed-budget", "--threads", "1",
+                         "--max-sessions", "16", "--fixed-budget", "--threads", "1", "--metrics-port", "0",
                          # e.g. "--device cuda --dtype float32" (scripts/gpu_check.sh)
                          *shlex.split(os.environ.get("EDGESPEC_TEST_SERVER_ARGS", ""))])
     yield srv

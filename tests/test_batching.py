@@ -138,6 +138,36 @@ def test_adaptive_budgets_are_lossless_and_learn_node_acceptance(loaded, client)
         assert 0.0 <= budget["min_node_probability"] <= 1.0 and "edgespec_node_price " in prometheus
 
 
+def test_prometheus_scrape_counts_what_the_server_did(server, client):
+    """--metrics-port serves counters, histograms and gauges over HTTP for a Prometheus server;
+    they agree with GetMetrics, and its counters only grow: a GetMetrics reset restarts the
+    JSON's window and counters alone."""
+    import json
+    import re
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(text: str) -> dict:
+        return {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    url = next(m.group(1) for line in server.log if (m := re.search(r"metrics on (http://\S+)", line)))
+    stub, info, tok = client
+    rec = generate(stub, Request(tok.chat_ids(PROMPTS[0]), max_new_tokens=8), NoDrafter(), info.tokenizer_fingerprint)
+    before = samples(urllib.request.urlopen(url, timeout=10).read().decode())
+    reply = stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=10)
+    counters = json.loads(reply.json)["counters"]  # since the server started: nothing reset them before
+    assert before["edgespec_generated_tokens_total"] == counters["generated_tokens"] >= len(rec.token_ids)
+    assert before["edgespec_steps_total"] == before["edgespec_step_seconds_count"] == counters["steps"]
+    assert before["edgespec_step_tokens_sum"] == counters["batch_tokens"]
+    assert samples(reply.prometheus)["edgespec_generated_tokens_total"] == counters["generated_tokens"]
+    after = samples(urllib.request.urlopen(url, timeout=10).read().decode())
+    assert after["edgespec_generated_tokens_total"] == before["edgespec_generated_tokens_total"]
+    assert json.loads(stub.GetMetrics(pb.MetricsRequest(), timeout=10).json)["counters"]["generated_tokens"] == 0
+    assert after["edgespec_kv_budget_tokens"] > 0 and after["edgespec_tree_budget"] == info.max_tree_nodes
+
+
 def _metrics(stub):
     import json
     return json.loads(stub.GetMetrics(pb.MetricsRequest(), timeout=10).json)
