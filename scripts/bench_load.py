@@ -247,7 +247,9 @@ def main(argv=None) -> None:
     spread = f" x (1 ± {args.length_spread:g}) per request" if args.length_spread else ""
     notes = [f"max_new_tokens={args.max_new_tokens}{spread} (ignore_eos), requests/client={args.requests}, "
              f"untimed warm-up of {args.warmup_tokens} tokens per client before each run, "
-             f"device tree budget cap={args.tree_budget}, server args: {' '.join(server_args) or '(defaults)'}",
+             f"device tree budget cap={args.tree_budget}, "
+             + (f"server {args.server} (its own flags)" if args.server
+                else f"server args: {' '.join(server_args) or '(defaults)'}"),
              *([f"{args.repeats} repeats, methods interleaved; medians over repeats, each run divided by the "
                 "server-ar run of its own repeat"] if args.repeats > 1 else []),
              pinning,
