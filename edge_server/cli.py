@@ -7,10 +7,14 @@ import logging
 import os
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from edge_server.hardware import DTYPES, keep_freed_memory, pick_device, pick_dtype
+
+if TYPE_CHECKING:
+    from edge_server.metrics import ServerMetrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,7 +141,7 @@ async def serve(args: argparse.Namespace) -> None:
     service.shutdown()
 
 
-def serve_metrics(metrics, host: str, port: int) -> None:
+def serve_metrics(metrics: ServerMetrics, host: str, port: int) -> None:
     """Prometheus's HTTP endpoint, on its own thread (prometheus_client's server)."""
     from prometheus_client import start_http_server
 
