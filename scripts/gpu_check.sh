@@ -8,8 +8,10 @@
 #   3. the lossless tests against a server on CUDA in fp32 (exact vs fp32 generate() on CUDA);
 #   4. the step cost (scripts/bench_step.py) with the same shapes every step, with the
 #      committed length growing as in live serving, and with idle gaps between steps.
-# On one H200 (2026-11-28) steps 1-2 took 2 min 45 s and the load run ~28 s per (N, method),
-# (a fresh server, two warm-up rounds, the run): keep step 3 to a handful of runs.
+# On one H200 (2026-11-28) the batched check and the tests (steps 1 and 3) took 2 min 45 s and
+# the load run ~28 s per (N, method) (a fresh server, two warm-up rounds, the run): keep step 2
+# to a handful of runs. A lent machine without network needs the embedded GGUF and the pinned
+# wheels carried in (see the closing notes of issue 4).
 # Usage: scripts/gpu_check.sh            (PY=/path/to/python to pick the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
