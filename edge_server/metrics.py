@@ -64,7 +64,7 @@ class ServerMetrics:
         self.steps: deque[StepRecord] = deque(maxlen=window)
         self.sessions: dict[str, SessionRecord] = {}
         self.finished: deque[SessionRecord] = deque(maxlen=256)
-        self._totals = dict.fromkeys(_COUNTERS, 0.0)  # over the server's life
+        self._totals = {k: 0.0 if k.endswith("_ms") else 0 for k in _COUNTERS}  # over the server's life
         self._baseline = dict(self._totals)  # the totals at the last reset (the JSON counts from there)
         self.device_waits: deque[float] = deque(maxlen=window)
         self.started = time.monotonic()
@@ -162,9 +162,7 @@ class ServerMetrics:
         with self._lock:
             steps = list(self.steps)
             waits = list(self.device_waits)
-            counters = {k: v - self._baseline[k] for k, v in self._totals.items()}
-            out = dict(counters={k: (int(v) if k not in ("verify_ms", "device_wait_ms") else v)
-                                 for k, v in counters.items()},
+            out = dict(counters={k: v - self._baseline[k] for k, v in self._totals.items()},
                        uptime_s=time.monotonic() - self.started,
                        sessions=[asdict(s) for s in self.sessions.values()],
                        finished_sessions=[asdict(s) for s in self.finished])
