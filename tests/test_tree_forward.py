@@ -170,3 +170,38 @@ def test_cpu_products_give_each_row_the_same_bits_in_any_batch(dtype, threads):
             for first in (0, 17 - n):
                 rows = layer(x[None, first:first + n])[0]
                 assert torch.equal(rows, reference[first:first + n]), (n, first)
+
+
+class _Block(nn.Module):
+    """The sibling projections of a Llama-style layer, as fit_cpu_products finds them."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(576, n, bias=bias) for n in (576, 192, 192))
+        self.gate_proj, self.up_proj = nn.Linear(576, 1536, bias=bias), nn.Linear(576, 1536, bias=bias)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sibling_projections_share_one_product_bit_for_bit(bias):
+    """On one fp32 thread q/k/v and gate/up run as one product each (edge_server.verifier.
+    _SiblingProducts): every member must still give its own product's bits, whichever input
+    it is called on and in whatever order, and keep its own weights."""
+    torch.manual_seed(0)
+    block = _Block(bias)
+    names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    weights = {n: getattr(block, n).weight.detach().clone() for n in names}
+    alone = {n: nn.Linear(576, getattr(block, n).out_features, bias=bias) for n in names}
+    for n in names:
+        alone[n].load_state_dict(getattr(block, n).state_dict())
+        fit_cpu_products(alone[n], threads=1)
+    fit_cpu_products(block, threads=1)
+    with torch.inference_mode():
+        for rows in (1, 2, 5, 16):
+            x, other = torch.randn(1, rows, 576), torch.randn(1, rows, 576)
+            for n in names:  # the order a layer calls them in
+                assert torch.equal(getattr(block, n)(x), alone[n](x)), (n, rows)
+            assert torch.equal(block.k_proj(other), alone["k_proj"](other))  # another input
+            assert torch.equal(block.v_proj(x), alone["v_proj"](x))  # and back, out of order
+            assert torch.equal(block.q_proj(x), alone["q_proj"](x))
+    for n in names:
+        assert torch.equal(getattr(block, n).weight, weights[n]), n
