@@ -106,8 +106,9 @@ def fit_cpu_products(model: nn.Module, threads: int | None = None) -> None:
     one does (LM head 7.4 vs 7.6 ms).
 
     fp32 on one thread (the load benchmark's server, `--threads 1`): every product goes through
-    MLAS (_OnnxRuntimeLinear), a layer's q/k/v and gate/up as one product each (_SiblingProducts). On an AVX2 core it streams the weights for a few rows nearly as
-    fast as for one, where oneDNN's and MKL's skinny products are compute-bound from ~4 rows:
+    MLAS (_OnnxRuntimeLinear), a layer's q/k/v and gate/up as one product each
+    (_SiblingProducts). On an AVX2 core it streams the weights for a few rows nearly as fast as
+    for one, where oneDNN's and MKL's skinny products are compute-bound from ~4 rows:
     all of SmolLM2-135M's products (LM head excluded) for 1 / 2 / 4 / 8 / 16 rows took 44-60 /
     46-65 / 51-80 / 65-93 / 89-137 ms against 70 (MKL) / 84 / 85 / 110 / 121 (oneDNN packed),
     and one session's step in the server (interleaved in one process, 200 positions) costs
@@ -146,11 +147,12 @@ class _SiblingProducts:
     On one AVX2 core, with SmolLM2-135M's shapes, q/k/v took 131 against 254 us a layer for one
     row and 300 against 427 us for 16; gate/up 252 against 289 (1 row) and 699 against 766 (8);
     whole steps at 150 positions (paired, alternating in one process) cost 0.93-0.96x for one
-    session, 0.95-0.98x for four 2-node trees and 0.96-1.01x for eight rows. Each member's slice is bitwise its own product (a column's sum does not depend on the
-    columns beside it; checked from 1 to 16 rows), so nothing downstream changes. The members'
-    weights become views into the stacked one: no second copy. The layer calls its members
-    one after another on the same tensor; the product is kept from the first call to the
-    last, and a member called on another input computes the product for that input."""
+    session, 0.95-0.98x for four 2-node trees and 0.96-1.01x for eight rows. Each member's
+    slice is bitwise its own product (a column's sum does not depend on the columns beside it;
+    checked from 1 to 16 rows), so nothing downstream changes. The members' weights become
+    views into the stacked one: no second copy. The layer calls its members one after another
+    on the same tensor, on the one thread that runs the model; the product is kept from the
+    first call to the last, and a member called on another input computes it for that input."""
 
     def __init__(self, members: list[nn.Linear]):
         weight = torch.cat([m.weight.detach() for m in members])
