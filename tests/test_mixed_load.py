@@ -9,7 +9,6 @@ no session and no KV held.
 from __future__ import annotations
 
 import os
-import queue
 import random
 import shlex
 import threading
@@ -23,7 +22,7 @@ from device_client.session import Request, generate
 from shared.protocol import pb, rpc
 
 from conftest import PROMPTS
-from test_batching import _wait_for
+from test_batching import _Stream, _wait_for
 
 WORKERS, ACTIONS, LONGEST = 6, 4, 24
 
@@ -87,19 +86,18 @@ class _Worker:
                                  f"!= {self.references[p][:n]}")
         self._count(f"good {mode}")
 
-    def _stream(self, stub, p: int, mode: int, budget: int):
-        up: queue.Queue = queue.Queue()
-        up.put(pb.ClientMessage(start=pb.Start(
+    def _stream(self, stub, p: int, mode: int, budget: int) -> _Stream:
+        return _Stream(stub, pb.ClientMessage(start=pb.Start(
             prompt_token_ids=self.prompts[p], max_new_tokens=LONGEST, ignore_eos=True, mode=mode,
             tokenizer_fingerprint=self.info.tokenizer_fingerprint, tree_budget=budget, want_hidden_state=True)))
-        return up, stub.Generate(iter(up.get, None), timeout=120)
 
     def leave(self, stub, drafters) -> None:
         """Starts a session and goes away after a few verdicts: Cancel, or the stream dropped."""
         p, after = self.rng.randrange(len(self.prompts)), self.rng.randint(0, 3)
         mode = self.rng.choice([pb.MODE_SPECULATIVE, pb.MODE_PIPELINED, pb.MODE_SERVER_AR])
         cancel = self.rng.random() < 0.5
-        up, replies = self._stream(stub, p, mode, 4)
+        stream = self._stream(stub, p, mode, 4)
+        replies = stream.replies
         try:
             for seen, msg in enumerate(replies):
                 verdict = msg.started.first if msg.HasField("started") else msg.verdict
@@ -107,12 +105,12 @@ class _Worker:
                     break
                 if seen >= after:
                     if cancel:
-                        up.put(pb.ClientMessage(cancel=pb.Cancel()))
+                        stream.send(pb.ClientMessage(cancel=pb.Cancel()))
                     else:
                         replies.cancel()
                     break
                 if mode == pb.MODE_SPECULATIVE and verdict.next_tree_budget > 1:  # a one-node guess
-                    up.put(pb.ClientMessage(draft=pb.Draft(round=verdict.round + 1, tokens=[5], parents=[0])))
+                    stream.send(pb.ClientMessage(draft=pb.Draft(round=verdict.round + 1, tokens=[5], parents=[0])))
             for _ in replies:
                 pass
             self._count("cancelled" if cancel else "dropped")
@@ -122,7 +120,7 @@ class _Worker:
             else:
                 self._count("refused" if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "dropped")
         finally:
-            up.put(None)
+            stream.close()
 
     BAD_TREES = [([10**6], [0]), ([5, 6], [2, 0]), ([5, 5], [0, 0])]  # out of range, not topological, twins
 
@@ -131,7 +129,8 @@ class _Worker:
         p, after = self.rng.randrange(len(self.prompts)), self.rng.randint(0, 2)
         mode = self.rng.choice([pb.MODE_SPECULATIVE, pb.MODE_PIPELINED])
         tokens, parents = self.rng.choice(self.BAD_TREES)
-        up, replies = self._stream(stub, p, mode, 8)
+        stream = self._stream(stub, p, mode, 8)
+        replies = stream.replies
         try:
             sent = 0
             for msg in replies:
@@ -140,7 +139,7 @@ class _Worker:
                         mode == pb.MODE_PIPELINED or verdict.next_tree_budget > 1):
                     continue
                 bad = sent >= after
-                up.put(pb.ClientMessage(draft=pb.Draft(round=verdict.round + 1, tokens=tokens if bad else [],
+                stream.send(pb.ClientMessage(draft=pb.Draft(round=verdict.round + 1, tokens=tokens if bad else [],
                                                        parents=parents if bad else [])))
                 sent += 1
             self._count("bad tree not reached")  # finished (or decoded alone) before the bad tree
@@ -152,7 +151,7 @@ class _Worker:
             else:
                 self._count("bad tree refused")
         finally:
-            up.put(None)
+            stream.close()
 
 
 def test_misbehaving_devices_do_not_disturb_the_others(busy_server):
