@@ -151,16 +151,17 @@ class Row:
     positions: list[int]
     visible: np.ndarray | None = None
     logit_rows: list[int] = field(default_factory=list)  # rows (within this row) that need logits
+    greedy: bool = False  # only the argmax of those logits is needed (TargetModel.forward_rows)
     # filled by the batch
     start: int = 0
     mask: torch.Tensor | None = None
 
     @classmethod
-    def for_tree(cls, slot: Slot, past: int, tree: TokenTree) -> "Row":
+    def for_tree(cls, slot: Slot, past: int, tree: TokenTree, greedy: bool = False) -> "Row":
         """A tree verified after `past` committed positions, logits at every node (a one-node
         tree is a decoding step)."""
         return cls(slot, past, list(tree.tokens), [past + d for d in tree.depths],
-                   tree.ancestor_mask() if len(tree) > 1 else None, list(range(len(tree))))
+                   tree.ancestor_mask() if len(tree) > 1 else None, list(range(len(tree))), greedy)
 
     @property
     def n(self) -> int:

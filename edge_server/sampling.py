@@ -54,8 +54,9 @@ def processed_probs(logits: torch.Tensor, params: Sampling) -> torch.Tensor:
 
 
 def choose_tokens(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> list[int]:
-    """The target's token after each of the n nodes ([n, V] logits)."""
+    """The target's token after each of the n nodes: from [n, V] logits, or, greedy, [n] tokens
+    the target already chose (TargetModel.forward_rows for greedy rows)."""
     if params.greedy:
-        return logits.argmax(dim=-1).tolist()
+        return (logits.argmax(dim=-1) if logits.is_floating_point() else logits).tolist()
     probs = processed_probs(logits, params)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).tolist()

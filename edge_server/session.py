@@ -119,7 +119,7 @@ class Session:
         chunk = self.prompt_ids[self.prefilled:self.prefilled + max_tokens]
         last = self.prefilled + len(chunk) == len(self.prompt_ids)
         return Row(self.slot, self.prefilled, chunk, list(range(self.prefilled, self.prefilled + len(chunk))),
-                   None, [len(chunk) - 1] if last else [])
+                   None, [len(chunk) - 1] if last else [], self.params.greedy)
 
     def after_prefill_row(self, row: Row, logits: torch.Tensor, hidden: torch.Tensor, max_context: int,
                           started: float) -> RoundResult | None:
@@ -131,7 +131,7 @@ class Session:
         return self._after_prompt(logits, hidden[-1], max_context, started)
 
     def tree_row(self, tree: TokenTree) -> Row:
-        return Row.for_tree(self.slot, self.committed, tree)
+        return Row.for_tree(self.slot, self.committed, tree, self.params.greedy)
 
     def after_tree_row(self, tree: TokenTree, logits: torch.Tensor, hidden: torch.Tensor, max_context: int,
                        started: float) -> RoundResult:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from edge_server.greedy_head import ScreenedArgmax, outlier_channels
 from edge_server.kv_cache import ATTN_NAME, RaggedBatch, RaggedCache, Row
 from shared.tree import TokenTree
 
@@ -205,12 +206,27 @@ class TargetModel:
         cfg = getattr(model.config, "text_config", None) or model.config
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.num_layers = int(cfg.num_hidden_layers)
+        self.screened_head = self._screened_head()
+
+    @torch.inference_mode()
+    def _screened_head(self) -> ScreenedArgmax | None:
+        """Greedy rows' argmax through an int8 screen (edge_server.greedy_head) where it applies:
+        an fp32 LM head on a CPU, without bias or logit softcapping (whose tanh can make logits
+        equal that the screen tells apart). Its exact channels are the hidden state's largest
+        after a forward over fixed pseudo-random tokens: outlier channels belong to the model,
+        not the text (calibrating on a prompt's generation instead chose as well)."""
+        head = self.lm_head
+        if (self.device.type != "cpu" or head.weight.dtype != torch.float32
+                or getattr(head, "bias", None) is not None or self.softcap):
+            return None
+        ids = torch.randint(self.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+        return ScreenedArgmax(head.weight, outlier_channels(self.base(input_ids=ids).last_hidden_state[0]))
 
     @torch.inference_mode()
     def forward_rows(self, rows: list[Row]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """One forward over a ragged batch of rows (trees, prefill chunks, decode steps), each over
-        its own KV slot. Returns per row: float32 logits at its `logit_rows`, and the final hidden
-        state at every one of its tokens."""
+        its own KV slot. Returns per row: float32 logits at its `logit_rows` (a greedy row: the
+        argmax token at each, int64), and the final hidden state at every one of its tokens."""
         batch = RaggedBatch(rows, self.dtype, self.device)
         ids = torch.tensor([[t for r in rows for t in r.tokens]], device=self.device)
         pos = torch.tensor([[p for r in rows for p in r.positions]], device=self.device)
@@ -226,16 +242,28 @@ class TargetModel:
         finally:
             cfg._attn_implementation = previous
         hidden = out.last_hidden_state[0]
-        want = [r.start + i for r in rows for i in r.logit_rows]
-        logits = self.lm_head(hidden[want]).float() if want else hidden.new_zeros(0, self.vocab_size)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        per_row_logits, per_row_hidden, k = [], [], 0
+        return self._next_token_scores(rows, hidden), [hidden[r.start:r.start + r.n] for r in rows]
+
+    def _next_token_scores(self, rows: list[Row], hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Per row: the logits at its logit_rows, or a greedy row's argmax tokens, computed for
+        all greedy rows together (one screen) and all others together (one product)."""
+        greedy = [r.start + i for r in rows if r.greedy for i in r.logit_rows]
+        other = [r.start + i for r in rows if not r.greedy for i in r.logit_rows]
+        scores = {True: self._greedy_tokens(hidden[greedy]) if greedy else torch.zeros(0, dtype=torch.long),
+                  False: self._logits(hidden[other]) if other else hidden.new_zeros(0, self.vocab_size)}
+        taken, per_row = {True: 0, False: 0}, []
         for r in rows:
-            per_row_logits.append(logits[k:k + len(r.logit_rows)])
-            k += len(r.logit_rows)
-            per_row_hidden.append(hidden[r.start:r.start + r.n])
-        return per_row_logits, per_row_hidden
+            k = taken[r.greedy]
+            per_row.append(scores[r.greedy][k:k + len(r.logit_rows)])
+            taken[r.greedy] = k + len(r.logit_rows)
+        return per_row
+
+    def _logits(self, states: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(states).float()
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+    def _greedy_tokens(self, states: torch.Tensor) -> torch.Tensor:
+        return self.screened_head(states) if self.screened_head else self._logits(states).argmax(dim=-1)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache()

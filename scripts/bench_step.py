@@ -91,7 +91,7 @@ class Bench:
         for i in range(args.warmup + args.reps):
             time.sleep(args.gap_ms / 1e3)
             at = past + (i if args.grow else 0)
-            rows = [Row.for_tree(s, at, tree) for s in slots]
+            rows = [Row.for_tree(s, at, tree, greedy=True) for s in slots]
             self._sync()
             start = time.perf_counter()
             self.target.forward_rows(rows)

@@ -1,0 +1,155 @@
+"""The greedy token after a hidden state without the LM head's whole fp32 product.
+
+A greedy row needs one number from the LM head: the index of its largest logit. On a CPU the
+fp32 product over the vocabulary (49,152 x 576 for SmolLM2) costs 9-20 ms for 1-16 rows, most
+of it streaming the weight. ScreenedArgmax streams an int8 copy instead (onnxruntime's
+MatMulInteger, a quarter of the bytes) to get every logit approximately, with a bound on each
+approximation's error that holds for any input, and then computes in fp32 only the logits of
+the tokens whose bound reaches the best lower bound. On the embedded model a row keeps a
+median of 2 such candidates (99th percentile 25).
+
+Why the result is the fp32 argmax. For token j let L_j be the exact logit, M_j any fp32
+evaluation of it (|M_j - L_j| <= gamma_d * |W_j| |x|, whatever the summation order), and A_j
+the int8 approximation with |A_j - M_j| <= B_j. A token outside the candidates has
+A_j + B_j < max_k (A_k - B_k), so its M_j is below some candidate's M_k whichever fp32
+evaluation is used, and the first candidate with the largest recomputed logit is the argmax
+(first index on ties, as torch's) of one fp32 evaluation of all logits: the same standing as
+the full product, which is also only one of the possible fp32 evaluations.
+
+The bound. Weights are quantized per vocabulary row to 8 bits (W = What + E); a hidden state
+is quantized per row in two passes, the second quantizing the first pass's residual (x = xhat
++ d), so the activations' error is 1/254 of one pass's (one pass left a median of 39
+candidates, 99th percentile 38,574: the hidden state's outlier channels set a coarse scale).
+Then L_j - What_j . xhat = E_j . x + What_j . d, bounded by Cauchy-Schwarz with norms kept from
+load, and A_j is What_j . xhat evaluated in float64 from exact int32 sums. Unsigned weights and
+activations (zero points 128) keep MLAS's AVX2 kernel exact: its signed-weight kernel can
+saturate 16-bit pair sums.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+ZERO = 128  # zero point of the unsigned codes: code = value / scale + 128
+SAFETY = 1.0 + 1e-6  # slack over the rounding of the bound's own arithmetic (a few units)
+UNIT = 2.0 ** -24  # fp32 unit roundoff
+
+
+class ScreenedArgmax:
+    """argmax(x @ W.T) for fp32 rows x, exact (see the module's docstring). `exact_channels`:
+    the hidden state's outlier channels, multiplied in fp32 and left out of the int8 product.
+    One thread: the session runs on the caller's thread, the model's."""
+
+    def __init__(self, weight: torch.Tensor, exact_channels: torch.Tensor):
+        self.weight = weight.detach()
+        self.vocab, dim = self.weight.shape
+        self.exact = exact_channels.sort().values
+        self.rest = torch.from_numpy(np.setdiff1d(np.arange(dim), self.exact.numpy()))
+        codes = torch.empty(len(self.rest), self.vocab, dtype=torch.uint8)  # MatMulInteger's B
+        self.scale = torch.empty(self.vocab)
+        self.coeffs = torch.empty(3, self.vocab)  # see bound
+        gamma = dim * UNIT / (1 - dim * UNIT)
+        for rows in torch.arange(self.vocab).split(4096):  # float64 a block at a time
+            w = self.weight[rows].to(torch.float64)
+            scale = _float32_steps(w[:, self.rest].abs().amax(dim=1) / 127)
+            q = torch.round(w[:, self.rest] / scale[:, None]).clamp_(-127, 127)
+            dequantized = q * scale[:, None]
+            codes[:, rows] = (q + ZERO).to(torch.uint8).t()
+            self.scale[rows] = scale.float()
+            # B_j = |x_rest| |E_j| + |d| |What_j| + |x| 2 gamma |W_j|: the int8 part's error, then
+            # twice the bound on any fp32 evaluation's, the second half covering this float32
+            # arithmetic (a few units of roundoff of |W_j| |x|)
+            self.coeffs[:, rows] = torch.stack([(w[:, self.rest] - dequantized).norm(dim=1), dequantized.norm(dim=1),
+                                                2 * gamma * w.norm(dim=1)]).float()
+        self.scale, self.coeffs = self.scale.numpy(), self.coeffs.numpy()
+        self.widest = self.coeffs.max(axis=1)
+        self.session = _products(codes.numpy(), self.weight[:, self.exact].t().contiguous().numpy())
+        self.last_candidates: list[int] = []  # per row of the last call, for benchmarks
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The greedy token for each row of x ([n, d] float32): int64 [n]."""
+        approx, norms = self.screen(x)
+        top = approx.argmax(axis=1)
+        # the best lower bound among the tokens is at least the top approximation's
+        lower = approx[np.arange(len(top)), top] - self.bound(top, norms)
+        widest = norms @ self.widest * SAFETY
+        row, token = np.divmod(np.flatnonzero(approx >= (lower - widest)[:, None]), self.vocab)  # 2-D nonzero is slow
+        keep = approx[row, token] + self.bound(token, norms[row]) >= lower[row]
+        row, token = torch.from_numpy(row[keep]), torch.from_numpy(token[keep])
+        self.last_candidates = torch.bincount(row, minlength=len(x)).tolist()
+        union, column = torch.unique(token, return_inverse=True)  # ascending: first index wins ties
+        exact = torch.full((len(x), len(union)), float("-inf"))
+        exact[row, column] = (x[row].float() * self.weight[token]).sum(dim=1)
+        return union[exact.argmax(dim=1)]
+
+    def screen(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Every logit's approximation A ([n, V] float32) and the row norms its error bound takes
+        ([n, 3], see bound): |A_j - M_j| <= bound(j)."""
+        x = x.detach().float()
+        x_rest = x[:, self.rest].double()
+        step = _float32_steps(x_rest.abs().amax(dim=1) / 127)
+        codes = torch.round(x_rest / step[:, None]).clamp_(-127, 127)
+        residual = x_rest - codes * step[:, None]
+        sums, outliers = self.session.run(None, {"x": (codes + ZERO).to(torch.uint8).numpy(),
+                                                 "exact": x[:, self.exact].contiguous().numpy()})
+        approx = sums.astype(np.float32)  # exact: |sum| <= d * 127 * 127 < 2**24
+        approx *= step.float().numpy()[:, None]
+        approx *= self.scale
+        approx += outliers
+        norms = torch.stack([x_rest.norm(dim=1), residual.norm(dim=1), x.double().norm(dim=1)], dim=1)
+        return approx, (norms * SAFETY).float().numpy()
+
+    def bound(self, token: np.ndarray, norms: np.ndarray) -> np.ndarray:
+        """The error bound of each token's approximation, for rows with these norms."""
+        return (norms * self.coeffs[:, token].T).sum(axis=1)
+
+
+def _products(codes_t: np.ndarray, exact_t: np.ndarray):
+    """One onnxruntime session (one thread) for both products: the int8 codes' exact int32 sums
+    and the exact channels' fp32 product, both on MLAS. The weights are handed over as external
+    initializers, read in place (the session object keeps them alive)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    (rest, vocab), k = codes_t.shape, len(exact_t)
+    weights = {"w": codes_t, "w_exact": exact_t}
+    initializers = [_external(name, array) for name, array in weights.items()]
+    initializers.append(helper.make_tensor("zero", TensorProto.UINT8, [], [ZERO]))
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w", "zero", "zero"], ["sums"]),
+         helper.make_node("MatMul", ["exact", "w_exact"], ["outliers"])], "screen",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, ["rows", rest]),
+         helper.make_tensor_value_info("exact", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info("sums", TensorProto.INT32, ["rows", vocab]),
+         helper.make_tensor_value_info("outliers", TensorProto.FLOAT, ["rows", vocab])],
+        initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in weights.items()}
+    options.add_external_initializers(list(values), list(values.values()))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.weights = values  # the session reads this memory for as long as it lives
+    return session
+
+
+def _external(name: str, array: np.ndarray):
+    from onnx import TensorProto, helper
+
+    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+                         data_location=TensorProto.EXTERNAL)
+    tensor.external_data.add(key="location", value="supplied-at-load")
+    return tensor
+
+
+def outlier_channels(hidden: torch.Tensor, k: int = 32) -> torch.Tensor:
+    """The k channels (at most a quarter) with the largest magnitudes in sample hidden states
+    ([n, d]): left out of the int8 product, they no longer set its coarse activation step."""
+    return hidden.abs().amax(dim=0).topk(min(k, hidden.shape[1] // 4)).indices
+
+
+def _float32_steps(steps: torch.Tensor) -> torch.Tensor:
+    """Quantization steps as float32 values (held in float64), so the float32 arithmetic of the
+    approximation multiplies by exactly the steps the bound assumes; 1 for all-zero rows."""
+    steps = steps.float().double()
+    return torch.where(steps > 0, steps, torch.ones_like(steps))
