@@ -14,6 +14,10 @@ the two is per-shape work (kernel selection, plan building) that a fixed-shape t
 --gap-ms leaves the device idle between steps, as a server waiting for its devices' drafts
 does: a GPU that lowers its clocks when idle shows it there.
 
+--lm-head both times every cell twice, step by step alternating (this host drifts ±10% between
+runs): greedy rows' argmax through the int8 screen (edge_server.greedy_head, the server's
+choice on an fp32 CPU target) and through the full fp32 LM-head product.
+
     .venv/bin/python scripts/bench_step.py                        # CPU, one thread
     python3 scripts/bench_step.py --device cuda --grow            # on a GPU machine
 
@@ -54,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--grow", action="store_true", help="advance the committed length by one every step")
     p.add_argument("--gap-ms", type=float, default=0.0, help="idle time between steps (untimed)")
+    p.add_argument("--lm-head", choices=["server", "full", "both"], default="server",
+                   help="greedy rows' argmax: the server's way (the int8 screen where it applies), the full "
+                        "fp32 product, or both alternating")
     p.add_argument("--out", default=None, help="output folder (default results/<date>/step)")
     return p.parse_args(argv)
 
@@ -86,18 +93,22 @@ class Bench:
             slots.append(slot)
         return slots
 
-    def step_ms(self, slots: list, past: int, tree: TokenTree, args: argparse.Namespace) -> float:
-        times = []
+    def step_ms(self, slots: list, past: int, tree: TokenTree, args: argparse.Namespace,
+                heads: dict) -> dict[str, float]:
+        """Median step ms per LM-head variant (`heads`: name -> the target's screened_head)."""
+        times: dict[str, list[float]] = {name: [] for name in heads}
         for i in range(args.warmup + args.reps):
-            time.sleep(args.gap_ms / 1e3)
             at = past + (i if args.grow else 0)
-            rows = [Row.for_tree(s, at, tree, greedy=True) for s in slots]
-            self._sync()
-            start = time.perf_counter()
-            self.target.forward_rows(rows)
-            self._sync()
-            times.append(time.perf_counter() - start)
-        return float(np.median(times[args.warmup:]) * 1e3)
+            for name in (list(heads) if i % 2 == 0 else list(heads)[::-1]):
+                time.sleep(args.gap_ms / 1e3)
+                self.target.screened_head = heads[name]
+                rows = [Row.for_tree(s, at, tree, greedy=True) for s in slots]
+                self._sync()
+                start = time.perf_counter()
+                self.target.forward_rows(rows)
+                self._sync()
+                times[name].append(time.perf_counter() - start)
+        return {name: float(np.median(t[args.warmup:]) * 1e3) for name, t in times.items()}
 
     def _sync(self) -> None:
         if self.sync:
@@ -118,22 +129,31 @@ def main(argv: list[str] | None = None) -> None:
     pool = KVPool.for_model(model, 1e9)  # no budget: the slots are few and freed after each cell
     bench = Bench(target, pool, device)
     trees = {k: heads_tree(k) for k in args.nodes}
+    heads = {"server": target.screened_head, "full": None}
+    if args.lm_head == "both":
+        heads["screened"] = heads.pop("server")
+    else:
+        heads = {args.lm_head: heads[args.lm_head]}
     rows = []
     for past in args.past:
         for n in args.rows:
             slots = bench.sessions(n, past, room)
-            cells = {k: bench.step_ms(slots, past, trees[k], args) for k in args.nodes}
+            cells = {k: bench.step_ms(slots, past, trees[k], args, heads) for k in args.nodes}
             for slot in slots:
                 pool.free(slot)
-            base = cells[min(args.nodes)]
-            for k, ms in cells.items():
-                rows.append({"past": past, "rows": n, "nodes": k, "tokens": n * k, "step_ms": ms,
-                             "vs_fewest_nodes": ms / base})
-            print(f"past {past:4d} rows {n:2d}: " + "  ".join(f"k={k}: {ms:6.1f} ms" for k, ms in cells.items()),
-                  flush=True)
+            for name in heads:
+                base = cells[min(args.nodes)][name]
+                for k, ms in cells.items():
+                    rows.append({"past": past, "rows": n, "nodes": k, "tokens": n * k, "lm_head": name,
+                                 "step_ms": ms[name], "vs_fewest_nodes": ms[name] / base,
+                                 "vs_full": ms[name] / ms["full"] if "full" in ms else None})
+                print(f"past {past:4d} rows {n:2d} {name:8s}: "
+                      + "  ".join(f"k={k}: {ms[name]:6.1f} ms" for k, ms in cells.items()), flush=True)
     columns = [("past", "committed", ""), ("rows", "sessions", ""), ("nodes", "nodes/tree", ""),
-               ("tokens", "step tokens", ""), ("step_ms", "step ms", ".1f"),
+               ("tokens", "step tokens", ""), ("lm_head", "greedy argmax", ""), ("step_ms", "step ms", ".1f"),
                ("vs_fewest_nodes", f"× k={min(args.nodes)}", ".2f")]
+    if args.lm_head == "both":
+        columns.append(("vs_full", "× full product", ".2f"))
     where = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or platform.machine()
     note = (f"{where}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, {args.threads} CPU thread(s), "
             f"median of {args.reps} steps after {args.warmup} warm-up, "
