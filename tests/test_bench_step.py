@@ -30,3 +30,13 @@ def test_a_tiny_sweep_writes_one_cell_per_rows_and_nodes(tmp_path):
     assert [(r["rows"], r["nodes"], r["tokens"]) for r in rows] == [(1, 1, 1), (1, 3, 3), (2, 1, 2), (2, 3, 6)]
     assert all(r["step_ms"] > 0 for r in rows)
     assert "step ms" in (tmp_path / "table.md").read_text()
+
+
+def test_both_lm_heads_time_every_cell_twice(tmp_path):
+    subprocess.run([sys.executable, str(SCRIPTS / "bench_step.py"), "--past", "8", "--rows", "1", "--nodes", "1", "2",
+                    "--reps", "1", "--warmup", "0", "--lm-head", "both", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=120)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["lm_head"], r["nodes"]) for r in rows] == [("full", 1), ("full", 2), ("screened", 1), ("screened", 2)]
+    assert all(r["vs_full"] == 1.0 for r in rows if r["lm_head"] == "full")
+    assert all(r["vs_full"] > 0 for r in rows)
