@@ -87,6 +87,9 @@ class ScreenedArgmax:
         """Every logit's approximation A ([n, V] float32) and the row norms its error bound takes
         ([n, 3], see bound): |A_j - M_j| <= bound(j)."""
         x = x.detach().float()
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("the target's final hidden state is not finite (NaN or inf): its logits have "
+                                     "no argmax; the model's weights or its dtype overflowed")
         x_rest = x[:, self.rest].double()
         step = _float32_steps(x_rest.abs().amax(dim=1) / 127)
         codes = torch.round(x_rest / step[:, None]).clamp_(-127, 127)

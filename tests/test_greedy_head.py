@@ -1,5 +1,6 @@
 """The int8-screened greedy head: its error bound holds on any input, so its token is the fp32
 argmax; and on the embedded model it screens down to a few candidates."""
+import pytest
 import torch
 
 from edge_server.greedy_head import ScreenedArgmax, outlier_channels
@@ -61,6 +62,15 @@ def test_bound_covers_every_logit_and_the_token_is_an_fp32_argmax():
             assert t == fp32[r].item(), r
     assert tokens[4].item() == 50  # ties with rows 100 and 200: the first index, as torch's argmax
     assert tokens[2].item() == 0  # all logits 0
+
+
+def test_a_hidden_state_that_is_not_finite_is_an_error_not_a_token():
+    w, x, calibration = _adversarial()
+    head = ScreenedArgmax(w, outlier_channels(calibration))
+    for bad in (float("nan"), float("inf")):
+        x[0, 50] = bad
+        with pytest.raises(FloatingPointError, match="not finite"):
+            head(x)
 
 
 def test_several_seeds_agree_with_the_full_fp32_product():
