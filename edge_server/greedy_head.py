@@ -6,7 +6,7 @@ of it streaming the weight. ScreenedArgmax multiplies an int8 copy instead (onnx
 MatMulInteger on MLAS) to get every logit approximately, with a bound on each approximation's
 error that holds for any input, and then computes in fp32 only the logits of the tokens whose
 bound reaches the best lower bound. On the embedded model's hidden states a row keeps a median
-of 2 such candidates (at most 44 in 300 rows).
+of 2 such candidates (99th percentile 31, at most 73, over 1,735 positions of generated text).
 
 Why the result is the fp32 argmax. For token j let L_j be the exact logit, M_j any fp32
 evaluation of it (|M_j - L_j| <= gamma_d |W_j| |x|, whatever the summation order), and A_j
