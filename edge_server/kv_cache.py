@@ -234,10 +234,11 @@ class RaggedCache(Cache):
         self.batch = batch
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        # K and V stacked once, then one copy per row: PyTorch's per-copy overhead (~20 us here)
+        # was ~5 ms of an 8-row step's 30 layers with a copy each for K and V
+        new = torch.stack([key_states[0], value_states[0]])  # [2, kv_heads, T, head_dim]
         for row in self.batch.rows:
-            store = row.slot.storage[layer_idx]
-            store[0, :, row.past:row.past + row.n] = key_states[0, :, row.start:row.start + row.n]
-            store[1, :, row.past:row.past + row.n] = value_states[0, :, row.start:row.start + row.n]
+            row.slot.storage[layer_idx][:, :, row.past:row.past + row.n] = new[:, :, row.start:row.start + row.n]
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
