@@ -5,6 +5,7 @@ import torch
 
 from edge_server.greedy_head import ScreenedArgmax, outlier_channels
 from edge_server.verifier import TargetModel
+from shared.tree import TokenTree
 
 GAMMA = 2.0 ** -24 * 192 / (1 - 2.0 ** -24 * 192)  # fp32 dot products of 192 terms
 
@@ -100,3 +101,31 @@ def test_embedded_model_greedy_rows_screen_to_few_candidates(loaded):
     # the screen narrows (a median of 2 candidates, at most 73 in 1,735 rows, measured): a bound that grew
     # loose would still be exact but would recompute most of the vocabulary
     assert max(head.last_candidates) < 1000
+
+
+def test_one_step_mixes_greedy_sampled_and_logitless_rows(loaded):
+    """forward_rows hands each row what it asked for, whatever the other rows are: a greedy
+    tree's argmax tokens (as the full logits' argmax), a sampled row's full logits, nothing for
+    a prompt chunk that is not the prompt's end."""
+    from edge_server.kv_cache import KVPool, Row
+
+    target = TargetModel(loaded.model, max_context=8192)
+    pool = KVPool.for_model(loaded.model, 64)
+    ids = loaded.tokenizer("The quick brown fox jumps over the lazy dog because").input_ids
+    slots = [pool.allocate(len(ids) + 16) for _ in range(3)]
+    for slot in slots:
+        target.forward_rows([Row(slot, 0, ids, list(range(len(ids))))])
+    tree = TokenTree((264, 9048, 3446, 30), (-1, 0, 0, 1))
+
+    def rows(greedy: bool) -> list[Row]:
+        return [Row.for_tree(slots[0], len(ids), tree, greedy=greedy),
+                Row(slots[1], len(ids), [7, 8, 9], [len(ids) + i for i in range(3)], None, [], greedy),
+                Row.for_tree(slots[2], len(ids), tree, greedy=not greedy)]
+
+    mixed, _ = target.forward_rows(rows(True))
+    full, _ = target.forward_rows(rows(False))
+    assert mixed[0].dtype == torch.long and torch.equal(mixed[0], full[0].argmax(dim=-1))
+    assert mixed[1].numel() == 0 and full[1].shape == (0, target.vocab_size)
+    assert mixed[2].is_floating_point() and torch.equal(mixed[2].argmax(dim=-1), full[2])
+    for slot in slots:
+        pool.free(slot)
