@@ -31,6 +31,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edge_server.onnx_products import one_thread_session
+
 ZERO = 128  # zero point of the unsigned codes: code = value / scale + 128
 SAFETY = 1.0 + 1e-6  # slack over the rounding of the bound's own arithmetic (a few units)
 UNIT = 2.0 ** -24  # fp32 unit roundoff
@@ -65,7 +67,7 @@ class ScreenedArgmax:
         self.scale, self.coeffs = self.scale.numpy(), self.coeffs.numpy()
         self.widest = self.coeffs.max(axis=1)
         self.session = _products(codes.numpy(), self.weight[:, self.exact].t().contiguous().numpy())
-        self.last_candidates: list[int] = []  # per row of the last call, for benchmarks
+        self._last_rows = (torch.zeros(0, dtype=torch.long), 0)  # each candidate's row, rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The greedy token for each row of x ([n, d] float32): int64 [n]."""
@@ -77,7 +79,7 @@ class ScreenedArgmax:
         row, token = np.divmod(np.flatnonzero(approx >= (lower - widest)[:, None]), self.vocab)  # 2-D nonzero is slow
         keep = approx[row, token] + self.bound(token, norms[row]) >= lower[row]
         row, token = torch.from_numpy(row[keep]), torch.from_numpy(token[keep])
-        self.last_candidates = torch.bincount(row, minlength=len(x)).tolist()
+        self._last_rows = (row, len(x))
         union, column = torch.unique(token, return_inverse=True)  # ascending: first index wins ties
         exact = torch.full((len(x), len(union)), float("-inf"))
         exact[row, column] = (x[row].float() * self.weight[token]).sum(dim=1)
@@ -103,47 +105,31 @@ class ScreenedArgmax:
         norms = torch.stack([x_rest.norm(dim=1), residual.norm(dim=1), x.double().norm(dim=1)], dim=1)
         return approx, (norms * SAFETY).float().numpy()
 
+    @property
+    def last_candidates(self) -> list[int]:
+        """The candidates each row of the last call recomputed (for tests and benchmarks)."""
+        rows, n = self._last_rows
+        return torch.bincount(rows, minlength=n).tolist()
+
     def bound(self, token: np.ndarray, norms: np.ndarray) -> np.ndarray:
         """The error bound of each token's approximation, for rows with these norms."""
         return (norms * self.coeffs[:, token].T).sum(axis=1)
 
 
 def _products(codes_t: np.ndarray, exact_t: np.ndarray):
-    """One onnxruntime session (one thread) for both products: the int8 codes' exact int32 sums
-    and the exact channels' fp32 product, both on MLAS. The weights are handed over as external
-    initializers, read in place (the session object keeps them alive)."""
-    import onnxruntime as ort
+    """Both products in one onnxruntime call on MLAS: the int8 codes' exact int32 sums and the
+    exact channels' fp32 product."""
     from onnx import TensorProto, helper
 
     (rest, vocab), k = codes_t.shape, len(exact_t)
-    weights = {"w": codes_t, "w_exact": exact_t}
-    initializers = [_external(name, array) for name, array in weights.items()]
-    initializers.append(helper.make_tensor("zero", TensorProto.UINT8, [], [ZERO]))
-    graph = helper.make_graph(
+    return one_thread_session(
         [helper.make_node("MatMulInteger", ["x", "w", "zero", "zero"], ["sums"]),
-         helper.make_node("MatMul", ["exact", "w_exact"], ["outliers"])], "screen",
+         helper.make_node("MatMul", ["exact", "w_exact"], ["outliers"])],
         [helper.make_tensor_value_info("x", TensorProto.UINT8, ["rows", rest]),
          helper.make_tensor_value_info("exact", TensorProto.FLOAT, ["rows", k])],
         [helper.make_tensor_value_info("sums", TensorProto.INT32, ["rows", vocab]),
          helper.make_tensor_value_info("outliers", TensorProto.FLOAT, ["rows", vocab])],
-        initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in weights.items()}
-    options.add_external_initializers(list(values), list(values.values()))
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    session.weights = values  # the session reads this memory for as long as it lives
-    return session
-
-
-def _external(name: str, array: np.ndarray):
-    from onnx import TensorProto, helper
-
-    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
-                         data_location=TensorProto.EXTERNAL)
-    tensor.external_data.add(key="location", value="supplied-at-load")
-    return tensor
+        {"w": codes_t, "w_exact": exact_t}, (helper.make_tensor("zero", TensorProto.UINT8, [], [ZERO]),))
 
 
 def outlier_channels(hidden: torch.Tensor, k: int = 32) -> torch.Tensor:

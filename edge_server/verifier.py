@@ -16,6 +16,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from edge_server.greedy_head import ScreenedArgmax, outlier_channels
 from edge_server.kv_cache import ATTN_NAME, RaggedBatch, RaggedCache, Row
+from edge_server.onnx_products import one_thread_session
 from shared.tree import TokenTree
 
 
@@ -63,28 +64,17 @@ def _transposed_row_product(linear: nn.Linear):
 class _OnnxRuntimeLinear:
     """One linear layer as a one-node onnxruntime graph (`Gemm`, B transposed), so its products
     run on MLAS, which packs the weight once at load. The graph reads the layer's own weight
-    (an external initializer over the same memory), so the only extra memory is MLAS's packed
-    copy. One thread: the session has no thread pool of its own to compete with torch's."""
+    in place (edge_server.onnx_products), so the only extra memory is MLAS's packed copy."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        import onnxruntime as ort
         from onnx import TensorProto, helper
 
         self.out_features, self.in_features = weight.shape
-        initializer = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[self.out_features, self.in_features],
-                                  data_location=TensorProto.EXTERNAL)
-        initializer.external_data.add(key="location", value="supplied-at-load")
-        graph = helper.make_graph(
-            [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "linear",
+        self.session = one_thread_session(
+            [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", self.in_features])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", self.out_features])], [initializer])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        # the session reads this memory, so the layer holds it for as long as the session lives
-        self.weight = ort.OrtValue.ortvalue_from_numpy(weight.detach().contiguous().numpy())
-        options.add_external_initializers(["w"], [self.weight])
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", self.out_features])],
+            {"w": weight.detach().contiguous().numpy()})
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +115,9 @@ def fit_cpu_products(model: nn.Module, threads: int | None = None) -> None:
     keeps MKL's GEMV on the original weight (the packed layout made a decoding step ~15%
     dearer), ~1e-6 relative from the packed product. The LM head keeps a transposed copy for
     one row: `x @ W.T` with W.T contiguous streams the weight about twice as fast as the GEMV
-    (7.4 vs 15.5 ms for 49,152 x 576 on an AVX2 core)."""
+    (7.4 vs 15.5 ms for 49,152 x 576 on an AVX2 core). Greedy rows no longer use the LM head's
+    products in the server (TargetModel screens them, edge_server.greedy_head): its packed and
+    transposed copies now serve sampled rows and the unbatched path."""
     threads = threads or torch.get_num_threads()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     shared = _fuse_siblings(model) if threads == 1 else set()

@@ -129,11 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     pool = KVPool.for_model(model, 1e9)  # no budget: the slots are few and freed after each cell
     bench = Bench(target, pool, device)
     trees = {k: heads_tree(k) for k in args.nodes}
-    heads = {"server": target.screened_head, "full": None}
-    if args.lm_head == "both":
-        heads["screened"] = heads.pop("server")
-    else:
-        heads = {args.lm_head: heads[args.lm_head]}
+    heads = {"full": None, "screened": target.screened_head} if args.lm_head == "both" else \
+        {args.lm_head: None if args.lm_head == "full" else target.screened_head}
     rows = []
     for past in args.past:
         for n in args.rows:
