@@ -29,26 +29,39 @@ class ForwardResult:
 PACK_ROWS = 8  # oneDNN's layout hint: the product widths a tree or batch step mostly has
 
 
-def _padded_linear(linear: nn.Linear):
+def _packed_product(weight: torch.Tensor, bias: torch.Tensor | None):
+    """A product over a copy of the weight that oneDNN packed once at load (the private ops
+    inductor uses for frozen CPU linears; torch is pinned). Unpacked, oneDNN reorders the weight
+    on every call: in bf16 a 4-row product of SmolLM2's LM head took 7.8 ms against 3.0 packed,
+    a gate projection 99 against 56 us, with bitwise the same result."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+    return lambda rows: torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+
+
+def _reduced_precision_product(weight: torch.Tensor, bias: torch.Tensor | None):
+    """Every product padded to at least 4 rows (see fit_cpu_products); bf16 on the packed weight
+    where oneDNN has bf16 kernels (whole steps 0.65-0.91x, bitwise equal)."""
+    packs = weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    product = _packed_product(weight, bias) if packs else (lambda rows: F.linear(rows, weight, bias))
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[-2]
+        rows = x.reshape(-1, x.shape[-1])
+        n = rows.shape[0]
         if n < 4:
-            pad = x.new_zeros(*x.shape[:-2], 4 - n, x.shape[-1])
-            return F.linear(torch.cat([x, pad], dim=-2), linear.weight, linear.bias)[..., :n, :]
-        return F.linear(x, linear.weight, linear.bias)
+            rows = torch.cat([rows, rows.new_zeros(4 - n, rows.shape[1])])
+        return product(rows)[:n].reshape(*x.shape[:-1], -1)
     return forward
 
 
 def _prepacked_linear(linear: nn.Linear, transposed_row: bool = False):
-    packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
+    product = _packed_product(linear.weight, linear.bias)
     one_row = (_transposed_row_product(linear) if transposed_row
                else lambda x: F.linear(x, linear.weight, linear.bias))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.numel() == x.shape[-1]:
             return one_row(x)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, linear.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return product(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
     return forward
 
 
@@ -94,7 +107,10 @@ def fit_cpu_products(model: nn.Module, threads: int | None = None) -> None:
     another order: a bf16 MLP down-projection differs for 4 of 30 random inputs, which flips
     the greedy token often enough (7 of 34 64-token generations) that a tree verified in one
     wide step would not reproduce one-token decoding. A 4-row bf16 product costs what a 1-row
-    one does (LM head 7.4 vs 7.6 ms).
+    one does (LM head 7.4 vs 7.6 ms). bf16 products run on oneDNN's packed copy of each weight
+    (_packed_product), a layer's q/k/v and gate/up as one product each (_SiblingProducts); on a
+    Zen 4 core with native bf16 that made one session's decoding step 0.65x and eight
+    sessions' 2-node trees 0.81x, bitwise the same numbers.
 
     fp32 on one thread (the load benchmark's server, `--threads 1`): every product goes through
     MLAS (_OnnxRuntimeLinear), a layer's q/k/v and gate/up as one product each
@@ -120,23 +136,29 @@ def fit_cpu_products(model: nn.Module, threads: int | None = None) -> None:
     transposed copies now serve sampled rows and the unbatched path."""
     threads = threads or torch.get_num_threads()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    shared = _fuse_siblings(model) if threads == 1 else set()
+    shared = _fuse_siblings(model, threads)
     for module in model.modules():
         if isinstance(module, nn.Linear) and module not in shared:
-            if module.weight.dtype != torch.float32:
-                module.forward = _padded_linear(module)
-            elif threads == 1:
-                module.forward = _OnnxRuntimeLinear(module.weight, module.bias)
-            else:
-                module.forward = _prepacked_linear(module, transposed_row=module is head)
+            product = _product_maker(module.weight.dtype, threads)
+            module.forward = (product(module.weight, module.bias) if product
+                              else _prepacked_linear(module, transposed_row=module is head))
+
+
+def _product_maker(dtype: torch.dtype, threads: int):
+    """How a layer of this dtype multiplies, given its (stacked) weight and bias; None: fp32 on
+    several threads, whose one-row products take another path (_prepacked_linear)."""
+    if dtype != torch.float32:
+        return _reduced_precision_product
+    return _OnnxRuntimeLinear if threads == 1 else None
 
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Llama-style names
 
 
 class _SiblingProducts:
-    """Projections a layer applies to one input (q/k/v, gate/up) as one MLAS product over their
-    stacked weights: one onnxruntime call instead of three (two), the output sliced per member.
+    """Projections a layer applies to one input (q/k/v, gate/up) as one product over their
+    stacked weights (fp32: one MLAS call instead of three (two); bf16: one oneDNN product, q/k/v
+    40 against 67 us for 4 rows), the output sliced per member.
     On one AVX2 core, with SmolLM2-135M's shapes, q/k/v took 131 against 254 us a layer for one
     row and 300 against 427 us for 16; gate/up 252 against 289 (1 row) and 699 against 766 (8);
     whole steps at 150 positions (paired, alternating in one process) cost 0.93-0.96x for one
@@ -147,13 +169,13 @@ class _SiblingProducts:
     on the same tensor, on the one thread that runs the model; the product is kept from the
     first call to the last, and a member called on another input computes it for that input."""
 
-    def __init__(self, members: list[nn.Linear]):
+    def __init__(self, members: list[nn.Linear], product):
         weight = torch.cat([m.weight.detach() for m in members])
         bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
         sizes = [m.out_features for m in members]
         for m, part in zip(members, weight.split(sizes)):
             m.weight.data = part
-        self.product = _OnnxRuntimeLinear(weight, bias)
+        self.product = product(weight, bias)
         self.ends = list(itertools.accumulate(sizes))
         self._x = self._y = None
         for i, m in enumerate(members):
@@ -168,17 +190,20 @@ class _SiblingProducts:
         return y
 
 
-def _fuse_siblings(model: nn.Module) -> set[nn.Linear]:
-    """Gives every group of sibling fp32 projections (SIBLINGS) one product; returns the
-    linears it took."""
+def _fuse_siblings(model: nn.Module, threads: int) -> set[nn.Linear]:
+    """Gives every group of sibling projections (SIBLINGS) one product where their dtype has a
+    batch-invariant product for any number of rows (_product_maker); returns the linears it
+    took."""
     taken: set[nn.Linear] = set()
     for module in model.modules():
         for names in SIBLINGS:
             members = [getattr(module, name, None) for name in names]
-            if (all(isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 for m in members)
+            if (all(isinstance(m, nn.Linear) for m in members)
+                    and len({m.weight.dtype for m in members}) == 1
                     and len({m.in_features for m in members}) == 1
-                    and len({m.bias is None for m in members}) == 1):
-                _SiblingProducts(members)
+                    and len({m.bias is None for m in members}) == 1
+                    and (product := _product_maker(members[0].weight.dtype, threads))):
+                _SiblingProducts(members, product)
                 taken.update(members)
     return taken
 

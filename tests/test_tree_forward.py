@@ -1,4 +1,6 @@
 """One tree forward gives every node the logits its own path gets when run sequentially."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,16 +154,18 @@ def test_bf16_tree_nodes_are_bitwise_the_decoding_steps_in_sliding_window_layers
         pool.free(slot)
 
 
-@pytest.mark.parametrize("dtype, threads", [(torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 1)])
+@pytest.mark.parametrize("dtype, threads", [(torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 1),
+                                           (torch.bfloat16, 2)])
 def test_cpu_products_give_each_row_the_same_bits_in_any_batch(dtype, threads):
     """What a batched or tree step relies on: a token's product does not depend on how many
     rows share it or which (fp32 on one thread, MLAS: any; on several, oneDNN: from 2 rows up,
-    a single row takes the GEMV; bf16: any). And each path computes the layer's own product."""
+    a single row takes the GEMV; bf16, oneDNN's packed weight where it has bf16 kernels: any).
+    And each path computes the layer's own product."""
     torch.manual_seed(0)
     layer = nn.Linear(576, 1536).to(dtype)
     fit_cpu_products(layer, threads)
     x = torch.randn(17, 576, dtype=dtype)
-    with torch.inference_mode():
+    with torch.inference_mode(), _torch_threads(threads):
         reference = layer(x[None])[0]
         tolerance = 1e-4 if dtype == torch.float32 else 5e-2
         torch.testing.assert_close(reference, F.linear(x, layer.weight, layer.bias), atol=tolerance, rtol=tolerance)
@@ -170,6 +174,17 @@ def test_cpu_products_give_each_row_the_same_bits_in_any_batch(dtype, threads):
             for first in (0, 17 - n):
                 rows = layer(x[None, first:first + n])[0]
                 assert torch.equal(rows, reference[first:first + n]), (n, first)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """The products run on as many threads as the server would give them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Block(nn.Module):
@@ -181,23 +196,24 @@ class _Block(nn.Module):
         self.gate_proj, self.up_proj = nn.Linear(576, 1536, bias=bias), nn.Linear(576, 1536, bias=bias)
 
 
+@pytest.mark.parametrize("dtype, threads", [(torch.float32, 1), (torch.bfloat16, 1), (torch.bfloat16, 2)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_sibling_projections_share_one_product_bit_for_bit(bias):
-    """On one fp32 thread q/k/v and gate/up run as one product each (edge_server.verifier.
-    _SiblingProducts): every member must still give its own product's bits, whichever input
-    it is called on and in whatever order, and keep its own weights."""
+def test_sibling_projections_share_one_product_bit_for_bit(bias, dtype, threads):
+    """On one fp32 thread, and in bf16, q/k/v and gate/up run as one product each
+    (edge_server.verifier._SiblingProducts): every member must still give its own product's
+    bits, whichever input it is called on and in whatever order, and keep its own weights."""
     torch.manual_seed(0)
-    block = _Block(bias)
+    block = _Block(bias).to(dtype)
     names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
     weights = {n: getattr(block, n).weight.detach().clone() for n in names}
-    alone = {n: nn.Linear(576, getattr(block, n).out_features, bias=bias) for n in names}
+    alone = {n: nn.Linear(576, getattr(block, n).out_features, bias=bias).to(dtype) for n in names}
     for n in names:
         alone[n].load_state_dict(getattr(block, n).state_dict())
-        fit_cpu_products(alone[n], threads=1)
-    fit_cpu_products(block, threads=1)
-    with torch.inference_mode():
-        for rows in (1, 2, 5, 16):
-            x, other = torch.randn(1, rows, 576), torch.randn(1, rows, 576)
+        fit_cpu_products(alone[n], threads=threads)
+    fit_cpu_products(block, threads=threads)
+    with torch.inference_mode(), _torch_threads(threads):
+        for rows in (1, 2, 5, 16, 64):
+            x, other = torch.randn(1, rows, 576, dtype=dtype), torch.randn(1, rows, 576, dtype=dtype)
             for n in names:  # the order a layer calls them in
                 assert torch.equal(getattr(block, n)(x), alone[n](x)), (n, rows)
             assert torch.equal(block.k_proj(other), alone["k_proj"](other))  # another input
