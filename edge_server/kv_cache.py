@@ -9,7 +9,8 @@ once for the whole batch, without query padding. Attention then runs per row ove
 own slot: a prompt chunk causally over the view `slot[layer, k|v, :, :past + n]`; a decoding
 step and every tree node as a one-token query over exactly the keys it sees, in sequence order,
 padded to a multiple of ATTN_BUCKET (see _query_groups: this makes a tree node's output
-bitwise the decoding step's). A decoding step reads a view of its slot; a tree gathers, per
+bitwise the decoding step's), in products shared by up to QUERY_BATCH such queries of any rows
+(QueryBatch). A decoding step copies its slot's prefix; a tree gathers, per
 node, the prefix's keys and its path (a copy of its own session's keys, node by node, which
 the exactness costs: measured in bf16, 1 thread, a step of 4 sessions' 4-node trees at 600
 committed positions costs 2.0x their decoding step, at 150 positions 1.5x). Sharing the
@@ -45,6 +46,12 @@ if TYPE_CHECKING:
 
 ATTN_NAME = "edgespec_ragged"
 ATTN_BUCKET = 64  # one-token queries see their keys padded to a multiple of this, masked (_query_groups)
+# most one-token queries attended together (their fp32 keys and values copied side by side).
+# bf16, one thread, paired steps against one query group at a time: at 150 positions 8 sessions'
+# decoding steps 0.83x, their 2 / 4 / 8-node trees 0.89 / 0.94 / 0.99x with 8 (16: 0.83 / 0.90
+# / 0.97 / 1.02x, all at once: 1.08-1.14x for the larger trees); at 600 positions 0.89x for
+# decoding, 0.95-1.04x for trees
+QUERY_BATCH = 8
 
 
 class KVBudgetError(RuntimeError):
@@ -180,22 +187,27 @@ class RaggedBatch:
             start += row.n
             # the fused kernel's mask: prompt chunks, and trees whose nodes are not computed one
             # by one (one query alone sees everything before it and needs none)
-            row.mask = None if row.n == 1 or self._is_exact(row) else self._row_mask(row)[None, None].to(device)
+            row.mask = None if row.n == 1 or self.is_exact(row) else self._row_mask(row)[None, None].to(device)
         self.total = start
-        self._queries: dict[int | None, list[list[QueryGroup] | None]] = {}
+        self._queries: dict[int | None, list[QueryBatch]] = {}
         self._window_masks: dict[int, list[torch.Tensor | None]] = {}
 
-    def _is_exact(self, row: Row) -> bool:
+    def is_exact(self, row: Row) -> bool:
         """Whether the row's queries are one-token queries computed exactly (decoding steps, tree
         nodes; see exact_one_token_queries)."""
         return self._exact and (row.n == 1 or row.visible is not None)
 
-    def queries(self, window: int | None = None) -> list[list[QueryGroup] | None]:
-        """Per row: its one-token queries grouped for exact attention (None: the fused kernel),
-        for full-attention layers or for local ones that see `window` positions."""
+    def queries(self, window: int | None = None) -> list["QueryBatch"]:
+        """Every exact row's one-token queries, batched across rows by the (padded) number of
+        keys they see, for full-attention layers or for local ones that see `window` positions."""
         if window not in self._queries:
-            self._queries[window] = [_query_groups(r, self.device, window) if self._is_exact(r) else None
-                                     for r in self.rows]
+            by_length: dict[int, list[tuple[Row, QueryGroup]]] = {}
+            for row in self.rows:
+                if self.is_exact(row):
+                    for group in _query_groups(row, self.device, window):
+                        by_length.setdefault(group.length, []).append((row, group))
+            self._queries[window] = [QueryBatch.of(chunk) for parts in by_length.values()
+                                     for chunk in _chunks(parts, QUERY_BATCH)]
         return self._queries[window]
 
     def _row_mask(self, row: Row) -> torch.Tensor:
@@ -212,7 +224,7 @@ class RaggedBatch:
         if window not in self._window_masks:
             out: list[torch.Tensor | None] = []
             for row in self.rows:
-                if self._is_exact(row):
+                if self.is_exact(row):
                     out.append(None)
                     continue
                 kpos = torch.cat([torch.arange(row.past), torch.tensor(row.positions)])
@@ -263,6 +275,22 @@ class QueryGroup:
         return self.mask.shape[-1]
 
 
+@dataclass
+class QueryBatch:
+    """One-token queries of any rows that see the same number of (padded) keys, attended in one
+    batch of products: each query is still its own batch entry of the same shape, so its result
+    does not depend on which rows share the step (one set of products per key length per layer
+    instead of one per row: PyTorch's ~10 us per op were most of a batched step's attention)."""
+    parts: list[tuple[Row, QueryGroup]]
+    tokens: torch.Tensor  # [n] the queries' indices in the step's token sequence
+    mask: torch.Tensor  # [n, 1, length]
+
+    @classmethod
+    def of(cls, parts: list[tuple[Row, QueryGroup]]) -> "QueryBatch":
+        tokens = torch.cat([row.start + group.nodes for row, group in parts])
+        return cls(parts, tokens, torch.cat([group.mask for _, group in parts]))
+
+
 def exact_one_token_queries(dtype: torch.dtype, device: torch.device) -> bool:
     """Where a tree node's output can be made bitwise a decoding step's: in reduced precision on
     CPU, whose products of 4+ rows are batch-invariant and every product is padded to 4 rows
@@ -306,28 +334,46 @@ def _query_groups(row: Row, device: torch.device, window: int | None = None) -> 
     return groups
 
 
-def _one_token_attention(q: torch.Tensor, store: torch.Tensor, groups: list[QueryGroup], scaling) -> torch.Tensor:
-    """q [1, heads, n, head_dim] -> the same shape; see _query_groups. Plain fp32 matrix
-    products, one query per batch entry: their result for a query does not depend on the batch
-    (checked bitwise), and in bf16 they run 3-4x faster here than the fused kernel, which is
-    slow for one-token queries on this CPU (0.36 vs 0.13 ms a decoding step's layer)."""
-    out = torch.empty_like(q)
-    kv_heads, capacity, head_dim = store.shape[1:]
-    scale = scaling if scaling is not None else head_dim ** -0.5  # as the fused kernel's default
-    for g in groups:
-        n = len(g.nodes)
-        if g.keys is None:  # a decoding step: the slot's prefix as it is
-            kv = store[:, :, :g.length].unsqueeze(2)  # [2, kv_heads, 1, length, head_dim]
+def _chunks(parts: list[tuple[Row, QueryGroup]], most: int) -> list[list[tuple[Row, QueryGroup]]]:
+    """Consecutive parts with at most `most` queries in all (a larger part alone)."""
+    chunks: list[list[tuple[Row, QueryGroup]]] = [[]]
+    count = 0
+    for part in parts:
+        if chunks[-1] and count + len(part[1].nodes) > most:
+            chunks.append([])
+            count = 0
+        chunks[-1].append(part)
+        count += len(part[1].nodes)
+    return chunks
+
+
+def _one_token_attention(query: torch.Tensor, out: torch.Tensor, batch: QueryBatch, layer: int,
+                         scaling) -> None:
+    """Writes the batch's queries' attention into `out` (both [1, heads, T, head_dim]); see
+    _query_groups. Plain fp32 matrix products, one query per batch entry: their result for a
+    query does not depend on the batch (checked bitwise), and in bf16 they run 3-4x faster here
+    than the fused kernel, which is slow for one-token queries on this CPU (0.36 vs 0.13 ms a
+    decoding step's layer)."""
+    n, length = len(batch.tokens), batch.mask.shape[-1]
+    store = batch.parts[0][0].slot.storage[layer]
+    kv_heads, head_dim = store.shape[1], store.shape[3]
+    # the same contiguous fp32 layout for every query: a product's kernel follows the layout
+    kv = torch.empty(2, kv_heads, n, length, head_dim, dtype=torch.float32, device=query.device)
+    at = 0
+    for row, group in batch.parts:
+        store = row.slot.storage[layer]
+        count = len(group.nodes)
+        if group.keys is None:  # a decoding step: the slot's prefix as it is
+            kv[:, :, at].copy_(store[:, :, :length])
         else:
-            taken = store.reshape(2 * kv_heads, capacity, head_dim).index_select(1, g.keys.reshape(-1))
-            kv = taken.view(2, kv_heads, n, g.length, head_dim)
-        # the same contiguous fp32 layouts on both paths: a product's kernel follows the layout
-        k, v = kv[0].float().contiguous(), kv[1].float().contiguous()
-        qg = q[0][:, g.nodes].reshape(kv_heads, -1, n, head_dim).transpose(1, 2).float()  # [kv, n, group, d]
-        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale + g.mask
-        o = torch.matmul(torch.softmax(scores, dim=-1), v)  # [kv, n, group, d]
-        out[0][:, g.nodes] = o.transpose(1, 2).reshape(-1, n, head_dim).to(q.dtype)
-    return out
+            taken = store.reshape(2 * kv_heads, store.shape[2], head_dim).index_select(1, group.keys.reshape(-1))
+            kv[:, :, at:at + count].copy_(taken.view(2, kv_heads, count, length, head_dim))
+        at += count
+    scale = scaling if scaling is not None else head_dim ** -0.5  # as the fused kernel's default
+    q = query[0][:, batch.tokens].reshape(kv_heads, -1, n, head_dim).transpose(1, 2).float()  # [kv, n, group, d]
+    scores = torch.matmul(q, kv[0].transpose(-1, -2)) * scale + batch.mask
+    o = torch.matmul(torch.softmax(scores, dim=-1), kv[1])  # [kv, n, group, d]
+    out[0][:, batch.tokens] = o.transpose(1, 2).reshape(-1, n, head_dim).to(query.dtype)
 
 
 def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -337,18 +383,19 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     layer = module.layer_idx
     gqa = query.shape[1] != key.shape[1]
     masks = batch.window_masks(sliding_window) if sliding_window else [r.mask for r in batch.rows]
-    outs = []
-    for row, mask, groups in zip(batch.rows, masks, batch.queries(sliding_window)):
-        store = row.slot.storage[layer]
-        q = query[:, :, row.start:row.start + row.n]
-        if groups is not None:
-            outs.append(_one_token_attention(q, store, groups, scaling))
+    out = torch.empty_like(query)
+    for row, mask in zip(batch.rows, masks):
+        if batch.is_exact(row):
             continue
+        store = row.slot.storage[layer]
         end = row.past + row.n
         k = store[0, :, :end].unsqueeze(0)
         v = store[1, :, :end].unsqueeze(0)
-        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        q = query[:, :, row.start:row.start + row.n]
+        out[:, :, row.start:row.start + row.n] = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    for queries in batch.queries(sliding_window):
+        _one_token_attention(query, out, queries, layer, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -51,15 +51,20 @@ def bf16_target():
     return TargetModel(load_model("default", torch.bfloat16, "cpu").model, max_context=8192)
 
 
+@pytest.mark.parametrize("query_batch", [1, 64])
 @pytest.mark.parametrize("context", [0, 183, 502])
-def test_bf16_tree_nodes_are_bitwise_the_decoding_steps(loaded, bf16_target, context):
+def test_bf16_tree_nodes_are_bitwise_the_decoding_steps(loaded, bf16_target, context, query_batch, monkeypatch):
     """In bf16 on CPU a tree node's logits and hidden state are exactly those of one-token
-    decoding along its path, batched with another session's rows or not (this is what keeps
-    bf16 speculation lossless: see edge_server.kv_cache._query_groups). `context` tokens before
-    the prompt put the tree at 190 and 509 committed positions, where the deeper nodes see one
-    more padding bucket of keys than the shallow ones (and a prefix several buckets long)."""
+    decoding along its path, batched with other sessions' rows or not (this is what keeps
+    bf16 speculation lossless: see edge_server.kv_cache._query_groups), and so is another
+    session's decoding step in the same step, whether its query is attended alone or together
+    with the tree's (`query_batch`, kv_cache.QUERY_BATCH). `context` tokens before the prompt
+    put the tree at 190 and 509 committed positions, where the deeper nodes see one more
+    padding bucket of keys than the shallow ones (and a prefix several buckets long)."""
+    from edge_server import kv_cache
     from edge_server.kv_cache import KVPool, Row
 
+    monkeypatch.setattr(kv_cache, "QUERY_BATCH", query_batch)
     target = bf16_target
     model = target.model
     pool = KVPool.for_model(model, 64)
@@ -74,10 +79,12 @@ def test_bf16_tree_nodes_are_bitwise_the_decoding_steps(loaded, bf16_target, con
         return slot
 
     p = len(prompt)
-    tree_slot, other = prefilled(prompt), prefilled(other_prompt)
+    tree_slot, other, third = prefilled(prompt), prefilled(other_prompt), prefilled(prompt)
     tree_row = Row.for_tree(tree_slot, p, tree)
     other_row = Row(other, len(other_prompt), [7, 8, 9], [90, 91, 92], None, [2])  # a prompt chunk
-    logits, hidden = target.forward_rows([other_row, tree_row])
+    step_row = Row(third, p, [tree.tokens[0]], [p], None, [0])  # decoding the tree's root token
+    logits, hidden = target.forward_rows([other_row, tree_row, step_row])
+    assert torch.equal(hidden[2][0], hidden[1][0]) and torch.equal(logits[2][0], logits[1][0])
     for node in range(len(tree)):
         path = [tree.tokens[i] for i in tree.path_to(node)]
         slot = prefilled(prompt)
