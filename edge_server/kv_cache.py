@@ -197,7 +197,7 @@ class RaggedBatch:
         nodes; see exact_one_token_queries)."""
         return self._exact and (row.n == 1 or row.visible is not None)
 
-    def queries(self, window: int | None = None) -> list["QueryBatch"]:
+    def queries(self, window: int | None = None) -> list[QueryBatch]:
         """Every exact row's one-token queries, batched across rows by the (padded) number of
         keys they see, for full-attention layers or for local ones that see `window` positions."""
         if window not in self._queries:
