@@ -37,8 +37,13 @@ def _through_4g(server, client, served, prompt: str, request_args: dict, drafter
 def test_client_through_4g_proxy_matches_greedy_reference(server, client, served):
     rec, ref = _through_4g(server, client, served, PROMPTS[7], dict(max_new_tokens=24), NgramDrafter())
     assert rec.token_ids == ref
-    # every round pays the emulated 50 ms RTT
-    assert rec.total_ms >= 50 * rec.rounds
+    # the emulated 50 ms RTT is paid by the first token and by every draft the device sent (it
+    # goes up after the verdict before it came down); not by every round: where trees lose to
+    # the link the server decodes a lock-step session alone and streams verdicts without
+    # waiting for the device (edge_server.budget.DeviceLink; with 33 ms bf16 steps 22 rounds,
+    # 3 of them drafted, took 1,094 ms)
+    assert rec.ttft_ms >= 50
+    assert rec.total_ms >= 50 * (1 + len(rec.tree_sizes)), (rec.total_ms, rec.tree_sizes)
 
 
 def test_pipelined_client_through_4g_proxy_matches_greedy_reference(server, client, served):
