@@ -10,11 +10,13 @@ own slot: a prompt chunk causally over the view `slot[layer, k|v, :, :past + n]`
 step and every tree node as a one-token query over exactly the keys it sees, in sequence order,
 padded to a multiple of ATTN_BUCKET (see _query_groups: this makes a tree node's output
 bitwise the decoding step's), in products shared by up to QUERY_BATCH such queries of any rows
-(QueryBatch). A decoding step copies its slot's prefix; a tree gathers, per
-node, the prefix's keys and its path (a copy of its own session's keys, node by node, which
-the exactness costs: measured in bf16, 1 thread, a step of 4 sessions' 4-node trees at 600
-committed positions costs 2.0x their decoding step, at 150 positions 1.5x). Sharing the
-prefix between a tree's nodes while staying bitwise (values summed in fixed blocks, products
+(QueryBatch). A decoding step copies its slot's prefix; a tree copies the committed prefix
+once for all its nodes (QueryGroup.shared) and gathers each node's path (copies of its own
+session's keys, node by node, which the exactness costs: measured in bf16, 1 thread, before
+the shared copy, a step of 4 sessions' 4-node trees at 600 committed positions cost 2.0x
+their decoding step, at 150 positions 1.5x; the shared copy made trees' steps at 600
+positions 0.83-0.94x, at 150 0.96-1.0x). Sharing the
+prefix's products (not only its copy) between a tree's nodes while staying bitwise (values summed in fixed blocks, products
 padded to 4 rows) was tried: it made decoding steps 30-70% dearer per layer at 300-600
 positions through PyTorch's per-op overhead, so it waits for a fused kernel. Rows may sit
 in any slots (no compaction), and no step copies other sessions' caches into a padded batch.
@@ -264,11 +266,14 @@ class RaggedCache(Cache):
 class QueryGroup:
     """One-token queries of a row that see the same number of (padded) keys: decoding steps and
     tree nodes. `keys` None: the slot's first `length` positions (a decoding step that sees the
-    slot from its start); else the slot positions each query sees [queries, length]: the
-    committed prefix (within the window of a local layer), the node's root path, then padding."""
+    slot from its start); else every query sees the slot's first `shared` positions (a tree's
+    committed prefix and root, copied once for all its nodes), then the slot positions in
+    `keys` [queries, length - shared]: the rest of its keys (its root path; in a local layer
+    all of them, within the window), then padding."""
     nodes: torch.Tensor  # the queries' indices within the row
     keys: torch.Tensor | None
     mask: torch.Tensor  # [queries, 1, length] float32: 0 for real keys, -inf for the padding
+    shared: int = 0
 
     @property
     def length(self) -> int:
@@ -329,9 +334,16 @@ def _query_groups(row: Row, device: torch.device, window: int | None = None) -> 
         for i, j in enumerate(nodes):
             mask[i, ..., len(seen[j]):] = -torch.inf
             idx[i, :len(seen[j])] = seen[j]
-        keys = None if from_start else torch.from_numpy(idx).to(device)
-        groups.append(QueryGroup(torch.tensor(nodes, device=device), keys, mask.to(device)))
+        shared = 0 if from_start else min(_leading_run(seen[j]) for j in nodes)
+        keys = None if from_start else torch.from_numpy(idx[:, shared:]).to(device)
+        groups.append(QueryGroup(torch.tensor(nodes, device=device), keys, mask.to(device), shared))
     return groups
+
+
+def _leading_run(keys: np.ndarray) -> int:
+    """How many of the first keys are the slot's positions 0, 1, 2, ..."""
+    same = keys == np.arange(len(keys))
+    return len(keys) if same.all() else int(np.argmin(same))
 
 
 def _chunks(parts: list[tuple[Row, QueryGroup]], most: int) -> list[list[tuple[Row, QueryGroup]]]:
@@ -365,9 +377,11 @@ def _one_token_attention(query: torch.Tensor, out: torch.Tensor, batch: QueryBat
         count = len(group.nodes)
         if group.keys is None:  # a decoding step: the slot's prefix as it is
             kv[:, :, at].copy_(store[:, :, :length])
-        else:
+        else:  # the shared prefix copied to every query at once, the rest gathered per query
+            shared, rest = group.shared, length - group.shared
+            kv[:, :, at:at + count, :shared].copy_(store[:, :, :shared].unsqueeze(2))
             taken = store.reshape(2 * kv_heads, store.shape[2], head_dim).index_select(1, group.keys.reshape(-1))
-            kv[:, :, at:at + count].copy_(taken.view(2, kv_heads, count, length, head_dim))
+            kv[:, :, at:at + count, shared:].copy_(taken.view(2, kv_heads, count, rest, head_dim))
         at += count
     scale = scaling if scaling is not None else head_dim ** -0.5  # as the fused kernel's default
     q = query[0][:, batch.tokens].reshape(kv_heads, -1, n, head_dim).transpose(1, 2).float()  # [kv, n, group, d]
