@@ -15,10 +15,10 @@ once for all its nodes (QueryGroup.shared) and gathers each node's path (copies 
 session's keys, node by node, which the exactness costs: measured in bf16, 1 thread, before
 the shared copy, a step of 4 sessions' 4-node trees at 600 committed positions cost 2.0x
 their decoding step, at 150 positions 1.5x; the shared copy made trees' steps at 600
-positions 0.83-0.94x, at 150 0.96-1.0x). Sharing the
-prefix's products (not only its copy) between a tree's nodes while staying bitwise (values summed in fixed blocks, products
-padded to 4 rows) was tried: it made decoding steps 30-70% dearer per layer at 300-600
-positions through PyTorch's per-op overhead, so it waits for a fused kernel. Rows may sit
+positions 0.83-0.94x, at 150 0.96-1.0x). Sharing the prefix's products (not only its copy)
+between a tree's nodes while staying bitwise (values summed in fixed blocks, products padded
+to 4 rows) was tried: it made decoding steps 30-70% dearer per layer at 300-600 positions
+through PyTorch's per-op overhead, so it waits for a fused kernel. Rows may sit
 in any slots (no compaction), and no step copies other sessions' caches into a padded batch.
 The new keys of a row are written at its own offset; committing an accepted path moves only
 the accepted nodes' K/V (a few positions) into place.
