@@ -330,12 +330,15 @@ def _query_groups(row: Row, device: torch.device, window: int | None = None) -> 
     groups = []
     for length, nodes in by_length.items():
         mask = torch.zeros(len(nodes), 1, length)
-        idx = np.zeros((len(nodes), length), dtype=np.int64)
         for i, j in enumerate(nodes):
             mask[i, ..., len(seen[j]):] = -torch.inf
-            idx[i, :len(seen[j])] = seen[j]
-        shared = 0 if from_start else min(_leading_run(seen[j]) for j in nodes)
-        keys = None if from_start else torch.from_numpy(idx[:, shared:]).to(device)
+        keys, shared = None, 0
+        if not from_start:  # the keys past the shared prefix, padded with position 0 (masked)
+            shared = min(_leading_run(seen[j]) for j in nodes)
+            rest = np.zeros((len(nodes), length - shared), dtype=np.int64)
+            for i, j in enumerate(nodes):
+                rest[i, :len(seen[j]) - shared] = seen[j][shared:]
+            keys = torch.from_numpy(rest).to(device)
         groups.append(QueryGroup(torch.tensor(nodes, device=device), keys, mask.to(device), shared))
     return groups
 
