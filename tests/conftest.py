@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import queue
 import shlex
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,31 @@ PROMPTS = [
     "Give me a JSON object with keys name and age for a person named Ada who is 36.",
     "Summarize the plot of Romeo and Juliet in one sentence.",
 ]
+
+
+class Stream:
+    """A hand-driven Generate stream: send messages one at a time."""
+
+    def __init__(self, stub, first):
+        self.q = queue.Queue()
+        self.q.put(first)
+        self.replies = stub.Generate(iter(self.q.get, None), timeout=120)
+
+    def send(self, msg):
+        self.q.put(msg)
+
+    def close(self):
+        self.q.put(None)
+
+
+def wait_for(pred, timeout=30.0) -> bool:
+    """Polls `pred` until it holds (True) or `timeout` seconds pass (False)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 import os
 import shlex
 import threading
-import time
 
 import grpc
 import pytest
@@ -20,7 +19,7 @@ from edge_server.verifier import TargetModel
 from shared.protocol import pb, rpc
 from shared.tree import TokenTree
 
-from conftest import PROMPTS, Served
+from conftest import PROMPTS, Served, Stream, wait_for
 
 MAX_NEW = 24
 
@@ -178,49 +177,24 @@ def _start(info, max_new=8, prompt=(1, 9690, 198)):
                                            tokenizer_fingerprint=info.tokenizer_fingerprint))
 
 
-class _Stream:
-    """A hand-driven Generate stream: send messages one at a time."""
-
-    def __init__(self, stub, first):
-        import queue
-        self.q = queue.Queue()
-        self.q.put(first)
-        self.replies = stub.Generate(iter(self.q.get, None), timeout=120)
-
-    def send(self, msg):
-        self.q.put(msg)
-
-    def close(self):
-        self.q.put(None)
-
-
-def _wait_for(pred, timeout=30.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_cancel_and_disconnect_free_the_kv(client):
     stub, info, _ = client
-    assert _wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
-    s = _Stream(stub, _start(info, max_new=100))
+    assert wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
+    s = Stream(stub, _start(info, max_new=100))
     next(s.replies)
     m = stub.GetMetrics(pb.MetricsRequest(), timeout=10)
     assert m.active_sessions == 1 and m.kv_used_tokens > 0
     s.send(pb.ClientMessage(cancel=pb.Cancel()))
     assert list(s.replies) == []
     s.close()
-    assert _wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
+    assert wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
     assert stub.GetServerInfo(pb.ServerInfoRequest(), timeout=10).active_sessions == 0
 
-    d = _Stream(stub, _start(info, max_new=100))
+    d = Stream(stub, _start(info, max_new=100))
     next(d.replies)
     d.replies.cancel()  # the device goes away without a Cancel
     d.close()
-    assert _wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
+    assert wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
     assert stub.GetServerInfo(pb.ServerInfoRequest(), timeout=10).active_sessions == 0
 
 
@@ -245,7 +219,7 @@ def _refused(stub, first):
 
 def test_backpressure_is_resource_exhausted_and_the_server_recovers(small_server):
     stub, info = small_server
-    held = [_Stream(stub, _start(info, max_new=20)) for _ in range(2)]
+    held = [Stream(stub, _start(info, max_new=20)) for _ in range(2)]
     for h in held:
         next(h.replies)
     err = _refused(stub, _start(info))
@@ -258,7 +232,7 @@ def test_backpressure_is_resource_exhausted_and_the_server_recovers(small_server
     err = _refused(stub, _start(info, max_new=400))  # more KV than the whole budget
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "KV budget exhausted" in err.details() and "retry in" in err.details()
-    assert _wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
+    assert wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
     rec = generate(stub, Request([1, 9690, 198, 2683], max_new_tokens=4), NoDrafter(),
                    info.tokenizer_fingerprint, timeout=60)
     assert len(rec.token_ids) == 4
@@ -266,7 +240,7 @@ def test_backpressure_is_resource_exhausted_and_the_server_recovers(small_server
 
 def test_idle_session_times_out_and_frees_its_kv(small_server):
     stub, info = small_server
-    s = _Stream(stub, _start(info, max_new=20))
+    s = Stream(stub, _start(info, max_new=20))
     next(s.replies)
     assert stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens > 0
     with pytest.raises(grpc.RpcError) as err:
@@ -274,4 +248,4 @@ def test_idle_session_times_out_and_frees_its_kv(small_server):
     s.close()
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "KV cache" in err.value.details()
-    assert _wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
+    assert wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)

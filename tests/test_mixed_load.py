@@ -21,8 +21,7 @@ from device_client.cli import load_tokenizer, make_drafter
 from device_client.session import Request, generate
 from shared.protocol import pb, rpc
 
-from conftest import PROMPTS
-from test_batching import _Stream, _wait_for
+from conftest import PROMPTS, Stream, wait_for
 
 WORKERS, ACTIONS, LONGEST = 6, 4, 24
 
@@ -87,7 +86,7 @@ class _Worker:
         self._count(f"good {mode}")
 
     def _stream(self, stub, p: int, mode: int, budget: int) -> _Stream:
-        return _Stream(stub, pb.ClientMessage(start=pb.Start(
+        return Stream(stub, pb.ClientMessage(start=pb.Start(
             prompt_token_ids=self.prompts[p], max_new_tokens=LONGEST, ignore_eos=True, mode=mode,
             tokenizer_fingerprint=self.info.tokenizer_fingerprint, tree_budget=budget, want_hidden_state=True)))
 
@@ -176,7 +175,7 @@ def test_misbehaving_devices_do_not_disturb_the_others(busy_server):
         problems = [p for w in workers for p in w.problems]
         assert not problems, (problems, done)
         assert sum(n for what, n in done.items() if what.startswith("good")) >= 5, done
-        assert _wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0), done
+        assert wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0), done
         assert stub.GetServerInfo(pb.ServerInfoRequest(), timeout=10).active_sessions == 0
         again = generate(stub, Request(prompts[0], max_new_tokens=4, ignore_eos=True), none,
                          info.tokenizer_fingerprint, timeout=60)
