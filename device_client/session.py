@@ -173,7 +173,7 @@ def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokeniz
                 hidden = (np.frombuffer(verdict.hidden_state, dtype=np.float16).astype(np.float32)
                           if verdict.hidden_state else None)
                 context = rec.prompt_token_ids + rec.token_ids
-                tree = drafter.propose(context, hidden, budget, verdict.min_node_probability)
+                tree = drafter.propose(context, hidden, budget, verdict.node_prices)
                 if request.max_context:  # the deepest node must sit inside the server's context
                     tree = within_depth(tree, request.max_context - len(context))
                 tokens, parents = tree.to_wire()

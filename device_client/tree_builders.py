@@ -280,13 +280,19 @@ def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
 
+def node_price(prices: Sequence[float], size: int) -> float:
+    """The price (Verdict.node_prices) of the node that makes a tree `size` nodes: entry
+    size - 2, the last entry for larger trees, 0 (it pays) when the server sent none."""
+    return prices[min(size - 2, len(prices) - 1)] if prices else 0.0
+
+
 def unified_tree(context: Sequence[int], ids: np.ndarray, lps: np.ndarray, budget: int,
                  model: AcceptanceModel, index: "NgramIndex | None" = None,
-                 min_probability: float = 0.0) -> TokenTree:
+                 node_prices: Sequence[float] = ()) -> TokenTree:
     """The `budget - 1` nodes with the highest P(path accepted) = product of the calibrated
     per-child probabilities along the path, over head candidates and (with `index`) prompt
-    lookups below every node, leaving out nodes below `min_probability` (the server's price of
-    a node at its load: a confident round gets a deep tree, a doubtful one a small tree or
+    lookups below every node, up to the first node below its price (`node_prices`, the
+    server's at its load: a confident round gets a deep tree, a doubtful one a small tree or
     none, instead of the same size for both). The root is `context[-1]`.
 
     Products only shrink down a path, so popping the best frontier child from a heap adds parents
@@ -309,7 +315,7 @@ def unified_tree(context: Sequence[int], ids: np.ndarray, lps: np.ndarray, budge
             heapq.heappush(heap, (-scores[i] * kids[0][0], next(tick), i, kids, 0))
 
     expand(0)
-    while heap and len(tokens) < budget and -heap[0][0] >= min_probability:
+    while heap and len(tokens) < budget and -heap[0][0] >= node_price(node_prices, len(tokens) + 1):
         neg, _, p, kids, j = heapq.heappop(heap)
         tokens.append(kids[j][1])
         parents.append(p)

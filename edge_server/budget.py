@@ -55,18 +55,24 @@ measure, so the controller climbs it directly:
   tokens a 4-node round in the first 32 tokens of the benchmark's answers and 1.6 over 64.)
 - The level caps every round at the same size, but rounds differ: a device that can tell a
   node's chance of acceptance (the calibrated heads) should spend nodes where they are likely
-  to be accepted. The verdict therefore also carries the price of one node, as a probability
-  (`min_node_probability`): a node adds p tokens and costs c model seconds, which pays while
-  p > c x R, R the tokens/s at the current level. c is what the nodes the current level adds
-  over the next smaller one cost: the slope of model seconds over tokens across the steps of
-  the two levels' probes (paired, as the rates are; the pair above stands in until the
-  pair below is measured, and until a probe has measured either the price is 0). Per pair,
-  because a step's cost is not linear in its tokens: on this CPU one session's first extra
-  token turns a matrix-vector step into a matrix one (~25 ms), the next few cost ~3 ms each.
-  With 8-node trees fixed at 4 clients a hand-set price of 0.15 shrank trees from 8 to ~2.5
-  nodes, steps from 262 to 129 ms and tokens a round from 1.72 to 1.42: 0.67x of server-only
-  decoding became 0.94x. A probe keeps the price of the level it started from, so a node
-  index means the same thing at the two levels it compares.
+  to be accepted. The verdict therefore also carries the price of each node, as a
+  probability (`node_prices`): a node adds p tokens and costs c model seconds, which pays while
+  p > c x R, R the tokens/s at the current level. c is what a token costs in steps of the
+  tree's size: the slope of model seconds over tokens across the steps of the probes of the
+  two levels around that size (paired, as the rates are), so the nodes up to 2 are priced by
+  the 1-2 probes, nodes 3-4 by the 2-4 probes, and so on up to the level; a pair not measured
+  yet borrows the nearest measured pair's slope, and until a probe has measured one every node
+  pays. Per pair, because a step's cost is not linear in its tokens: on an AVX2 CPU in fp32
+  one session's first extra token turns a matrix-vector step into a matrix one (~25 ms), the
+  next few cost ~3 ms each; in bf16 on oneDNN (products padded to 4 rows) one session's
+  tokens 2-4 cost ~1 ms each and 5-16 ~2.4 ms. One price for all of a level's nodes, that of
+  its largest pair, cut the cheap nodes too: at one client the level of 8 nodes at a price of
+  0.10 drafted 3.3 nodes a round, τ 1.84, where 4 nodes fixed got τ 1.96 at the same step
+  time (42.5 against 45.2 tokens/s). With 8-node trees fixed at 4 clients a hand-set price of
+  0.15 shrank trees from 8 to ~2.5 nodes, steps from 262 to 129 ms and tokens a round from
+  1.72 to 1.42: 0.67x of server-only decoding became 0.94x. A probe keeps the prices of the
+  level it started from (a larger probe's extra nodes pay the last of them), so a node index
+  means the same thing at the two levels it compares.
 - Each (level, neighbour) pair keeps its own wait before it is probed again, so a smaller level
   that lost says nothing about a larger one. A pair that loses again waits twice as long (at
   most MAX_WAIT epochs), and at least long enough that re-checking a level that lost by a
@@ -106,6 +112,8 @@ class _Load:
     # -> the rounds and seconds each had in their last probe
     token_s: dict[tuple[int, int], float] = field(default_factory=dict)  # (smaller, larger) -> model
     # seconds a token adds to a step between them, measured in their probes
+    token_s_below: dict[int, float] = field(default_factory=dict)  # smaller -> model seconds a token
+    # adds to steps of at most `smaller` tokens a row, from the same probes' smaller steps
 
 
 @dataclass
@@ -113,7 +121,8 @@ class _Epoch:
     steps: int = 0
     seconds: float = 0.0
     sizes: list[int] = field(default_factory=list)  # the tree size of every round
-    costs: list[tuple[int, float]] = field(default_factory=list)  # each step's tokens and model seconds
+    costs: list[tuple[int, int, float]] = field(default_factory=list)  # each step's rows, tokens and
+    # model seconds
 
     def add(self, other: "_Epoch") -> None:
         self.steps, self.seconds = self.steps + other.steps, self.seconds + other.seconds
@@ -242,26 +251,39 @@ class BudgetController:
             return
         e = self._epoch
         sizes = [size for size, _ in rounds]
-        e.add(_Epoch(1, seconds, sizes, [(sum(sizes), compute)]))
+        e.add(_Epoch(1, seconds, sizes, [(len(sizes), sum(sizes), compute)]))
         if e.steps >= self.MIN_STEPS and len(e.sizes) >= self.MIN_ROWS and e.seconds > 0:
             self._epoch = _Epoch()
             self._end_epoch(e)
 
-    @property
-    def min_node_probability(self) -> float:
-        """The price of one tree node at the current load, as a chance of acceptance: the
-        model seconds a token adds to a step x the tokens/s at the current level (see the
-        module docstring); 0 until a probe has measured the first, and without adaptation."""
-        return self._price(self._load()) if self.adaptive else 0.0
+    def node_prices(self) -> list[float]:
+        """Verdict.node_prices at the current load: entry i is the price of the node that makes
+        a tree i + 2 nodes, as a chance of acceptance: the model seconds a token adds to a step
+        of that size x the tokens/s at the current level (see the module docstring); [] (every
+        node pays) until a probe has measured a cost, and without adaptation."""
+        return self._prices(self._load()) if self.adaptive else []
 
-    def _price(self, load: _Load) -> float:
+    def _prices(self, load: _Load) -> list[float]:
         level = load.level if load.probing_from is None else load.probing_from
-        if level not in self.levels:  # devices with another cap since: nothing measured applies
-            return 0.0
-        below, above = self._neighbour(level, -1), self._neighbour(level, +1)
-        cost = load.token_s.get((below, level), load.token_s.get((level, above)))
         rate = load.rates.get(level)
-        return 0.0 if cost is None or rate is None else min(1.0, cost * rate)
+        if level not in self.levels or rate is None:  # devices with another cap since: nothing applies
+            return []
+        pairs = list(zip(self.levels, self.levels[1:]))
+        measured = [(i, load.token_s[pair]) for i, pair in enumerate(pairs) if pair in load.token_s]
+        if not measured:
+            return []
+        prices: list[float] = []
+        for i, (small, large) in enumerate(pairs):
+            if small >= level:
+                break
+            cost = load.token_s.get((small, large))
+            if cost is None:  # what the smaller steps of the nearest larger probe cost a token
+                cost = next((load.token_s_below[b] for b in sorted(load.token_s_below) if b >= large), None)
+            if cost is None:  # the nearest measured pair, a larger one first: a token's cost grows
+                # with the step's tokens, so the guess errs towards smaller trees
+                cost = min(measured, key=lambda m: (m[0] < i, abs(m[0] - i)))[1]
+            prices += [min(1.0, cost * rate)] * (large - small)
+        return prices
 
     def _averaged(self, old: float | None, new: float) -> float:
         """A measurement that drifts with the machine and the text: recent epochs or probes
@@ -297,17 +319,38 @@ class BudgetController:
         self._switch(load, nxt)
 
     @staticmethod
-    def _token_cost(costs: list[tuple[int, float]]) -> float | None:
+    def _token_cost(costs: Sequence[tuple[int, int, float]]) -> float | None:
         """Model seconds per token: the slope of the steps' seconds over their tokens. A slope,
         not the two levels' difference in means: lock-step rows that miss a step (their device
         answered late) make steps of the larger level fewer-rowed as well as wider, and a
         difference in means charged the missing rows to the extra tokens (26 ms a token at 8
         lock-step clients on this CPU, whose steps with 2 and 4 nodes a row cost 3-4 ms a token
         more than decoding steps). None when the tokens barely vary."""
-        tokens, seconds = np.array(costs, dtype=float).T
+        if len(costs) < 2:
+            return None
+        _, tokens, seconds = np.array(costs, dtype=float).T
         if tokens.std() < 0.5:
             return None
         return max(0.0, float(np.polyfit(tokens, seconds, 1)[0]))
+
+    def _probe_costs(self, load: _Load, small: int, large: int) -> None:
+        """What a token cost in the probe's steps: between the two levels, the slope over the
+        steps with at least `small` tokens a row (over all of them when those barely vary: trees
+        the price did not cut); below, over those with at most `small`, which prices the nodes
+        of smaller trees until their own pair is probed (a step's cost per token is not linear:
+        in bf16 one session's tokens 2-4 cost ~1 ms, 5-16 ~2.4 ms on this CPU), at most at the
+        slope between the levels."""
+        costs = load.trial[small].costs + load.trial[large].costs
+        above = [c for c in costs if c[1] >= small * c[0]]
+        below = [c for c in costs if c[1] <= small * c[0]]
+        between = self._token_cost(above)
+        between = self._token_cost(costs) if between is None else between
+        cheaper = self._token_cost(below)
+        if cheaper is not None and between is not None:  # only ever a discount: a slope over a few
+            cheaper = min(cheaper, between)  # tokens is noisy, and a price too high empties trees
+        for table, key, cost in ((load.token_s, (small, large), between), (load.token_s_below, small, cheaper)):
+            if cost is not None:  # an average over probes, as the rates: one probe's slope varies by 2x
+                table[key] = self._averaged(table.get(key), cost)
 
     def _gain(self, load: _Load, small: int, large: int) -> float | None:
         """Tokens/s at `large` over `small`: their last probe's rounds and seconds, valued at the
@@ -339,14 +382,12 @@ class BudgetController:
     def _judge_probe(self, load: _Load) -> None:
         """Probe and base over the probe's epochs; the run ends on the probe level."""
         base, probe = load.probing_from, load.level
+        small, large = sorted((base, probe))
+        self._probe_costs(load, small, large)
         trial, load.probing_from, load.trial = load.trial, None, {}
         rates = {lv: self._rate(e) for lv, e in trial.items()}  # valued now, by the same acceptance
         load.rates.update(rates)
-        small, large = sorted((base, probe))
         load.probed[(small, large)] = (trial[small], trial[large])
-        cost = self._token_cost(trial[small].costs + trial[large].costs)
-        if cost is not None:  # an average over probes, as the rates: one probe's slope varies by 2x
-            load.token_s[(small, large)] = self._averaged(load.token_s.get((small, large)), cost)
         winner = large if self._gain(load, small, large) > self.MARGIN else small
         loser = small if winner == large else large
         log.debug("load %d: probe %d vs %d: %.1f vs %.1f tokens/s (%s) -> %d", self._key(), probe, base,
@@ -370,10 +411,10 @@ class BudgetController:
     def as_dict(self) -> dict:
         tokens_per_round = {str(lv): round(self.acceptance.tokens([lv]), 3) for lv in self.levels}
         return dict(level=self.level, adaptive=self.adaptive, tokens_per_round=tokens_per_round,
-                    min_node_probability=round(self.min_node_probability, 3), loads={
+                    node_prices=[round(p, 3) for p in self.node_prices()], loads={
             str(k): dict(level=v.level, rates={str(lv): round(r, 2) for lv, r in sorted(v.rates.items())},
                          token_ms={f"{a}-{b}": round(c * 1e3, 2) for (a, b), c in sorted(v.token_s.items())},
-                         min_node_probability=round(self._price(v), 3) if self.adaptive else 0.0,
+                         node_prices=[round(p, 3) for p in self._prices(v)] if self.adaptive else [],
                          probing=v.probing_from is not None,
                          next_probe_in={str(n): max(0, due - v.epochs) for (lv, n), due in v.due.items()
                                         if lv == v.level})

@@ -209,9 +209,12 @@ class _Live:
         if budget:
             yield GaugeMetricFamily(f"{PREFIX}_tree_budget", "tree budget the verdicts hand out now (load-aware)",
                                     value=budget["level"])
-            yield GaugeMetricFamily(
-                f"{PREFIX}_node_price", "the chance of acceptance below which a tree node costs more than it "
-                "yields at the current load (Verdict.min_node_probability)", value=budget["min_node_probability"])
+            prices = GaugeMetricFamily(f"{PREFIX}_node_price", "the chance of acceptance below which the node that "
+                                       "makes a tree this size costs more than it yields at the current load "
+                                       "(Verdict.node_prices)", labels=["tree_size"])
+            for i, price in enumerate(budget["node_prices"]):
+                prices.add_metric([str(i + 2)], price)
+            yield prices
             rounds = GaugeMetricFamily(f"{PREFIX}_tokens_per_round", "tokens a round of this tree budget yields, "
                                        "learned from which node indices recent rounds accepted", labels=["budget"])
             for level, tokens in budget.get("tokens_per_round", {}).items():

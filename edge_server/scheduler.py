@@ -180,22 +180,19 @@ class Scheduler:
             self._cv.notify()
         return await item.future
 
-    def next_budget(self, session: Session) -> int:
-        """The tree budget for the session's next round (call once per verdict): the load's level
-        within the device's own cap; 1 (no tree: the server decodes the round alone) for
-        server-only sessions, and for lock-step devices whose link makes trees lose
+    def next_round(self, session: Session) -> tuple[int, list[float]]:
+        """The tree budget for the session's next round and its nodes' prices (call once per
+        verdict): the load's level within the device's own cap and the load's node prices
+        (BudgetController); budget 1 (no tree: the server decodes the round alone) and no prices
+        for server-only sessions, and for lock-step devices whose link makes trees lose
         (budget.DeviceLink)."""
         with self._cv:
             budget = self._budget(session)
             if budget > 1 and not session.link.next_round_has_tree(self.recent_step_ms / 1e3):
                 budget = 1
+            prices = self.budgets.node_prices()[:budget - 1]
         self.metrics.session_budget(session.id, budget)
-        return budget
-
-    def node_price(self) -> float:
-        """Verdict.min_node_probability: the load's price of one tree node (BudgetController)."""
-        with self._cv:
-            return self.budgets.min_node_probability
+        return budget, prices
 
     def _budget(self, session: Session) -> int:
         level = self.budgets.level

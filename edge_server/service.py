@@ -220,7 +220,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         return tree, waited
 
     def _verdict(self, session: Session, result: RoundResult, step: StepInfo) -> pb.Verdict:
-        budget = self.scheduler.next_budget(session)
+        budget, prices = self.scheduler.next_round(session)
         hidden = b""
         if result.hidden is not None and budget > 1:  # drafts are made only for budgets above 1
             hidden = result.hidden.detach().to("cpu").float().numpy().astype(np.float16).tobytes()
@@ -229,7 +229,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             finish_reason=result.finish,
             timings=pb.ServerTimings(queue_ms=step.queue_ms, compute_ms=step.compute_ms,
                                      batch_size=step.batch_size, batch_tokens=step.batch_tokens),
-            next_tree_budget=budget, min_node_probability=self.scheduler.node_price() if budget > 1 else 0.0,
+            next_tree_budget=budget, node_prices=prices,
         )
 
     # ---- validation --------------------------------------------------------------------

@@ -46,7 +46,8 @@ from shared.protocol import pb, rpc  # noqa: E402
 COLUMNS = [("clients", "N", "d"), ("method", "method", ""), ("tokens_per_s", "tok/s", ".1f"),
            ("vs_server_ar", "× server-ar", ".2f"), ("steady_tokens_per_s", "steady tok/s", ".1f"),
            ("steady_vs_server_ar", "steady ×", ".2f"), ("tau", "τ", ".2f"), ("budget_level", "budget", ""),
-           ("node_price", "node price", ".2f"), ("itl_ms_p50", "ITL p50 ms", ".1f"),
+           ("first_node_price", "price node 2", ".2f"), ("last_node_price", "price last node", ".2f"),
+           ("itl_ms_p50", "ITL p50 ms", ".1f"),
            ("itl_ms_p95", "ITL p95 ms", ".1f"), ("ttft_ms_p50", "TTFT p50 ms", ".0f"),
            ("batch_size_mean", "batch rows", ".1f"), ("batch_tokens_mean", "batch tok", ".1f"),
            ("verify_ms_p50", "step ms p50", ".1f"), ("queue_ms_p50", "queue ms p50", ".1f"),
@@ -104,9 +105,11 @@ def summarize(run: MethodRun, metrics: dict) -> dict:
         "device_wait_ms_p50": win.get("device_wait_ms", {}).get("p50", 0.0),
         "device_wait_ms_p95": win.get("device_wait_ms", {}).get("p95", 0.0),
         "steps": win.get("steps", 0), "budget": metrics.get("budget"),
-        # the level and node price (Verdict.min_node_probability) the server settled on
+        # the level the server settled on, and the prices (Verdict.node_prices) of its trees' first
+        # and last nodes (0: every node pays)
         "budget_level": _settled(metrics, run.clients).get("level"),
-        "node_price": _settled(metrics, run.clients).get("min_node_probability"),
+        "first_node_price": (_settled(metrics, run.clients).get("node_prices") or [0.0])[0],
+        "last_node_price": (_settled(metrics, run.clients).get("node_prices") or [0.0])[-1],
         # pipelined runs: the share of steps that verified a device draft (the rest decoded alone)
         "pipelined_tree_share": (metrics["counters"]["pipelined_steps_with_tree"]
                                  / max(1, metrics["counters"]["pipelined_steps"])),

@@ -134,7 +134,9 @@ def test_adaptive_budgets_are_lossless_and_learn_node_acceptance(loaded, client)
         assert budget["tokens_per_round"]["2"] > 1.0  # some verified rounds accepted their first node
         prometheus = stub.GetMetrics(pb.MetricsRequest(), timeout=10).prometheus
         assert 'edgespec_tokens_per_round{budget="2"}' in prometheus
-        assert 0.0 <= budget["min_node_probability"] <= 1.0 and "edgespec_node_price " in prometheus
+        prices = budget["node_prices"]  # none until a probe has measured what a token costs
+        assert all(0.0 <= p <= 1.0 for p in prices) and "# TYPE edgespec_node_price gauge" in prometheus
+        assert all(f'edgespec_node_price{{tree_size="{i + 2}"}}' in prometheus for i in range(len(prices)))
 
 
 def test_prometheus_scrape_counts_what_the_server_did(server, client):

@@ -275,17 +275,17 @@ def test_unlucky_rounds_do_not_stop_a_fast_devices_trees():
 def test_a_node_is_priced_at_its_measured_cost_times_the_tokens_per_second():
     # one session; every verified token adds 4 ms to a 50 ms step
     ctl = _controller(1)
-    assert ctl.min_node_probability == 0.0  # nothing measured yet: every node pays
+    assert ctl.node_prices() == []  # nothing measured yet: every node pays
     _run(ctl, 200, 1, _cpu_like_tau, lambda rows, b: 0.050 + 0.004 * rows * b)
     load = ctl.loads[1]
     assert load.token_s and all(c == pytest.approx(0.004) for c in load.token_s.values())  # per probed pair
-    level = load.level if load.probing_from is None else load.probing_from  # a probe keeps its base's price
-    assert ctl.min_node_probability == pytest.approx(0.004 * load.rates[level])
-    assert 0.05 < ctl.min_node_probability < 0.2
+    level = load.level if load.probing_from is None else load.probing_from  # a probe keeps its base's prices
+    assert ctl.node_prices() == pytest.approx([0.004 * load.rates[level]] * (level - 1))
+    assert 0.05 < ctl.node_prices()[0] < 0.2
     fixed = BudgetController(64, adaptive=False)
     fixed.add("a", speculative=True)
     _run(fixed, 200, 1, _cpu_like_tau, lambda rows, b: 0.050 + 0.004 * rows * b)
-    assert fixed.min_node_probability == 0.0  # a fixed budget is not load-aware
+    assert fixed.node_prices() == []  # a fixed budget is not load-aware
 
 
 def test_a_node_is_priced_at_what_the_nodes_of_its_level_cost():
@@ -295,7 +295,29 @@ def test_a_node_is_priced_at_what_the_nodes_of_its_level_cost():
     _run(ctl, 400, 1, _cpu_like_tau, _cpu_like_step_s)
     load = ctl.loads[1]
     assert load.level >= 4 and load.token_s[(load.level // 2, load.level)] == pytest.approx(0.003)
-    assert ctl.min_node_probability < 0.003 * 40
+    assert ctl.node_prices()[-1] < 0.003 * 40
+
+
+@pytest.mark.parametrize("small_s, large_s, small_price_s", [(0.001, 0.0024, 0.001), (0.004, 0.001, 0.001)])
+def test_small_trees_nodes_are_priced_at_what_small_steps_cost(small_s, large_s, small_price_s):
+    # one session, bf16 products padded to 4 rows: tokens 2-4 add 1 ms each, later ones 2.4 ms.
+    # Trees the price cut vary in size, so the probe of 4 against 8 measures both slopes, and
+    # the level of 8 prices its nodes 2-4 at the first, 5-8 at the second. A small steps' slope
+    # above the larger one is only noise here: it never raises a price
+    ctl = _controller(1, max_nodes=8)
+    rng = np.random.default_rng(0)
+    load = ctl._load()
+    for step in range(600):  # until some time after the first probes, at the level of 8
+        if step > 300 and load.level == 8 and load.probing_from is None:
+            break
+        sizes = [int(rng.integers(1, ctl.level + 1))]
+        tokens = sum(sizes)
+        seconds = 0.030 + small_s * min(tokens, 4) + large_s * max(0, tokens - 4)
+        ctl.observe_step([(b, list(range(b))) for b in sizes], seconds, seconds, prefill=False)  # all accepted
+    assert load.level == 8 and load.probing_from is None
+    assert load.token_s[(4, 8)] == pytest.approx(large_s) and load.token_s_below[4] == pytest.approx(small_price_s)
+    rate = load.rates[8]
+    assert ctl.node_prices() == pytest.approx([small_price_s * rate] * 3 + [large_s * rate] * 4)
 
 
 def test_a_tokens_cost_is_measured_when_late_rows_make_steps_smaller():

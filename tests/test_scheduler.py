@@ -144,10 +144,10 @@ def test_a_lock_step_device_on_a_slow_link_is_given_budget_one():
         sched.budgets.add(s.id, True, s.tree_cap)
         sched.metrics.session_open(s.id, "speculative")
         sched.recent_step_ms = 65.0
-        assert sched.next_budget(s) == 8  # a lone session starts at START_NODES
+        assert sched.next_round(s) == (8, [])  # a lone session starts at START_NODES, nodes not yet priced
         for answer_s in (0.6, 0.6):
             s.link.tree_round(answer_s, 2)
-        assert sched.next_budget(s) == 1
+        assert sched.next_round(s) == (1, [])
         assert sched.metrics.sessions[s.id].budget == 1  # what the verdict handed out, not the level
     finally:
         sched.stop()

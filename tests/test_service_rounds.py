@@ -58,11 +58,9 @@ class InstantScheduler:
     def release(self, session):
         pass
 
-    def next_budget(self, session):
-        return self.budgets.pop(0) if self.budgets else 1
-
-    def node_price(self):
-        return 0.25
+    def next_round(self, session):
+        budget = self.budgets.pop(0) if self.budgets else 1
+        return budget, [0.25, 0.5][:budget - 1]
 
     async def prefill(self, session):
         return session.prefill(self.target), STEP
@@ -143,8 +141,8 @@ def test_lock_step_waits_for_trees_only_when_the_budget_asks_for_one():
     assert svc.scheduler.trees[:4] == [3, 1, 1, 3]
     # hidden states travel only with verdicts that ask for a tree
     assert all(bool(v.hidden_state) == (v.next_tree_budget > 1) for v in verdicts)
-    # and so does the price of a node (the scheduler's, 0.25 here)
-    assert all(v.min_node_probability == (0.25 if v.next_tree_budget > 1 else 0.0) for v in verdicts)
+    # and so do the nodes' prices (the scheduler's)
+    assert all(list(v.node_prices) == [0.25, 0.5][:v.next_tree_budget - 1] for v in verdicts)
 
 
 def test_a_tree_the_price_left_empty_is_a_round_of_its_root():

@@ -16,6 +16,7 @@ from device_client.tree_builders import (
     measure_acceptance,
     merge_trees,
     node_paths,
+    node_price,
     static_topology,
     tree_from_topology,
     unified_tree,
@@ -192,15 +193,19 @@ def test_unified_tree_is_the_budgets_best_node_set(budget):
     assert all(probs[i] <= probs[tree.parents[i]] for i in range(1, len(tree)))
 
 
-@pytest.mark.parametrize("price, nodes", [(0.0, 12), (0.3, 9), (0.45, 5), (0.6, 3), (1.0, 1)])
-def test_unified_tree_leaves_out_nodes_below_the_servers_price(price, nodes):
+@pytest.mark.parametrize("prices, nodes", [([], 12), ([0.3], 9), ([0.45], 5), ([0.6], 3), ([1.0], 1),
+                                           # cheap small trees, dear large ones: the cheap nodes stay
+                                           ([0.3, 0.3, 0.3, 0.6], 4), ([0.0] * 7 + [0.6], 8),
+                                           ([0.8, 0.0], 1)])  # the first node below its price ends the tree
+def test_unified_tree_stops_at_the_first_node_below_the_servers_price(prices, nodes):
     ids, lps = _heads()
     context = [7, 100, 3, 8, 7, 101, 3, 8, 7]
     model = _model(bias=5.0)  # paths' chances from 0.73 down to 0.27
     full = unified_tree(context, ids, lps, 12, model)
-    tree = unified_tree(context, ids, lps, 12, model, None, price)
+    tree = unified_tree(context, ids, lps, 12, model, None, prices)
     probs, _ = _path_probs(full, model, context, ids, lps, None)
-    kept = [i for i in range(len(full)) if probs[i] >= price]  # best-first: a prefix of the full tree
+    kept = list(itertools.takewhile(lambda i: probs[i] >= node_price(prices, i + 1), range(1, len(full))))
+    kept = [0] + kept  # best-first: a prefix of the full tree
     assert len(kept) == len(tree) == nodes
     assert tree.tokens == tuple(full.tokens[i] for i in kept) and tree.parents == full.parents[:len(kept)]
 

@@ -14,15 +14,16 @@ class Drafter(Protocol):
     `context` holds every token so far (prompt + generated); its last entry is the root, the
     bonus token the server returned. `hidden` is the target's final hidden state at the node
     before the root (float32 [hidden_size]), present only when `needs_hidden_state` is True.
-    The tree must have at most `budget` nodes, root included. `min_probability` is the
-    server's price of a node (Verdict.min_node_probability): a drafter that knows each node's
-    chance of being accepted leaves out nodes below it; drafters without calibrated chances
-    (n-gram lookups, uncalibrated head trees) cannot tell and keep the budget alone.
+    The tree must have at most `budget` nodes, root included. `node_prices` are the server's
+    prices of its nodes (Verdict.node_prices, see tree_builders.node_price): a drafter that
+    knows each node's chance of being accepted stops at the first node below its price;
+    drafters without calibrated chances (n-gram lookups, uncalibrated head trees) cannot tell
+    and keep the budget alone.
     """
 
     name: str
     needs_hidden_state: bool
 
     def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int,
-                min_probability: float = 0.0) -> TokenTree:
+                node_prices: Sequence[float] = ()) -> TokenTree:
         ...

@@ -17,7 +17,7 @@ through the heads once; their top-k candidates become a token tree:
   (heads.json `tree_calibration`, written by scripts/calibrate_tree.py; see
   tree_builders.unified_tree). No fixed share: the budget goes where acceptance is likelier.
   The only mode that knows those chances, so the only one that leaves out the nodes below
-  the server's price (`min_probability`);
+  the server's prices (`node_prices`);
 - mode "auto": "unified" when heads.json has `tree_calibration`, else "dynamic". Artifacts
   from before the calibration existed keep loading and draft as they always did, but not
   silently: the drafter warns once and says so in `fallback` (None when nothing fell back).
@@ -143,7 +143,7 @@ class HeadsDrafter:
         return ids[0], lps[0]
 
     def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int,
-                min_probability: float = 0.0) -> TokenTree:
+                node_prices: Sequence[float] = ()) -> TokenTree:
         root = int(context[-1])
         if budget <= 1:
             return TokenTree.root_only(root)
@@ -154,7 +154,7 @@ class HeadsDrafter:
         # a tree of `budget` nodes is at most budget - 1 deep: the heads past that would go unused
         ids, lps = self.candidates(hidden, root, budget - 1)
         if self.mode == "unified":
-            return unified_tree(context, ids, lps, budget, self.acceptance, self._index, min_probability)
+            return unified_tree(context, ids, lps, budget, self.acceptance, self._index, node_prices)
         if self.mode == "static":
             tree = tree_from_topology(root, self.topology, ids, budget)
         else:

@@ -124,7 +124,7 @@ class NgramDrafter:
         self.index = index if index is not None else NgramIndex(max_ngram)
 
     def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int,
-                min_probability: float = 0.0) -> TokenTree:
+                node_prices: Sequence[float] = ()) -> TokenTree:
         self.index.sync(context)
         paths = self.index.continuations(context, self.min_ngram, depth=min(self.depth, max(budget - 1, 0)))
         return merge_paths(context[-1], paths, budget)

@@ -13,5 +13,5 @@ class NoDrafter:
     needs_hidden_state = False
 
     def propose(self, context: Sequence[int], hidden: np.ndarray | None, budget: int,
-                min_probability: float = 0.0) -> TokenTree:
+                node_prices: Sequence[float] = ()) -> TokenTree:
         return TokenTree.root_only(context[-1])

@@ -108,22 +108,22 @@ class Started(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., first: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("round", "tokens", "hidden_state", "finish_reason", "timings", "next_tree_budget", "min_node_probability")
+    __slots__ = ("round", "tokens", "hidden_state", "finish_reason", "timings", "next_tree_budget", "node_prices")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATE_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TREE_BUDGET_FIELD_NUMBER: _ClassVar[int]
-    MIN_NODE_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    NODE_PRICES_FIELD_NUMBER: _ClassVar[int]
     round: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     hidden_state: bytes
     finish_reason: FinishReason
     timings: ServerTimings
     next_tree_budget: int
-    min_node_probability: float
-    def __init__(self, round: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden_state: _Optional[bytes] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., next_tree_budget: _Optional[int] = ..., min_node_probability: _Optional[float] = ...) -> None: ...
+    node_prices: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, round: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden_state: _Optional[bytes] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., next_tree_budget: _Optional[int] = ..., node_prices: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
     __slots__ = ("started", "verdict")
