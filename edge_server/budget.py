@@ -59,18 +59,20 @@ measure, so the controller climbs it directly:
   probability (`node_prices`): a node adds p tokens and costs c model seconds, which pays while
   p > c x R, R the tokens/s at the current level. c is what a token costs in steps of the
   tree's size: the slope of model seconds over tokens across the steps of the probes of the
-  two levels around that size (paired, as the rates are), so the nodes up to 2 are priced by
-  the 1-2 probes, nodes 3-4 by the 2-4 probes, and so on up to the level; a pair not measured
-  yet borrows the nearest measured pair's slope, and until a probe has measured one every node
-  pays. Per pair, because a step's cost is not linear in its tokens: on an AVX2 CPU in fp32
-  one session's first extra token turns a matrix-vector step into a matrix one (~25 ms), the
-  next few cost ~3 ms each; in bf16 on oneDNN (products padded to 4 rows) one session's
-  tokens 2-4 cost ~1 ms each and 5-16 ~2.4 ms. One price for all of a level's nodes, that of
-  its largest pair, cut the cheap nodes too: at one client the level of 8 nodes at a price of
-  0.10 drafted 3.3 nodes a round, τ 1.84, where 4 nodes fixed got τ 1.96 at the same step
-  time (42.5 against 45.2 tokens/s). With 8-node trees fixed at 4 clients a hand-set price of
-  0.15 shrank trees from 8 to ~2.5 nodes, steps from 262 to 129 ms and tokens a round from
-  1.72 to 1.42: 0.67x of server-only decoding became 0.94x. A probe keeps the prices of the
+  two levels around that size (paired, as the rates are): the second node is priced by the
+  1-2 probes, the third and fourth by the 2-4 probes, and so on up to the level. A pair not
+  probed yet borrows what a larger probe's smaller steps cost a token (never more than that
+  probe's own slope), else the nearest measured pair's slope; until a probe has measured one,
+  every node pays. Per pair, because a step's cost is not linear in its tokens: on an AVX2 CPU
+  in fp32 one session's first extra token turns a matrix-vector step into a matrix one (~25
+  ms), the next few cost ~3 ms each; in bf16 on oneDNN (products padded to 4 rows) one
+  session's tokens 2-4 cost ~1 ms each and 5-16 ~2.4-4 ms. One price for all of a level's
+  nodes, that of its largest pair, cut the cheap nodes too: at one client the level of 8 nodes
+  at a price of 0.10 drafted 3.3 nodes a round, τ 1.84, where 4 nodes fixed got τ 1.96 at the
+  same step time (42.5 against 45.2 tokens/s); per-node prices got 1.11x there, the median of
+  ten pairs (sweep W in results/summary/load.md). With 8-node trees fixed at 4 clients a
+  hand-set price of 0.15 shrank trees from 8 to ~2.5 nodes, steps from 262 to 129 ms and tokens
+  a round from 1.72 to 1.42: 0.67x of server-only decoding became 0.94x. A probe keeps the prices of the
   level it started from (a larger probe's extra nodes pay the last of them), so a node index
   means the same thing at the two levels it compares.
 - Each (level, neighbour) pair keeps its own wait before it is probed again, so a smaller level
