@@ -281,9 +281,10 @@ def _sigmoid(z: float) -> float:
 
 
 def node_price(prices: Sequence[float], size: int) -> float:
-    """The price (Verdict.node_prices) of the node that makes a tree `size` nodes: entry
-    size - 2, the last entry for larger trees, 0 (it pays) when the server sent none."""
-    return prices[min(size - 2, len(prices) - 1)] if prices else 0.0
+    """The price (Verdict.node_prices) of the node that makes a tree `size` nodes: entry k for
+    2^k < size <= 2^(k+1), the last entry for larger trees, 0 (it pays) when the server sent
+    none."""
+    return prices[min((size - 1).bit_length() - 1, len(prices) - 1)] if prices else 0.0
 
 
 def unified_tree(context: Sequence[int], ids: np.ndarray, lps: np.ndarray, budget: int,

@@ -259,10 +259,12 @@ class BudgetController:
             self._end_epoch(e)
 
     def node_prices(self) -> list[float]:
-        """Verdict.node_prices at the current load: entry i is the price of the node that makes
-        a tree i + 2 nodes, as a chance of acceptance: the model seconds a token adds to a step
-        of that size x the tokens/s at the current level (see the module docstring); [] (every
-        node pays) until a probe has measured a cost, and without adaptation."""
+        """Verdict.node_prices at the current load, one per pair of levels up to the current
+        one: entry k prices the nodes that make a tree of 2^k + 1 to 2^(k+1) nodes (the pair
+        (2^k, 2^(k+1)), or up to the cap), as a chance of acceptance: the model seconds a token
+        adds to a step of that size x the tokens/s at the current level (see the module
+        docstring); [] (every node pays) until a probe has measured a cost, and without
+        adaptation."""
         return self._prices(self._load()) if self.adaptive else []
 
     def _prices(self, load: _Load) -> list[float]:
@@ -284,7 +286,7 @@ class BudgetController:
             if cost is None:  # the nearest measured pair, a larger one first: a token's cost grows
                 # with the step's tokens, so the guess errs towards smaller trees
                 cost = min(measured, key=lambda m: (m[0] < i, abs(m[0] - i)))[1]
-            prices += [min(1.0, cost * rate)] * (large - small)
+            prices.append(min(1.0, cost * rate))
         return prices
 
     def _averaged(self, old: float | None, new: float) -> float:

@@ -209,11 +209,11 @@ class _Live:
         if budget:
             yield GaugeMetricFamily(f"{PREFIX}_tree_budget", "tree budget the verdicts hand out now (load-aware)",
                                     value=budget["level"])
-            prices = GaugeMetricFamily(f"{PREFIX}_node_price", "the chance of acceptance below which the node that "
-                                       "makes a tree this size costs more than it yields at the current load "
-                                       "(Verdict.node_prices)", labels=["tree_size"])
-            for i, price in enumerate(budget["node_prices"]):
-                prices.add_metric([str(i + 2)], price)
+            prices = GaugeMetricFamily(f"{PREFIX}_node_price", "the chance of acceptance below which the nodes "
+                                       "that make a tree up to this size (from half of it) cost more than they "
+                                       "yield at the current load (Verdict.node_prices)", labels=["tree_size"])
+            for k, price in enumerate(budget["node_prices"]):
+                prices.add_metric([str(2 << k)], price)
             yield prices
             rounds = GaugeMetricFamily(f"{PREFIX}_tokens_per_round", "tokens a round of this tree budget yields, "
                                        "learned from which node indices recent rounds accepted", labels=["budget"])

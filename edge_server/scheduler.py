@@ -190,7 +190,7 @@ class Scheduler:
             budget = self._budget(session)
             if budget > 1 and not session.link.next_round_has_tree(self.recent_step_ms / 1e3):
                 budget = 1
-            prices = self.budgets.node_prices()[:budget - 1]
+            prices = self.budgets.node_prices()[:(budget - 1).bit_length()]  # the stages it reaches
         self.metrics.session_budget(session.id, budget)
         return budget, prices
 

@@ -136,7 +136,7 @@ def test_adaptive_budgets_are_lossless_and_learn_node_acceptance(loaded, client)
         assert 'edgespec_tokens_per_round{budget="2"}' in prometheus
         prices = budget["node_prices"]  # none until a probe has measured what a token costs
         assert all(0.0 <= p <= 1.0 for p in prices) and "# TYPE edgespec_node_price gauge" in prometheus
-        assert all(f'edgespec_node_price{{tree_size="{i + 2}"}}' in prometheus for i in range(len(prices)))
+        assert all(f'edgespec_node_price{{tree_size="{2 << k}"}}' in prometheus for k in range(len(prices)))
 
 
 def test_prometheus_scrape_counts_what_the_server_did(server, client):

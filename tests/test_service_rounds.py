@@ -60,7 +60,7 @@ class InstantScheduler:
 
     def next_round(self, session):
         budget = self.budgets.pop(0) if self.budgets else 1
-        return budget, [0.25, 0.5][:budget - 1]
+        return budget, [0.25, 0.5][:(budget - 1).bit_length()]
 
     async def prefill(self, session):
         return session.prefill(self.target), STEP
@@ -142,7 +142,7 @@ def test_lock_step_waits_for_trees_only_when_the_budget_asks_for_one():
     # hidden states travel only with verdicts that ask for a tree
     assert all(bool(v.hidden_state) == (v.next_tree_budget > 1) for v in verdicts)
     # and so do the nodes' prices (the scheduler's)
-    assert all(list(v.node_prices) == [0.25, 0.5][:v.next_tree_budget - 1] for v in verdicts)
+    assert all(list(v.node_prices) == [0.25, 0.5][:(v.next_tree_budget - 1).bit_length()] for v in verdicts)
 
 
 def test_a_tree_the_price_left_empty_is_a_round_of_its_root():

@@ -195,7 +195,7 @@ def test_unified_tree_is_the_budgets_best_node_set(budget):
 
 @pytest.mark.parametrize("prices, nodes", [([], 12), ([0.3], 9), ([0.45], 5), ([0.6], 3), ([1.0], 1),
                                            # cheap small trees, dear large ones: the cheap nodes stay
-                                           ([0.3, 0.3, 0.3, 0.6], 4), ([0.0] * 7 + [0.6], 8),
+                                           ([0.3, 0.3, 0.6], 4), ([0.0, 0.0, 0.0, 0.6], 8),
                                            ([0.8, 0.0], 1)])  # the first node below its price ends the tree
 def test_unified_tree_stops_at_the_first_node_below_the_servers_price(prices, nodes):
     ids, lps = _heads()
