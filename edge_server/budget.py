@@ -268,11 +268,11 @@ class BudgetController:
         return self._prices(self._load()) if self.adaptive else []
 
     def _prices(self, load: _Load) -> list[float]:
-        level = load.level if load.probing_from is None else load.probing_from
+        level, levels = load.level if load.probing_from is None else load.probing_from, self.levels
         rate = load.rates.get(level)
-        if level not in self.levels or rate is None:  # devices with another cap since: nothing applies
+        if level not in levels or rate is None:  # devices with another cap since: nothing applies
             return []
-        pairs = list(zip(self.levels, self.levels[1:]))
+        pairs = list(zip(levels, levels[1:]))  # pair k prices the sizes of shared.tree.price_index k
         measured = [(i, load.token_s[pair]) for i, pair in enumerate(pairs) if pair in load.token_s]
         if not measured:
             return []

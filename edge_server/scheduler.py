@@ -54,7 +54,7 @@ from edge_server.metrics import ServerMetrics, StepRecord
 from edge_server.session import RoundResult, Session
 from edge_server.verifier import TargetModel
 from shared.protocol import pb
-from shared.tree import TokenTree
+from shared.tree import TokenTree, price_index
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class Scheduler:
             budget = self._budget(session)
             if budget > 1 and not session.link.next_round_has_tree(self.recent_step_ms / 1e3):
                 budget = 1
-            prices = self.budgets.node_prices()[:(budget - 1).bit_length()]  # the stages it reaches
+            prices = self.budgets.node_prices()[:price_index(budget) + 1] if budget > 1 else []
         self.metrics.session_budget(session.id, budget)
         return budget, prices
 

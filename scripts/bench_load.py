@@ -91,6 +91,7 @@ def _settled(metrics: dict, clients: int) -> dict:
 
 def summarize(run: MethodRun, metrics: dict) -> dict:
     win = metrics.get("window", {})
+    settled = _settled(metrics, run.clients)
     return {
         **run.row(),
         "batch_size_mean": win.get("batch_size", {}).get("mean", 0.0),
@@ -107,9 +108,9 @@ def summarize(run: MethodRun, metrics: dict) -> dict:
         "steps": win.get("steps", 0), "budget": metrics.get("budget"),
         # the level the server settled on, and the prices (Verdict.node_prices) of its trees' first
         # and last nodes (0: every node pays)
-        "budget_level": _settled(metrics, run.clients).get("level"),
-        "first_node_price": (_settled(metrics, run.clients).get("node_prices") or [0.0])[0],
-        "last_node_price": (_settled(metrics, run.clients).get("node_prices") or [0.0])[-1],
+        "budget_level": settled.get("level"),
+        "first_node_price": (settled.get("node_prices") or [0.0])[0],
+        "last_node_price": (settled.get("node_prices") or [0.0])[-1],
         # pipelined runs: the share of steps that verified a device draft (the rest decoded alone)
         "pipelined_tree_share": (metrics["counters"]["pipelined_steps_with_tree"]
                                  / max(1, metrics["counters"]["pipelined_steps"])),

@@ -150,6 +150,12 @@ class TokenTree:
             node = nxt
 
 
+def price_index(size: int) -> int:
+    """Which entry of Verdict.node_prices prices the node that makes a tree `size` nodes (size
+    >= 2): k for 2^k < size <= 2^(k+1), one price per pair of the server's budget levels."""
+    return (size - 1).bit_length() - 1
+
+
 def merge_paths(root: int, paths: Sequence[Sequence[int]], budget: int) -> TokenTree:
     """Merge token sequences that continue the root into one tree of at most `budget` nodes.
 
