@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from shared.tree import TokenTree, merge_paths, price_index
+from shared.tree import TokenTree, merge_paths, node_price
 
 if TYPE_CHECKING:
     from device_client.drafters.ngram import NgramIndex
@@ -278,13 +278,6 @@ class AcceptanceModel:
 
 def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
-
-
-def node_price(prices: Sequence[float], size: int) -> float:
-    """The price (Verdict.node_prices) of the node that makes a tree `size` nodes: its entry
-    (shared.tree.price_index), the last one for larger trees, 0 (it pays) when the server sent
-    none."""
-    return prices[min(price_index(size), len(prices) - 1)] if prices else 0.0
 
 
 def unified_tree(context: Sequence[int], ids: np.ndarray, lps: np.ndarray, budget: int,

@@ -89,10 +89,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from shared.tree import nodes_price
 
 log = logging.getLogger("edge-server.budget")
 
@@ -427,50 +430,67 @@ class BudgetController:
 
 @dataclass
 class DeviceLink:
-    """Lock-step only: whether a tree round pays for this device's answer time.
+    """Whether a tree round pays for this device: its link (lock-step) and its drafts' yield at
+    the server's node prices.
 
-    The load level says whether trees pay for the server's steps; this says whether they pay for
-    one device's link. A lock-step round with a tree takes the device's answer (link round trip
-    plus drafting) and a step, and yields `tokens` (accepted + bonus); decoding alone yields one
-    token a step. Measured on this CPU (one device, ~65 ms a step, τ 2.0): trees win on the LAN,
-    5g and 4g (1.7 / 1.5 / 1.0-1.2x) and lose from 3g on (0.64x; 0.25x over a 600 ms satellite
-    link), where tokens x step < answer + step. There the session decodes alone and tries one
-    tree again after `wait` rounds (the link or the text may have changed), a wait that doubles
-    while trees keep losing; the retry's answer time replaces the old one, so a link that got
-    fast has its trees back at once."""
+    The load level says whether trees pay for the server's steps on average; this says whether
+    they pay for one device. Two ways a device's trees lose:
+    - Its link (lock-step only): a tree round takes the device's answer (link round trip plus
+      drafting) and a step, and yields `tokens` (accepted + bonus); decoding alone yields one
+      token a step. Measured on this CPU (one device, ~65 ms a step, τ 2.0): trees win on the
+      LAN, 5g and 4g (1.7 / 1.5 / 1.0-1.2x) and lose from 3g on (0.64x; 0.25x over a 600 ms
+      satellite link), where tokens x step < answer + step.
+    - Its drafts: a round's extra tokens (tokens - 1) must pay for its nodes at the load's
+      prices (Verdict.node_prices: the chance of acceptance at which a node pays for the step
+      time it adds). The calibrated heads stop at the price by their calibrated chances, which
+      fit some texts better than others (the benchmark's prompts accepted a 2-node tree's node
+      in 5-85% of rounds), and n-gram lookups cannot price their nodes at all (7-15% on those
+      prompts), so the server judges what the trees yield.
+    A device whose trees lose decodes alone and tries trees again after `wait` rounds (the
+    link or the text may have changed), a wait that doubles while trees keep losing; a retry
+    lasts until a tree round is verified (a pipelined draft may miss a step or two), and its
+    answer time replaces the old one, so a link that got fast has its trees back at once."""
 
     EMA = 0.5  # answer times: a link changes
     # tokens per tree round: one round's count is geometric-like (1-5 at τ 2), so the session's
-    # mean, started from a prior of PRIOR_TOKENS over PRIOR_ROUNDS rounds (what the shipped heads
-    # get on a LAN), so that two unlucky rounds do not stop a fast device's trees
+    # mean over its last WINDOW tree rounds, started from a prior of PRIOR_TOKENS over PRIOR_ROUNDS
+    # rounds (what the shipped heads get on a LAN), so that two unlucky rounds do not stop a fast
+    # device's trees
     PRIOR_TOKENS, PRIOR_ROUNDS = 2.0, 2
+    WINDOW = 32
     FIRST_WAIT = 8
     MAX_WAIT = 128
 
     rounds: int = 0  # tree rounds seen; the first is not measured (it may carry the drafter's warm-up)
-    answer_s: float = 0.0  # EMA of the device's answer time in tree rounds
-    tokens_sum: int = 0  # tokens of the measured tree rounds
+    answer_s: float = 0.0  # EMA of the device's answer time in lock-step tree rounds
+    recent: deque = field(default_factory=lambda: deque(maxlen=DeviceLink.WINDOW))  # (size, tokens)
     alone: int = 0  # rounds decoded alone since the last tree round
     wait: int = FIRST_WAIT
-    retrying: bool = False  # the coming tree round re-measures a link after rounds alone
+    retrying: bool = False  # trees are being tried again after rounds alone
 
     @property
     def tokens(self) -> float:
         """Expected tokens of a tree round."""
-        measured = max(0, self.rounds - 1)
-        return (self.tokens_sum + self.PRIOR_TOKENS * self.PRIOR_ROUNDS) / (measured + self.PRIOR_ROUNDS)
+        return (sum(t for _, t in self.recent) + self.PRIOR_TOKENS * self.PRIOR_ROUNDS) / (
+            len(self.recent) + self.PRIOR_ROUNDS)
 
-    def tree_round(self, answer_s: float, tokens: int) -> None:
+    def tree_round(self, answer_s: float | None, size: int, tokens: int) -> None:
+        """A verified round whose tree had `size` nodes; `answer_s` the device's answer time in
+        lock-step, None for a pipelined step (it never waits for the device)."""
         self.rounds += 1
         if self.rounds > 1:
-            weight = 1.0 if self.rounds == 2 or self.retrying else self.EMA  # a retry replaces a stale time
-            self.answer_s += weight * (answer_s - self.answer_s)
-            self.tokens_sum += tokens
+            if answer_s is not None:
+                weight = 1.0 if self.rounds == 2 or self.retrying else self.EMA  # a retry replaces a stale time
+                self.answer_s += weight * (answer_s - self.answer_s)
+            self.recent.append((size, tokens))
         self.retrying = False
 
-    def next_round_has_tree(self, step_s: float) -> bool:
-        """Decides the next round (call once per verdict that would ask for a tree)."""
-        if self.rounds < 2 or self.tokens * step_s >= self.answer_s + step_s:
+    def next_round_has_tree(self, step_s: float, prices: Sequence[float] = ()) -> bool:
+        """Decides the next round (call once per verdict that would ask for a tree); `prices`
+        the node prices that verdict would carry."""
+        if self.retrying:
+            return True
+        if self.rounds < 2 or self._pays(step_s, prices):
             self.alone, self.wait = 0, self.FIRST_WAIT
             return True
         self.alone += 1
@@ -478,3 +498,10 @@ class DeviceLink:
             return False
         self.alone, self.wait, self.retrying = 0, min(2 * self.wait, self.MAX_WAIT), True
         return True
+
+    def _pays(self, step_s: float, prices: Sequence[float]) -> bool:
+        tokens = self.tokens
+        if tokens * step_s < self.answer_s + step_s:
+            return False
+        cost = sum(nodes_price(prices, size) for size, _ in self.recent) / (len(self.recent) + self.PRIOR_ROUNDS)
+        return tokens - 1.0 >= cost

@@ -184,13 +184,13 @@ class Scheduler:
         """The tree budget for the session's next round and its nodes' prices (call once per
         verdict): the load's level within the device's own cap and the load's node prices
         (BudgetController); budget 1 (no tree: the server decodes the round alone) and no prices
-        for server-only sessions, and for lock-step devices whose link makes trees lose
-        (budget.DeviceLink)."""
+        for server-only sessions, and for devices whose trees lose, by their link or by what they
+        yield at those prices (budget.DeviceLink)."""
         with self._cv:
             budget = self._budget(session)
-            if budget > 1 and not session.link.next_round_has_tree(self.recent_step_ms / 1e3):
-                budget = 1
             prices = self.budgets.node_prices()[:price_index(budget) + 1] if budget > 1 else []
+            if budget > 1 and not session.link.next_round_has_tree(self.recent_step_ms / 1e3, prices):
+                budget, prices = 1, []
         self.metrics.session_budget(session.id, budget)
         return budget, prices
 

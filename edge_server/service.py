@@ -159,12 +159,14 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             while session.finish == pb.FINISH_NONE and not uplink.ended.is_set():
                 if mode == pb.MODE_PIPELINED:
                     result, step = await self.scheduler.step_pipelined(session)
+                    if result.tree_size > 1:
+                        session.link.tree_round(None, result.tree_size, len(result.tokens))
                 elif lock_step and budget > 1:
                     tree, answer_s = await self._due_draft(uplink.drafts)
                     if tree is None:
                         break
                     result, step = await self.scheduler.verify(session, tree)
-                    session.link.tree_round(answer_s, len(result.tokens))
+                    session.link.tree_round(answer_s, len(tree), len(result.tokens))
                 else:
                     result, step = await self.scheduler.verify(session, TokenTree.root_only(session.bonus))
                 verdict = self._verdict(session, result, step)

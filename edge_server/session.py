@@ -61,7 +61,7 @@ class Session:
     round_ends: list[int] = field(default_factory=list)  # len(generated) after each round (0 = prefill)
     # pipelined mode: the device's latest draft and its round, set by the service as drafts arrive
     draft: tuple[int, TokenTree] | None = None
-    link: DeviceLink = field(default_factory=DeviceLink)  # lock-step: does a tree pay for the device's link
+    link: DeviceLink = field(default_factory=DeviceLink)  # does a tree pay for this device (its link, its yield)
 
     def __post_init__(self) -> None:
         if not self.params.greedy:

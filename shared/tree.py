@@ -156,6 +156,17 @@ def price_index(size: int) -> int:
     return (size - 1).bit_length() - 1
 
 
+def node_price(prices: Sequence[float], size: int) -> float:
+    """The price (Verdict.node_prices) of the node that makes a tree `size` nodes: its entry
+    (price_index), the last one for larger trees, 0 (it pays) when the server sent none."""
+    return prices[min(price_index(size), len(prices) - 1)] if prices else 0.0
+
+
+def nodes_price(prices: Sequence[float], size: int) -> float:
+    """What a tree of `size` nodes costs at these prices: its nodes' prices summed, root excluded."""
+    return sum(node_price(prices, k) for k in range(2, size + 1))
+
+
 def merge_paths(root: int, paths: Sequence[Sequence[int]], budget: int) -> TokenTree:
     """Merge token sequences that continue the root into one tree of at most `budget` nodes.
 

@@ -223,16 +223,16 @@ def test_budgets_stay_within_what_the_devices_draft():
     assert ctl.cap == 16
 
 
-def _link_after(answers_s: list[float], tokens: int = 2) -> DeviceLink:
+def _link_after(answers_s: list[float | None], tokens: int = 2, size: int = 4) -> DeviceLink:
     link = DeviceLink()
     for a in answers_s:
-        link.tree_round(a, tokens)
+        link.tree_round(a, size, tokens)
     return link
 
 
-def _tree_rounds(link: DeviceLink, rounds: int, step_s: float = 0.065) -> list[int]:
+def _tree_rounds(link: DeviceLink, rounds: int, step_s: float = 0.065, prices: list[float] = ()) -> list[int]:
     """The rounds (0-based) the link lets carry a tree, with no new measurements in between."""
-    return [r for r in range(rounds) if link.next_round_has_tree(step_s)]
+    return [r for r in range(rounds) if link.next_round_has_tree(step_s, prices)]
 
 
 def test_a_lan_device_always_gets_trees():
@@ -244,7 +244,7 @@ def test_a_satellite_device_decodes_alone_and_retries_trees_ever_more_rarely():
     link = _link_after([0.6, 0.6])
     first = _tree_rounds(link, DeviceLink.FIRST_WAIT)
     assert first == [DeviceLink.FIRST_WAIT - 1]  # alone, then one tree to re-measure
-    link.tree_round(0.6, 2)  # it still loses: wait twice as long
+    link.tree_round(0.6, 4, 2)  # it still loses: wait twice as long
     assert _tree_rounds(link, 2 * DeviceLink.FIRST_WAIT) == [2 * DeviceLink.FIRST_WAIT - 1]
 
 
@@ -254,7 +254,7 @@ def test_a_link_that_speeds_up_gets_its_trees_back():
     for r in range(200):  # from now on every tree round is answered in 10 ms
         if link.next_round_has_tree(0.065):
             trees.append(r)
-            link.tree_round(0.010, 2)
+            link.tree_round(0.010, 4, 2)
     assert trees[-50:] == list(range(150, 200))
     assert trees[:3] == [DeviceLink.FIRST_WAIT - 1, DeviceLink.FIRST_WAIT, DeviceLink.FIRST_WAIT + 1]
 
@@ -268,8 +268,46 @@ def test_unlucky_rounds_do_not_stop_a_fast_devices_trees():
     link = _link_after([0.5, 0.03, 0.03], tokens=1)  # two rounds that accepted nothing
     for tokens in [3, 1, 2, 1, 4, 1, 2]:
         assert link.next_round_has_tree(0.075)
-        link.tree_round(0.03, tokens)
+        link.tree_round(0.03, 4, tokens)
     assert link.next_round_has_tree(0.075)
+
+
+def _yielding(accepted: list[bool], size: int, answer_s: float | None = 0.002) -> DeviceLink:
+    """A device after a warm-up round and one tree round of `size` nodes per entry, each
+    accepting one node or none."""
+    link = DeviceLink()
+    link.tree_round(0.5 if answer_s is not None else None, size, 1)
+    for hit in accepted:
+        link.tree_round(answer_s, size, 2 if hit else 1)
+    return link
+
+
+def test_trees_that_yield_less_than_their_nodes_price_give_way_to_decoding_alone():
+    # a LAN device whose 2-node trees accept their node in 10% of rounds, at a price of 0.3 a
+    # node (the server's load): each tree round costs more step time than its ~0.1 extra tokens
+    # repay, so it decodes alone and retries; at a price of 0.05, or unpriced, the same trees pay
+    poor = [i % 10 == 0 for i in range(20)]
+    assert _tree_rounds(_yielding(poor, 2), DeviceLink.FIRST_WAIT, 0.05, [0.3]) == [DeviceLink.FIRST_WAIT - 1]
+    assert _tree_rounds(_yielding(poor, 2), 20, 0.05, [0.05]) == list(range(20))
+    assert _tree_rounds(_yielding(poor, 2), 20, 0.05) == list(range(20))
+
+
+def test_a_tree_is_priced_node_by_node():
+    # 8-node trees that yield 1.4 tokens: at 0.05 a node (7 nodes: 0.35) they pay; at 0.05 for
+    # the second node and 0.1 for the others (0.05 + 6 x 0.1 = 0.65) they do not
+    link = _yielding([True, False, True, False, False] * 4, 8)
+    assert link.next_round_has_tree(0.05, [0.05])
+    assert not link.next_round_has_tree(0.05, [0.05, 0.1, 0.1])
+
+
+def test_a_pipelined_retry_lasts_until_a_tree_is_verified():
+    # pipelined devices have no answer time, and their draft may come a step or two after the
+    # verdict that asks for it: the retry stays open until a tree round is seen
+    link = _yielding([False] * 12, 4, answer_s=None)
+    assert _tree_rounds(link, DeviceLink.FIRST_WAIT, prices=[0.2]) == [DeviceLink.FIRST_WAIT - 1]
+    assert _tree_rounds(link, 3, prices=[0.2]) == [0, 1, 2]  # no tree verified yet: still trying
+    link.tree_round(None, 4, 1)  # it lost again
+    assert _tree_rounds(link, 2 * DeviceLink.FIRST_WAIT, prices=[0.2]) == [2 * DeviceLink.FIRST_WAIT - 1]
 
 
 def test_a_node_is_priced_at_its_measured_cost_times_the_tokens_per_second():

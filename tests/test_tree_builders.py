@@ -16,13 +16,12 @@ from device_client.tree_builders import (
     measure_acceptance,
     merge_trees,
     node_paths,
-    node_price,
     static_topology,
     tree_from_topology,
     unified_tree,
     within_depth,
 )
-from shared.tree import TokenTree
+from shared.tree import TokenTree, node_price
 
 
 def _acc(K=3, k=4, seed=0):
