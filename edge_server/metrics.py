@@ -31,7 +31,9 @@ COUNTER_HELP = dict(
     sessions_started="sessions admitted", sessions_rejected="sessions refused (backpressure)",
     sessions_idle_closed="sessions closed for idleness",
     pipelined_steps="steps of pipelined sessions",
-    pipelined_steps_with_tree="pipelined steps that verified a (re-rooted) device draft")
+    pipelined_steps_with_tree="pipelined steps that verified a (re-rooted) device draft",
+    trees_declined="verdicts whose load allowed a tree but whose device's trees did not pay (its link, "
+                   "or its yield at the node prices): the server decoded its next round alone")
 _COUNTERS = (*COUNTER_HELP, "verify_ms", "device_wait_ms", "device_waits")
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _POWERS = tuple(float(1 << k) for k in range(12))  # 1 .. 2048

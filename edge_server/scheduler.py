@@ -189,9 +189,12 @@ class Scheduler:
         with self._cv:
             budget = self._budget(session)
             prices = self.budgets.node_prices()[:price_index(budget) + 1] if budget > 1 else []
-            if budget > 1 and not session.link.next_round_has_tree(self.recent_step_ms / 1e3, prices):
+            declined = budget > 1 and not session.link.next_round_has_tree(self.recent_step_ms / 1e3, prices)
+            if declined:
                 budget, prices = 1, []
         self.metrics.session_budget(session.id, budget)
+        if declined:
+            self.metrics.count("trees_declined")
         return budget, prices
 
     def _budget(self, session: Session) -> int:

@@ -111,6 +111,9 @@ def summarize(run: MethodRun, metrics: dict) -> dict:
         "budget_level": settled.get("level"),
         "first_node_price": (settled.get("node_prices") or [0.0])[0],
         "last_node_price": (settled.get("node_prices") or [0.0])[-1],
+        # verdicts whose device's trees did not pay at the load's level (its link or its yield at
+        # the node prices, edge_server.budget.DeviceLink), per round: those rounds decoded alone
+        "declined_share": metrics["counters"]["trees_declined"] / max(1, metrics["counters"]["rounds"]),
         # pipelined runs: the share of steps that verified a device draft (the rest decoded alone)
         "pipelined_tree_share": (metrics["counters"]["pipelined_steps_with_tree"]
                                  / max(1, metrics["counters"]["pipelined_steps"])),
@@ -243,7 +246,7 @@ def main(argv=None) -> None:
                       f"τ={row['tau']:.2f}  budget {row['budget_level']}  "
                       f"ITL p50/p95 {row['itl_ms_p50']:.0f}/{row['itl_ms_p95']:.0f} ms  "
                       f"batch {row['batch_size_mean']:.1f} rows / {row['batch_tokens_mean']:.1f} tok  "
-                      f"step p50 {row['verify_ms_p50']:.0f} ms", flush=True)
+                      f"step p50 {row['verify_ms_p50']:.0f} ms  trees declined {row['declined_share']:.0%}", flush=True)
     add_ratios(rows)
     problems = lossless_problems(runs)
     shown = rows if args.repeats == 1 else median_rows(rows)

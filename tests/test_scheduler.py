@@ -169,7 +169,9 @@ def test_a_device_whose_trees_yield_less_than_their_price_is_given_budget_one(mo
         for r in range(21):
             s.link.tree_round(answer_s, 4, 2 if r % 5 == 0 else 1)
         assert sched.next_round(s) == (1, [])
+        assert sched.metrics.totals()["trees_declined"] == 1
         monkeypatch.setattr(sched.budgets, "node_prices", lambda: [0.02, 0.02, 0.02])  # a lighter load
         assert sched.next_round(s) == (8, [0.02, 0.02, 0.02])
+        assert sched.metrics.totals()["trees_declined"] == 1
     finally:
         sched.stop()
