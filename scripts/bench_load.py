@@ -113,7 +113,7 @@ def summarize(run: MethodRun, metrics: dict) -> dict:
         "last_node_price": (settled.get("node_prices") or [0.0])[-1],
         # verdicts whose device's trees did not pay at the load's level (its link or its yield at
         # the node prices, edge_server.budget.DeviceLink), per round: those rounds decoded alone
-        "declined_share": metrics["counters"]["trees_declined"] / max(1, metrics["counters"]["rounds"]),
+        "declined_share": metrics["counters"].get("trees_declined", 0) / max(1, metrics["counters"]["rounds"]),
         # pipelined runs: the share of steps that verified a device draft (the rest decoded alone)
         "pipelined_tree_share": (metrics["counters"]["pipelined_steps_with_tree"]
                                  / max(1, metrics["counters"]["pipelined_steps"])),
