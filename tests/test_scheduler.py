@@ -136,42 +136,41 @@ def test_pipelined_tree_follows_generation_into_the_latest_draft():
     assert s.pipelined_tree(8) == TokenTree.root_only(99)
 
 
-def test_a_lock_step_device_on_a_slow_link_is_given_budget_one():
-    """The load level allows trees, but 2 tokens per 600 ms answer lose to decoding alone."""
+@pytest.fixture
+def lone_device():
+    """A scheduler (no model) with one speculative session whose device drafts up to 16 nodes."""
     sched = Scheduler(None, None, SchedulerConfig(), max_tree_nodes=16)
-    try:
-        s = Session([1, 2, 3], Sampling(), max_new_tokens=64, stop_ids=frozenset(), want_hidden=True, tree_cap=16)
-        sched.budgets.add(s.id, True, s.tree_cap)
-        sched.metrics.session_open(s.id, "speculative")
-        sched.recent_step_ms = 65.0
-        assert sched.next_round(s) == (8, [])  # a lone session starts at START_NODES, nodes not yet priced
-        for answer_s in (0.6, 0.6):
-            s.link.tree_round(answer_s, 4, 2)
-        assert sched.next_round(s) == (1, [])
-        assert sched.metrics.sessions[s.id].budget == 1  # what the verdict handed out, not the level
-    finally:
-        sched.stop()
+    s = Session([1, 2, 3], Sampling(), max_new_tokens=64, stop_ids=frozenset(), want_hidden=True, tree_cap=16)
+    sched.budgets.add(s.id, True, s.tree_cap)
+    sched.metrics.session_open(s.id, "speculative")
+    yield sched, s
+    sched.stop()
+
+
+def test_a_lock_step_device_on_a_slow_link_is_given_budget_one(lone_device):
+    """The load level allows trees, but 2 tokens per 600 ms answer lose to decoding alone."""
+    sched, s = lone_device
+    sched.recent_step_ms = 65.0
+    assert sched.next_round(s) == (8, [])  # a lone session starts at START_NODES, nodes not yet priced
+    for answer_s in (0.6, 0.6):
+        s.link.tree_round(answer_s, 4, 2)
+    assert sched.next_round(s) == (1, [])
+    assert sched.metrics.sessions[s.id].budget == 1  # what the verdict handed out, not the level
 
 
 @pytest.mark.parametrize("mode", ["lock-step", "pipelined"])
-def test_a_device_whose_trees_yield_less_than_their_price_is_given_budget_one(mode, monkeypatch):
+def test_a_device_whose_trees_yield_less_than_their_price_is_given_budget_one(mode, lone_device, monkeypatch):
     """The load's prices say a node pays from a 30% chance; this device's 4-node trees add 0.2
     tokens a round (an n-gram drafter on text it cannot predict), not the 0.9 their nodes cost."""
-    sched = Scheduler(None, None, SchedulerConfig(), max_tree_nodes=16)
-    try:
-        s = Session([1, 2, 3], Sampling(), max_new_tokens=64, stop_ids=frozenset(), want_hidden=True, tree_cap=16)
-        sched.budgets.add(s.id, True, s.tree_cap)
-        sched.metrics.session_open(s.id, "speculative")
-        sched.recent_step_ms = 40.0
-        monkeypatch.setattr(sched.budgets, "node_prices", lambda: [0.3, 0.3, 0.3])
-        assert sched.next_round(s) == (8, [0.3, 0.3, 0.3])
-        answer_s = 0.002 if mode == "lock-step" else None
-        for r in range(21):
-            s.link.tree_round(answer_s, 4, 2 if r % 5 == 0 else 1)
-        assert sched.next_round(s) == (1, [])
-        assert sched.metrics.totals()["trees_declined"] == 1
-        monkeypatch.setattr(sched.budgets, "node_prices", lambda: [0.02, 0.02, 0.02])  # a lighter load
-        assert sched.next_round(s) == (8, [0.02, 0.02, 0.02])
-        assert sched.metrics.totals()["trees_declined"] == 1
-    finally:
-        sched.stop()
+    sched, s = lone_device
+    sched.recent_step_ms = 40.0
+    monkeypatch.setattr(sched.budgets, "node_prices", lambda: [0.3, 0.3, 0.3])
+    assert sched.next_round(s) == (8, [0.3, 0.3, 0.3])
+    answer_s = 0.002 if mode == "lock-step" else None
+    for r in range(21):
+        s.link.tree_round(answer_s, 4, 2 if r % 5 == 0 else 1)
+    assert sched.next_round(s) == (1, [])
+    assert sched.metrics.totals()["trees_declined"] == 1
+    monkeypatch.setattr(sched.budgets, "node_prices", lambda: [0.02, 0.02, 0.02])  # a lighter load
+    assert sched.next_round(s) == (8, [0.02, 0.02, 0.02])
+    assert sched.metrics.totals()["trees_declined"] == 1
