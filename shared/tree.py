@@ -163,8 +163,14 @@ def node_price(prices: Sequence[float], size: int) -> float:
 
 
 def nodes_price(prices: Sequence[float], size: int) -> float:
-    """What a tree of `size` nodes costs at these prices: its nodes' prices summed, root excluded."""
-    return sum(node_price(prices, k) for k in range(2, size + 1))
+    """What a tree of `size` nodes costs at these prices: its nodes' prices summed, root excluded
+    (entry by entry, not node by node: the server prices a session's last rounds every verdict)."""
+    total, first = 0.0, 2
+    for k, price in enumerate(prices):
+        last = size if k == len(prices) - 1 else min(size, 2 << k)  # entry k: sizes 2^k + 1 .. 2^(k+1)
+        total += price * max(0, last - first + 1)
+        first = (2 << k) + 1
+    return total
 
 
 def merge_paths(root: int, paths: Sequence[Sequence[int]], budget: int) -> TokenTree:
