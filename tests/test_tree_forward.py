@@ -51,20 +51,15 @@ def bf16_target():
     return TargetModel(load_model("default", torch.bfloat16, "cpu").model, max_context=8192)
 
 
-@pytest.mark.parametrize("query_batch", [1, 64])
 @pytest.mark.parametrize("context", [0, 183, 502])
-def test_bf16_tree_nodes_are_bitwise_the_decoding_steps(loaded, bf16_target, context, query_batch, monkeypatch):
+def test_bf16_tree_nodes_are_bitwise_the_decoding_steps(loaded, bf16_target, context):
     """In bf16 on CPU a tree node's logits and hidden state are exactly those of one-token
     decoding along its path, batched with other sessions' rows or not (this is what keeps
-    bf16 speculation lossless: see edge_server.kv_cache._query_groups), and so is another
-    session's decoding step in the same step, whether its query is attended alone or together
-    with the tree's (`query_batch`, kv_cache.QUERY_BATCH). `context` tokens before the prompt
-    put the tree at 190 and 509 committed positions, where the deeper nodes see one more
-    padding bucket of keys than the shallow ones (and a prefix several buckets long)."""
-    from edge_server import kv_cache
+    bf16 speculation lossless: see edge_server.one_token_attention), and so is another
+    session's decoding step in the same step. `context` tokens before the prompt put the tree
+    at 190 and 509 committed positions."""
     from edge_server.kv_cache import KVPool, Row
 
-    monkeypatch.setattr(kv_cache, "QUERY_BATCH", query_batch)
     target = bf16_target
     model = target.model
     pool = KVPool.for_model(model, 64)

@@ -1,0 +1,291 @@
+"""Exact one-token attention on CPU: one compiled kernel for every decoding step and tree node.
+
+Why a kernel of our own: bf16 verification is lossless only if a tree node's output is bitwise
+the decoding step's at the same place (edge_server.kv_cache._query_groups). PyTorch's kernels
+sum in an order that depends on the shapes they are given, so the server used to copy each
+query's keys, in sequence order and padded, into an fp32 batch of its own and run plain
+products on it: per layer ~10 PyTorch calls and a copy of every query's whole prefix, 22-37% of
+a 4-session step at 150 positions (8.8 ms of 40 for decoding steps, 25.8 of 73 for 4-node trees,
+SmolLM2-135M, bf16, one thread). Here each query reads its keys where they lie in its slot and
+sums them in one fixed order (keys in sequence order; within a key, the head dimension in the
+vector lanes LLVM picks for this CPU), so its output depends on nothing but the query and the
+keys it sees, whatever else shares the call: a decoding step and a tree node agree bitwise by
+construction, with no copies and one call per layer.
+
+Numbers are widened to fp32 on load (bf16 and fp16 exactly, by their bits), products and the
+softmax run in fp32, and the output is rounded to nearest-even on store, as a tensor's
+`.to(bfloat16)` / `.to(float16)` would.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from numba import njit, types
+from numba.typed import List
+
+if TYPE_CHECKING:
+    from edge_server.kv_cache import Row
+
+# which 16-bit format the tensors hold
+BF16, FP16 = 0, 1
+
+_BF16_QNAN = 0x7FC0
+_FP16_QNAN = 0x7E00
+
+
+@njit(cache=True, inline="always")
+def _widen(bits: np.ndarray, out: np.ndarray, fmt: int) -> None:
+    """16-bit floats (as uint16) into `out` (float32, viewed as uint32 for bf16)."""
+    if fmt == BF16:
+        wide = out.view(np.uint32)
+        for c in range(bits.shape[0]):
+            wide[c] = np.uint32(bits[c]) << 16
+    else:
+        wide = out.view(np.uint32)
+        for c in range(bits.shape[0]):
+            wide[c] = _fp16_to_fp32_bits(np.uint32(bits[c]))
+
+
+@njit(cache=True, inline="always")
+def _fp16_to_fp32_bits(h: int) -> int:
+    """Bit arithmetic in int64 throughout: numba types a mix of unsigned and signed as float."""
+    h = np.int64(h)
+    sign = (h & 0x8000) << 16
+    exp = (h >> 10) & 0x1F
+    man = h & 0x3FF
+    if exp == 0x1F:  # inf, nan
+        return sign | 0x7F800000 | (man << 13)
+    if exp == 0:
+        if man == 0:
+            return sign
+        e = 113  # 127 - 15 + 1: normalise the subnormal
+        while (man & 0x400) == 0:
+            man <<= 1
+            e -= 1
+        return sign | (e << 23) | ((man & 0x3FF) << 13)
+    return sign | ((exp + 112) << 23) | (man << 13)
+
+
+@njit(cache=True, inline="always")
+def _narrow_bf16(u: int) -> int:
+    u = np.int64(u)
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return _BF16_QNAN | ((u >> 16) & 0x8000)
+    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+
+@njit(cache=True, inline="always")
+def _narrow_fp16(u: int) -> int:
+    """fp32 bits to fp16 bits, round to nearest even (overflow to inf, underflow to subnormals
+    and zero)."""
+    u = np.int64(u)
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a > 0x7F800000:
+        return sign | _FP16_QNAN
+    if a >= 0x477FF000:  # rounds to 65520 or more: inf
+        return sign | 0x7C00
+    if a < 0x38800000:  # below the smallest normal fp16 (2^-14): a subnormal
+        if a < 0x33000000:  # below half the smallest subnormal: zero
+            return sign
+        man = (a & 0x7FFFFF) | 0x800000
+        shift = 126 - (a >> 23)  # the value is man * 2^(exp - 150), a subnormal's unit 2^-24
+        half = np.int64(1) << (shift - 1)
+        rest = man & ((np.int64(1) << shift) - 1)
+        out = man >> shift
+        if rest > half or (rest == half and (out & 1) == 1):
+            out += 1
+        return sign | out
+    return sign | ((a + 0xFFF + ((a >> 13) & 1) - 0x38000000) >> 13)
+
+
+@njit(cache=True, inline="always")
+def _gather(store, layer, which, kv, lo, run, queries, extra_at, extra, rows, fmt) -> None:
+    """The group's keys (which=0) or values (1) as fp32 rows: its shared run, then every
+    query's extras in turn (a query's own keys are rows 0..run-1 and its slice after them)."""
+    for j in range(run):
+        _widen(store[layer, which, kv, lo + j], rows[j], fmt)
+    r = run
+    for i in queries:
+        for e in range(extra_at[i], extra_at[i + 1]):
+            _widen(store[layer, which, kv, extra[e]], rows[r], fmt)
+            r += 1
+
+
+@njit(cache=True, inline="always")
+def _exp_shifted(x, top, powers) -> None:
+    """x[j] = exp(x[j] - top) for x <= top, in loops the compiler can vectorize (a call to the C
+    library's expf cannot be): 2^k by its bits, e^r by a degree-6 polynomial on |r| <= ln2/2
+    (relative error ~2e-7); below e^-87, the smallest normal fp32, it returns e^-87."""
+    for j in range(x.shape[0]):
+        v = max(x[j] - top, np.float32(-87.0))
+        k = np.floor(v * np.float32(1.4426950408889634) + np.float32(0.5))
+        r = v - k * np.float32(0.693145751953125) - k * np.float32(1.428606765330187e-06)
+        p = np.float32(1.0 / 720.0)
+        p = p * r + np.float32(1.0 / 120.0)
+        p = p * r + np.float32(1.0 / 24.0)
+        p = p * r + np.float32(1.0 / 6.0)
+        p = p * r + np.float32(0.5)
+        p = p * r + np.float32(1.0)
+        x[j] = p * r + np.float32(1.0)
+        powers[j] = (np.int32(k) + np.int32(127)) << 23
+    scales = powers.view(np.float32)
+    for j in range(x.shape[0]):
+        x[j] *= scales[j]
+
+
+# one compiled signature, loaded from numba's cache or compiled (~4 s) at import: a query is a
+# strided view of the model's tensor, and a new layout mid-serving would stall a step to compile
+_INDEX = types.int64[::1]
+_SIGNATURE = types.void(types.uint16[:, :, :], types.uint16[:, :, :], types.ListType(types.uint16[:, :, :, :, ::1]),
+                        types.int64, _INDEX, _INDEX, _INDEX, _INDEX, _INDEX, _INDEX, _INDEX, types.float32,
+                        types.int64)
+
+
+@njit(_SIGNATURE, cache=True, fastmath={"reassoc"}, nogil=True)
+def _attend(query, out, slots, layer, tokens, group_at, group_slot, group_lo, group_hi, extra_at, extra,
+            scale, fmt):
+    """For each group of one-token queries (`tokens[group_at[k]:group_at[k+1]]`, all of one slot
+    and seeing the same run of its positions group_lo[k]..group_hi[k]-1 first, then each its own
+    `extra[extra_at[i]:extra_at[i+1]]`): out[head, token] = the attention of query[head, token]
+    over those keys, in that order. query/out: 16-bit bits [heads, T, head_dim]; a slot:
+    [layers, 2, kv_heads, capacity, head_dim]. Grouped-query: head h reads kv head h // (heads /
+    kv_heads).
+
+    Why it is bitwise the same for a query wherever it is computed: each reduction (a score's
+    dot product, the softmax's max and sum, a value row's weighted sum) is written once, runs
+    over the query's own keys in sequence order, and the code the compiler made of it depends
+    only on the head dimension and the number of keys. A group shares its run's loads and
+    conversions, never a sum."""
+    heads, _, dim = query.shape
+    kv_heads = slots[0].shape[2]
+    per_kv = heads // kv_heads
+    most_rows, most_keys, most_queries = 1, 1, 1
+    for k in range(group_at.shape[0] - 1):
+        first, last = group_at[k], group_at[k + 1]
+        run = group_hi[k] - group_lo[k]
+        most_rows = max(most_rows, run + extra_at[last] - extra_at[first])
+        most_queries = max(most_queries, last - first)
+        for i in range(first, last):
+            most_keys = max(most_keys, run + extra_at[i + 1] - extra_at[i])
+    rows = np.empty((most_rows, dim), np.float32)
+    q = np.empty((most_queries, per_kv, dim), np.float32)
+    weights = np.empty((most_queries, per_kv, most_keys), np.float32)
+    acc = np.empty((most_queries, per_kv, dim), np.float32)
+    powers = np.empty(most_keys, np.int32)
+    for k in range(group_at.shape[0] - 1):
+        store, lo, run = slots[group_slot[k]], group_lo[k], group_hi[k] - group_lo[k]
+        queries = range(group_at[k], group_at[k + 1])
+        for kv in range(kv_heads):
+            _gather(store, layer, 0, kv, lo, run, queries, extra_at, extra, rows, fmt)
+            at = run
+            for n, i in enumerate(queries):
+                own = extra_at[i + 1] - extra_at[i]
+                length = run + own
+                for g in range(per_kv):
+                    _widen(query[kv * per_kv + g, tokens[i]], q[n, g], fmt)
+                    for j in range(length):
+                        r = j if j < run else at + j - run
+                        s = np.float32(0.0)
+                        for c in range(dim):
+                            s += q[n, g, c] * rows[r, c]
+                        weights[n, g, j] = s * scale
+                    top = weights[n, g, 0]
+                    for j in range(1, length):
+                        top = max(top, weights[n, g, j])
+                    _exp_shifted(weights[n, g, :length], top, powers[:length])
+                    total = np.float32(0.0)
+                    for j in range(length):
+                        total += weights[n, g, j]
+                    inv = np.float32(1.0) / total
+                    for j in range(length):
+                        weights[n, g, j] *= inv
+                at += own
+            _gather(store, layer, 1, kv, lo, run, queries, extra_at, extra, rows, fmt)
+            at = run
+            for n, i in enumerate(queries):
+                own = extra_at[i + 1] - extra_at[i]
+                for g in range(per_kv):
+                    acc[n, g] = 0.0
+                    for j in range(run + own):
+                        r = j if j < run else at + j - run
+                        w = weights[n, g, j]
+                        for c in range(dim):
+                            acc[n, g, c] += w * rows[r, c]
+                    bits = acc[n, g].view(np.uint32)
+                    dest = out[kv * per_kv + g, tokens[i]]
+                    for c in range(dim):
+                        dest[c] = _narrow_bf16(bits[c]) if fmt == BF16 else _narrow_fp16(bits[c])
+                at += own
+
+
+_FORMATS = {torch.bfloat16: BF16, torch.float16: FP16}
+
+
+def supported(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype in _FORMATS
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A 16-bit float tensor's memory as a uint16 array (no copy)."""
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+@dataclass
+class OneTokenQueries:
+    """A step's one-token queries (decoding steps and tree nodes) and the keys each sees, for
+    one kind of layer (full attention, or a sliding window), grouped by row: a row's queries
+    that see the same run of committed positions share its loads (_attend)."""
+    tokens: np.ndarray  # each query's index in the step's token sequence
+    group_at: np.ndarray  # group k: queries group_at[k]..group_at[k+1]-1
+    group_slot: np.ndarray  # group k's slot, an index into `slots`
+    group_lo: np.ndarray  # group k's queries see slot positions group_lo[k]..group_hi[k]-1 first,
+    group_hi: np.ndarray
+    extra_at: np.ndarray  # then query i sees extra[extra_at[i]:extra_at[i+1]] (its tree path)
+    extra: np.ndarray
+    slots: List
+    fmt: int
+
+    @classmethod
+    def of(cls, rows: Sequence[Row], slots: List, dtype: torch.dtype, window: int | None = None
+           ) -> "OneTokenQueries":
+        """`rows`: the step's exact rows (decoding steps and trees), `slots` their slots' bits in
+        the same order. A decoding step sees its slot's positions up to its own; a tree node the
+        committed prefix, then its ancestors and itself (slot index order, which is depth order
+        along a path: the order a decoding step sees the same tokens in once they are
+        committed). A local layer keeps the keys within `window` positions of the query."""
+        tokens, groups, extra_at, extra = [], [[0], [], [], []], [0], []
+        for r, row in enumerate(rows):
+            by_lo: dict[int, list[int]] = {}
+            for j, pos in enumerate(row.positions):
+                by_lo.setdefault(0 if window is None else max(0, pos - window + 1), []).append(j)
+            depths = np.asarray(row.positions) - row.past
+            for lo, nodes in by_lo.items():
+                hi = row.past + 1 if row.visible is None else row.past
+                for j in nodes:
+                    tokens.append(row.start + j)
+                    if row.visible is not None:
+                        own = np.flatnonzero(row.visible[j])
+                        if window is not None:
+                            own = own[row.positions[j] - row.past - depths[own] < window]
+                        extra.extend((row.past + own).tolist())
+                    extra_at.append(len(extra))
+                for column, value in zip(groups, (len(tokens), r, min(lo, hi), hi)):
+                    column.append(value)
+        ints = lambda v: np.asarray(v, dtype=np.int64)
+        return cls(ints(tokens), *map(ints, groups), ints(extra_at), ints(extra or [0]), slots,
+                   _FORMATS[dtype])
+
+    @staticmethod
+    def slot_bits(rows: Sequence[Row]) -> List:
+        return List([_bits(row.slot.storage) for row in rows])
+
+    def attend(self, query: torch.Tensor, out: torch.Tensor, layer: int, scale: float) -> None:
+        """Writes the queries' attention into `out`; both [1, heads, T, head_dim]."""
+        _attend(_bits(query[0]), _bits(out[0]), self.slots, layer, self.tokens, self.group_at,
+                self.group_slot, self.group_lo, self.group_hi, self.extra_at, self.extra,
+                np.float32(scale), self.fmt)
