@@ -11,8 +11,8 @@ reduced precision, a decoding step and every tree node as a one-token query over
 keys it sees, in sequence order, all of a step's in one call of a compiled kernel that reads
 them where they lie (edge_server.one_token_attention: this makes a tree node's output bitwise
 the decoding step's). Rows may sit in any slots (no compaction), and no step copies other
-sessions' caches into a padded batch. The new keys of a row are written at its own offset; committing an accepted path moves only
-the accepted nodes' K/V (a few positions) into place.
+sessions' caches into a padded batch. The new keys of a row are written at its own offset;
+committing an accepted path moves only the accepted nodes' K/V (a few positions) into place.
 
 Memory is bounded: the pool admits a slot only while the reserved tokens fit the configured
 budget, and says how much is free when it refuses.
