@@ -51,7 +51,9 @@ class Slot:
     def __init__(self, pool: "KVPool", capacity: int):
         self.pool = pool
         self.capacity = capacity
-        self.storage = torch.zeros(pool.num_layers, 2, pool.kv_heads, capacity, pool.head_dim,
+        # uninitialised: every attention path reads only positions written before (a query's
+        # own keys), so admission neither zeroes nor touches the pages a session never fills
+        self.storage = torch.empty(pool.num_layers, 2, pool.kv_heads, capacity, pool.head_dim,
                                    dtype=pool.dtype, device=pool.device)
         self.length = 0  # committed positions
         self.freed = False

@@ -227,6 +227,8 @@ _FORMATS = {torch.bfloat16: BF16, torch.float16: FP16}
 
 
 def supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """The kernel reads 16-bit floats in CPU memory; fp32 keeps PyTorch's kernels (see
+    edge_server.kv_cache.exact_one_token_queries)."""
     return device.type == "cpu" and dtype in _FORMATS
 
 
