@@ -65,7 +65,7 @@ class Served:
     Reduced precision (bf16 by default on a CPU with native bf16, see
     edge_server.hardware.pick_dtype): one-token greedy decoding through the server's own batched
     forward, prompt in the server's chunks. There every step's numbers come from the kernels
-    that make a tree node bitwise a decoding step (edge_server.kv_cache._query_groups), which
+    that make a tree node bitwise a decoding step (edge_server.one_token_attention), which
     transformers' bf16 attention does not use, so its greedy text can differ in a near-tie.
     The reference runs on the server's device: a CUDA server (scripts/gpu_check.sh) is held to
     the target's greedy output on CUDA, not to a CPU's rounding."""
