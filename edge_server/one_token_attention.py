@@ -39,13 +39,12 @@ _FP16_QNAN = 0x7E00
 
 @njit(cache=True, inline="always")
 def _widen(bits: np.ndarray, out: np.ndarray, fmt: int) -> None:
-    """16-bit floats (as uint16) into `out` (float32, viewed as uint32 for bf16)."""
+    """16-bit floats (their bits, uint16) into `out` (float32), exactly, by writing fp32 bits."""
+    wide = out.view(np.uint32)
     if fmt == BF16:
-        wide = out.view(np.uint32)
         for c in range(bits.shape[0]):
             wide[c] = np.uint32(bits[c]) << 16
     else:
-        wide = out.view(np.uint32)
         for c in range(bits.shape[0]):
             wide[c] = _fp16_to_fp32_bits(np.uint32(bits[c]))
 
