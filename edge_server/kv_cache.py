@@ -249,7 +249,7 @@ def exact_one_token_queries(dtype: torch.dtype, device: torch.device) -> bool:
     fp32 the fused masked kernel is used: on several threads a decoding step keeps the faster
     one-row product, so tree and step differ by ~1e-6 anyway. On CUDA the library picks
     kernels by shape, so nothing is claimed there."""
-    return one_token_attention.supported(dtype, device)
+    return device.type == "cpu" and dtype in one_token_attention.FORMATS
 
 
 def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,

@@ -51,7 +51,8 @@ def _widen(bits: np.ndarray, out: np.ndarray, fmt: int) -> None:
 
 @njit(cache=True, inline="always")
 def _fp16_to_fp32_bits(h: int) -> int:
-    """Bit arithmetic in int64 throughout: numba types a mix of unsigned and signed as float."""
+    """By hand: numba has no float16 on CPU (NotImplementedError, 0.68). Bit arithmetic in int64
+    throughout: numba types a mix of unsigned and signed as float."""
     h = np.int64(h)
     sign = (h & 0x8000) << 16
     exp = (h >> 10) & 0x1F
@@ -222,13 +223,8 @@ def _attend(query, out, slots, layer, tokens, group_at, group_slot, group_lo, gr
                 at += own
 
 
-_FORMATS = {torch.bfloat16: BF16, torch.float16: FP16}
-
-
-def supported(dtype: torch.dtype, device: torch.device) -> bool:
-    """The kernel reads 16-bit floats in CPU memory; fp32 keeps PyTorch's kernels (see
-    edge_server.kv_cache.exact_one_token_queries)."""
-    return device.type == "cpu" and dtype in _FORMATS
+# the dtypes the kernel reads (in CPU memory; see edge_server.kv_cache.exact_one_token_queries)
+FORMATS = {torch.bfloat16: BF16, torch.float16: FP16}
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -259,14 +255,15 @@ class OneTokenQueries:
         committed prefix, then its ancestors and itself (slot index order, which is depth order
         along a path: the order a decoding step sees the same tokens in once they are
         committed). A local layer keeps the keys within `window` positions of the query."""
-        tokens, groups, extra_at, extra = [], [[0], [], [], []], [0], []
+        tokens, extra_at, extra = [], [0], []
+        group_at, group_slot, group_lo, group_hi = [0], [], [], []
         for r, row in enumerate(rows):
             by_lo: dict[int, list[int]] = {}
             for j, pos in enumerate(row.positions):
                 by_lo.setdefault(0 if window is None else max(0, pos - window + 1), []).append(j)
             depths = np.asarray(row.positions) - row.past
+            hi = row.past + 1 if row.visible is None else row.past  # a decoding step's run ends at itself
             for lo, nodes in by_lo.items():
-                hi = row.past + 1 if row.visible is None else row.past
                 for j in nodes:
                     tokens.append(row.start + j)
                     if row.visible is not None:
@@ -275,11 +272,13 @@ class OneTokenQueries:
                             own = own[row.positions[j] - row.past - depths[own] < window]
                         extra.extend((row.past + own).tolist())
                     extra_at.append(len(extra))
-                for column, value in zip(groups, (len(tokens), r, min(lo, hi), hi)):
-                    column.append(value)
+                group_at.append(len(tokens))
+                group_slot.append(r)
+                group_lo.append(min(lo, hi))
+                group_hi.append(hi)
         ints = lambda v: np.asarray(v, dtype=np.int64)
-        return cls(ints(tokens), *map(ints, groups), ints(extra_at), ints(extra or [0]), slots,
-                   _FORMATS[dtype])
+        return cls(ints(tokens), ints(group_at), ints(group_slot), ints(group_lo), ints(group_hi),
+                   ints(extra_at), ints(extra or [0]), slots, FORMATS[dtype])
 
     @staticmethod
     def slot_bits(rows: Sequence[Row]) -> List:

@@ -67,7 +67,7 @@ def _attend(slots, groups, query, layer=1):
         hi.append(b)
     ints = lambda v: np.asarray(v, dtype=np.int64)
     queries = OneTokenQueries(ints(range(at[-1])), ints(at), ints(slot_of), ints(lo), ints(hi), ints(extra_at),
-                              ints(extra or [0]), ota.List([ota._bits(s) for s in slots]), ota._FORMATS[query.dtype])
+                              ints(extra or [0]), ota.List([ota._bits(s) for s in slots]), ota.FORMATS[query.dtype])
     out = torch.empty_like(query)
     queries.attend(query, out, layer, DIM ** -0.5)
     return out
