@@ -110,6 +110,7 @@ async def serve(args: argparse.Namespace) -> None:
                         window_ms=args.batch_window_ms, window_max_ms=args.batch_window_max_ms,
                         adaptive_budget=not args.fixed_budget),
     )
+    target.warm_up(service.pool)
     if args.metrics_port is not None:
         serve_metrics(service.metrics, args.host, args.metrics_port)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])

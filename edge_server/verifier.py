@@ -15,7 +15,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from edge_server.greedy_head import ScreenedArgmax, outlier_channels
-from edge_server.kv_cache import ATTN_NAME, RaggedBatch, RaggedCache, Row
+from edge_server.kv_cache import ATTN_NAME, KVPool, RaggedBatch, RaggedCache, Row
 from edge_server.onnx_products import one_thread_session
 from shared.tree import TokenTree
 
@@ -260,6 +260,19 @@ class TargetModel:
             cfg._attn_implementation = previous
         hidden = out.last_hidden_state[0]
         return self._next_token_scores(rows, hidden), [hidden[r.start:r.start + r.n] for r in rows]
+
+    def warm_up(self, pool: KVPool) -> None:
+        """Runs a prompt chunk, a decoding step and a two-node tree through a scratch slot, so
+        that a fresh server's first request does not pay what first use costs: numba compiles its
+        typed list of a step's slots (~0.18 s), oneDNN creates the primitives of new shapes."""
+        slot = pool.allocate(8)
+        try:
+            self.forward_rows([Row(slot, 0, [0, 1, 2, 3], [0, 1, 2, 3])])
+            slot.length = 4
+            for tree in (TokenTree.root_only(4), TokenTree((4, 5), (-1, 0))):
+                self.forward_rows([Row.for_tree(slot, 4, tree, greedy=True)])
+        finally:
+            pool.free(slot)
 
     def _next_token_scores(self, rows: list[Row], hidden: torch.Tensor) -> list[torch.Tensor]:
         """Per row: the logits at its logit_rows, or a greedy row's argmax tokens, computed for

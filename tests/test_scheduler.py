@@ -28,6 +28,14 @@ def target(loaded):
     return TargetModel(loaded.model, max_context=8192)
 
 
+def test_warm_up_gives_back_its_scratch_slot(target):
+    """The server warms up before it listens (TargetModel.warm_up); the KV budget stays whole."""
+    pool = KVPool.for_model(target.model, 256)
+    free = pool.free_tokens
+    target.warm_up(pool)
+    assert pool.free_tokens == free and pool.used_tokens == 0
+
+
 def test_long_prefill_does_not_stall_other_rounds(target):
     """A 400-token prompt is fed in chunks; a decoding session keeps getting rounds meanwhile."""
     pool = KVPool.for_model(target.model, 256)
