@@ -70,6 +70,13 @@ def parse_cpus(spec: str) -> set[int]:
     return cpus
 
 
+def pin_process(cpus: set[int]) -> None:
+    """Pins every thread of the server: a thread keeps the affinity it was started with, and
+    torch starts one at import, before the flags are read."""
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
 async def serve(args: argparse.Namespace) -> None:
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -85,7 +92,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     log = logging.getLogger("edge-server")
     if args.cpus:
-        os.sched_setaffinity(0, parse_cpus(args.cpus))
+        pin_process(parse_cpus(args.cpus))
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()

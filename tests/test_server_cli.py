@@ -1,0 +1,37 @@
+"""edge-server's own flags that no end-to-end test exercises."""
+import os
+import threading
+
+import pytest
+
+from edge_server.cli import parse_cpus, pin_process
+
+
+def test_cpus_pins_threads_started_before_the_flags_were_read():
+    """torch starts a thread at import; `--cpus` must pin it too, not only the threads after."""
+    before = os.sched_getaffinity(0)
+    ready, done, tids = threading.Event(), threading.Event(), []
+
+    def early():
+        tids.append(threading.get_native_id())
+        ready.set()
+        done.wait()
+
+    thread = threading.Thread(target=early)
+    thread.start()
+    ready.wait()
+    try:
+        pin_process({min(before)})
+        assert os.sched_getaffinity(tids[0]) == {min(before)}
+    finally:
+        done.set()
+        thread.join()
+        pin_process(before)
+
+
+def test_cpus_says_what_is_wrong_with_a_bad_list():
+    assert parse_cpus("0") == {0}
+    with pytest.raises(SystemExit, match="expected core numbers and ranges"):
+        parse_cpus("zero")
+    with pytest.raises(SystemExit, match="this machine has cores"):
+        parse_cpus(f"{os.cpu_count()}")
