@@ -74,7 +74,10 @@ def pin_process(cpus: set[int]) -> None:
     """Pins every thread of the server: a thread keeps the affinity it was started with, and
     torch starts one at import, before the flags are read."""
     for tid in os.listdir("/proc/self/task"):
-        os.sched_setaffinity(int(tid), cpus)
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
 
 
 async def serve(args: argparse.Namespace) -> None:
