@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import queue
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -202,7 +203,11 @@ def split_cores(server_args: list[str], pin: bool = True) -> tuple[list[str], st
     for the notes saying what was done."""
     cores = sorted(os.sched_getaffinity(0))
     if not pin or len(cores) < 2 or "--cpus" in server_args:
-        return server_args, "no core pinning (server and clients share every core)"
+        shared = ",".join(map(str, cores))
+        if len(cores) < 2 and pin:
+            print(f"warning: this process may run on core {shared} only, so the server shares it with "
+                  "the clients; run without taskset to give the server a core of its own", file=sys.stderr)
+        return server_args, f"no core pinning (server and clients share core(s) {shared})"
     os.sched_setaffinity(0, cores[1:])
     rest = ",".join(map(str, cores[1:]))
     return [*server_args, "--cpus", str(cores[0])], f"server pinned to core {cores[0]}, clients to core(s) {rest}"
