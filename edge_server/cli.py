@@ -87,6 +87,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     from edge_server import __version__
     from edge_server.artifacts import ArtifactStore
+    from edge_server.kv_cache import KVBudgetError
     from edge_server.model_store import load_model, model_fingerprint
     from edge_server.scheduler import SchedulerConfig
     from edge_server.service import EdgeSpecService, Limits
@@ -120,7 +121,12 @@ async def serve(args: argparse.Namespace) -> None:
                         window_ms=args.batch_window_ms, window_max_ms=args.batch_window_max_ms,
                         adaptive_budget=not args.fixed_budget),
     )
-    target.warm_up(service.pool)
+    try:
+        target.warm_up(service.pool)
+    except KVBudgetError:
+        raise SystemExit(f"--kv-budget-mb {args.kv_budget_mb:g} holds {service.pool.budget_tokens} KV positions of "
+                         f"{loaded.name} ({service.pool.bytes_per_token / 1024:.0f} KiB each), too few for any "
+                         "session; give it more") from None
     if args.metrics_port is not None:
         serve_metrics(service.metrics, args.host, args.metrics_port)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])

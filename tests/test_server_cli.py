@@ -1,10 +1,14 @@
 """edge-server's own flags that no end-to-end test exercises."""
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from edge_server.cli import parse_cpus, pin_process
+
+from conftest import ROOT
 
 
 def test_cpus_pins_threads_started_before_the_flags_were_read():
@@ -35,3 +39,12 @@ def test_cpus_says_what_is_wrong_with_a_bad_list():
         parse_cpus("zero")
     with pytest.raises(SystemExit, match="this machine has cores"):
         parse_cpus(f"{os.cpu_count()}")
+
+
+def test_a_kv_budget_too_small_for_any_session_stops_the_server_with_a_message():
+    """The warm-up needs a slot; a budget that cannot hold one says so at start, not in a traceback."""
+    proc = subprocess.run([sys.executable, "-m", "edge_server.cli", "--port", "0", "--kv-budget-mb", "0.0001"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "--kv-budget-mb 0.0001 holds 0 KV positions" in proc.stderr and "give it more" in proc.stderr
+    assert "Traceback" not in proc.stderr
