@@ -17,6 +17,20 @@ if TYPE_CHECKING:
     from edge_server.metrics import ServerMetrics
 
 
+def _number(kind: type, minimum: float, above: bool = False):
+    """An argparse type for a flag's number: `kind`, at least `minimum` (above it when `above`),
+    so that a zero batch or chunk is refused at the command line, not met as a hang later."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"{text} must be {'above' if above else 'at least'} {minimum:g}")
+        return value
+    return convert
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="edge-server", description=__doc__)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -26,25 +40,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto = bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16/amx), else float32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--threads", type=_number(int, 0), default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--cpus", default="",
                    help="pin the server to these CPU cores, e.g. '0' or '0-3,6' (Linux; default: no pinning)")
-    p.add_argument("--max-context", type=int, default=0, help="0 = the model's max positions")
-    p.add_argument("--max-tree-nodes", type=int, default=128)
-    p.add_argument("--max-new-tokens", type=int, default=4096)
-    p.add_argument("--max-sessions", type=int, default=64)
-    p.add_argument("--kv-budget-mb", type=float, default=2048.0,
+    p.add_argument("--max-context", type=_number(int, 0), default=0, help="0 = the model's max positions")
+    p.add_argument("--max-tree-nodes", type=_number(int, 1), default=128)
+    p.add_argument("--max-new-tokens", type=_number(int, 1), default=4096)
+    p.add_argument("--max-sessions", type=_number(int, 1), default=64)
+    p.add_argument("--kv-budget-mb", type=_number(float, 0, above=True), default=2048.0,
                    help="KV cache memory for all sessions; a session reserves prompt + max_new_tokens + "
                         "one tree at admission and is refused (RESOURCE_EXHAUSTED) when it does not fit")
-    p.add_argument("--idle-timeout", type=float, default=120.0,
+    p.add_argument("--idle-timeout", type=_number(float, 0, above=True), default=120.0,
                    help="seconds a device may stay silent before its session and KV are freed")
-    p.add_argument("--max-batch-size", type=int, default=32, help="most sessions in one batched forward")
-    p.add_argument("--max-batch-tokens", type=int, default=512, help="most tokens in one batched forward")
-    p.add_argument("--prefill-chunk", type=int, default=128,
+    p.add_argument("--max-batch-size", type=_number(int, 1), default=32, help="most sessions in one batched forward")
+    p.add_argument("--max-batch-tokens", type=_number(int, 1), default=512, help="most tokens in one batched forward")
+    p.add_argument("--prefill-chunk", type=_number(int, 1), default=128,
                    help="most prompt tokens of one session per step (long prompts are interleaved)")
-    p.add_argument("--batch-window-ms", type=float, default=2.0,
+    p.add_argument("--batch-window-ms", type=_number(float, 0), default=2.0,
                    help="how long a step waits for a device with no turnaround history yet")
-    p.add_argument("--batch-window-max-ms", type=float, default=50.0,
+    p.add_argument("--batch-window-max-ms", type=_number(float, 0), default=50.0,
                    help="most a step waits for devices expected back soon (never when all are ready)")
     p.add_argument("--fixed-budget", action="store_true",
                    help="always offer --max-tree-nodes as next_tree_budget (no load-aware speculation)")

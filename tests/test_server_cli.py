@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from edge_server.cli import parse_cpus, pin_process
+from edge_server.cli import parse_args, parse_cpus, pin_process
 
 from conftest import ROOT
 
@@ -48,3 +48,23 @@ def test_a_kv_budget_too_small_for_any_session_stops_the_server_with_a_message()
     assert proc.returncode != 0
     assert "--kv-budget-mb 0.0001 holds 0 KV positions" in proc.stderr and "give it more" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--max-batch-size", "0", "0 must be at least 1"), ("--max-batch-tokens", "0", "0 must be at least 1"),
+    ("--prefill-chunk", "0", "0 must be at least 1"), ("--max-tree-nodes", "0", "0 must be at least 1"),
+    ("--max-sessions", "0", "0 must be at least 1"), ("--threads", "-1", "-1 must be at least 0"),
+    ("--kv-budget-mb", "0", "0 must be above 0"), ("--idle-timeout", "-5", "-5 must be above 0"),
+    ("--batch-window-ms", "-1", "-1 must be at least 0"), ("--max-new-tokens", "two", "'two' is not an integer"),
+])
+def test_a_flag_out_of_range_is_refused_at_the_command_line(flag, value, says, capsys):
+    """A zero batch or prefill chunk would never run a step; argparse says what to change."""
+    with pytest.raises(SystemExit):
+        parse_args([flag, value])
+    assert f"argument {flag}: {says}" in capsys.readouterr().err
+
+
+def test_the_flags_defaults_and_their_zeros_that_mean_something_still_parse():
+    args = parse_args(["--threads", "0", "--max-context", "0", "--batch-window-ms", "0", "--kv-budget-mb", "0.5"])
+    assert (args.threads, args.max_context, args.batch_window_ms, args.kv_budget_mb) == (0, 0, 0.0, 0.5)
+    assert parse_args([]).max_batch_size == 32
