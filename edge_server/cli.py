@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import time
@@ -23,6 +24,8 @@ def _number(kind: type, minimum: float, above: bool = False):
     def convert(text: str):
         try:
             value = kind(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if value < minimum or (above and value == minimum):

@@ -56,6 +56,7 @@ def test_a_kv_budget_too_small_for_any_session_stops_the_server_with_a_message()
     ("--max-sessions", "0", "0 must be at least 1"), ("--threads", "-1", "-1 must be at least 0"),
     ("--kv-budget-mb", "0", "0 must be above 0"), ("--idle-timeout", "-5", "-5 must be above 0"),
     ("--batch-window-ms", "-1", "-1 must be at least 0"), ("--max-new-tokens", "two", "'two' is not an integer"),
+    ("--kv-budget-mb", "nan", "'nan' is not a number"), ("--idle-timeout", "inf", "'inf' is not a number"),
 ])
 def test_a_flag_out_of_range_is_refused_at_the_command_line(flag, value, says, capsys):
     """A zero batch or prefill chunk would never run a step; argparse says what to change."""
