@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--top-p must be in [0, 1]")
     if args.top_k < 0:
         p.error("--top-k must be >= 0")
+    if not args.timeout > 0:  # also nan
+        p.error("--timeout must be a number of seconds above 0")
     return args
 
 

@@ -1,0 +1,24 @@
+"""device-client's flags: a value the server would refuse, or that cannot work, is refused here first."""
+import pytest
+
+from device_client.cli import parse_args
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--tree-budget", "0", "--tree-budget must be at least 1"),
+    ("--max-new-tokens", "0", "--max-new-tokens must be at least 1"),
+    ("--temperature", "-1", "--temperature must be a finite number >= 0"),
+    ("--temperature", "nan", "--temperature must be a finite number >= 0"),
+    ("--top-p", "2", "--top-p must be in [0, 1]"),
+    ("--top-k", "-3", "--top-k must be >= 0"), ("--timeout", "0", "--timeout must be a number of seconds above 0"),
+    ("--timeout", "nan", "--timeout must be a number of seconds above 0"),
+])
+def test_a_flag_out_of_range_is_refused_with_what_it_must_be(flag, value, says, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--server", "127.0.0.1:50051", flag, value, "hello"])
+    assert says in capsys.readouterr().err
+
+
+def test_the_defaults_parse():
+    args = parse_args(["hello"])
+    assert args.timeout > 0 and args.tree_budget >= 1 and args.prompt == "hello"
