@@ -268,7 +268,6 @@ class TargetModel:
         slot = pool.allocate(8)
         try:
             self.forward_rows([Row(slot, 0, [0, 1, 2, 3], [0, 1, 2, 3])])
-            slot.length = 4
             for tree in (TokenTree.root_only(4), TokenTree((4, 5), (-1, 0))):
                 self.forward_rows([Row.for_tree(slot, 4, tree, greedy=True)])
         finally:
