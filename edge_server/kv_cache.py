@@ -17,10 +17,12 @@ committing an accepted path moves only the accepted nodes' K/V (a few positions)
 Memory is bounded: the pool admits a slot only while the reserved tokens fit the configured
 budget, and says how much is free when it refuses.
 
-The hook into transformers (4.57): a `Cache` subclass whose `update()` scatters the step's new
-K/V into the slots, and an attention function registered in `ALL_ATTENTION_FUNCTIONS` that the
-model uses only while a batched forward runs (the config's attention implementation is switched
-for the call and restored after). A tiny 4D dummy mask makes the model skip its own mask build.
+Two callers. Llama-architecture models' steps call `write_rows` and `ragged_attention` directly
+(edge_server.llama_rows). Other models run their own modules through the hook into transformers
+(4.57): a `Cache` subclass whose `update()` scatters the step's new K/V into the slots, and the
+same attention function registered in `ALL_ATTENTION_FUNCTIONS`, which the model uses only while
+a batched forward runs (the config's attention implementation is switched for the call and
+restored after). A tiny 4D dummy mask makes the model skip its own mask build.
 """
 from __future__ import annotations
 
@@ -228,11 +230,7 @@ class RaggedCache(Cache):
         self.batch = batch
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        # K and V stacked once, then one copy per row: PyTorch's per-copy overhead (~20 us here)
-        # was ~5 ms of an 8-row step's 30 layers with a copy each for K and V
-        new = torch.stack([key_states[0], value_states[0]])  # [2, kv_heads, T, head_dim]
-        for row in self.batch.rows:
-            row.slot.storage[layer_idx][:, :, row.past:row.past + row.n] = new[:, :, row.start:row.start + row.n]
+        write_rows(self.batch, layer_idx, key_states, value_states)
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -240,6 +238,15 @@ class RaggedCache(Cache):
 
     def get_mask_sizes(self, cache_position, layer_idx: int = 0):
         return int(cache_position.shape[0]), 0
+
+
+def write_rows(batch: RaggedBatch, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Each row's new K/V ([1, kv_heads, T, head_dim]) into its slot at its offset. K and V are
+    stacked once, then one copy per row: PyTorch's per-copy overhead (~20 us here) was ~5 ms of
+    an 8-row step's 30 layers with a copy each for K and V."""
+    new = torch.stack([keys[0], values[0]])  # [2, kv_heads, T, head_dim]
+    for row in batch.rows:
+        row.slot.storage[layer][:, :, row.past:row.past + row.n] = new[:, :, row.start:row.start + row.n]
 
 
 def exact_one_token_queries(dtype: torch.dtype, device: torch.device) -> bool:

@@ -16,6 +16,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from edge_server.greedy_head import ScreenedArgmax, outlier_channels
 from edge_server.kv_cache import ATTN_NAME, KVPool, RaggedBatch, RaggedCache, Row
+from edge_server.llama_rows import LlamaRows
 from edge_server.onnx_products import one_thread_session
 from shared.tree import TokenTree
 
@@ -224,6 +225,7 @@ class TargetModel:
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.num_layers = int(cfg.num_hidden_layers)
         self.screened_head = self._screened_head()
+        self.llama_rows = LlamaRows(self.base) if LlamaRows.fits(self.base) else None
 
     @torch.inference_mode()
     def _screened_head(self) -> ScreenedArgmax | None:
@@ -247,6 +249,14 @@ class TargetModel:
         batch = RaggedBatch(rows, self.dtype, self.device)
         ids = torch.tensor([[t for r in rows for t in r.tokens]], device=self.device)
         pos = torch.tensor([[p for r in rows for p in r.positions]], device=self.device)
+        if self.llama_rows is not None:
+            hidden = self.llama_rows.forward(batch, ids, pos)
+        else:
+            hidden = self._module_forward(batch, ids, pos)
+        return self._next_token_scores(rows, hidden), [hidden[r.start:r.start + r.n] for r in rows]
+
+    def _module_forward(self, batch: RaggedBatch, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The model's own forward, with the ragged cache and attention swapped in."""
         cfg = self.model.config
         previous = cfg._attn_implementation
         cfg._attn_implementation = ATTN_NAME
@@ -258,8 +268,7 @@ class TargetModel:
             )
         finally:
             cfg._attn_implementation = previous
-        hidden = out.last_hidden_state[0]
-        return self._next_token_scores(rows, hidden), [hidden[r.start:r.start + r.n] for r in rows]
+        return out.last_hidden_state[0]
 
     def warm_up(self, pool: KVPool) -> None:
         """Runs a prompt chunk, a decoding step and a two-node tree through a scratch slot, so

@@ -1,0 +1,97 @@
+"""A Llama-architecture model's forward over a ragged batch, without transformers' module glue.
+
+Why: most of a CPU step that is not products is Python around small ops. In a 4-session bf16
+decoding step of SmolLM2-135M on one core (36.5 ms), the products took ~20 ms and the
+attention kernel ~4; much of the rest was transformers' layers calling their modules (~400
+module calls a step through torch's hook machinery, keyword plumbing and deprecation wrappers
+on every layer) and per-row K/V copies. This runs the same torch ops in the same order on the
+same numbers, called directly, so every output is bitwise what the model's own forward gives
+(the lossless tests compare the server's tokens with `generate()` on the model's modules).
+
+Used for models whose base is transformers' `LlamaModel` (Llama, SmolLM2, ...); other
+architectures keep their own forward with the ragged cache and attention (edge_server.kv_cache).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_server.kv_cache import RaggedBatch, ragged_attention, write_rows
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, op for op (fp32 statistics, result in the input's dtype)."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Attention:
+    """What attention reads of a LlamaAttention: its projections' forwards (as fitted by
+    edge_server.verifier.fit_cpu_products) and shapes. `layer_idx` is what ragged_attention asks
+    of the module it is given."""
+
+    def __init__(self, attn: nn.Module, layer: int):
+        self.layer_idx = layer
+        self.q, self.k, self.v, self.o = (attn.q_proj.forward, attn.k_proj.forward, attn.v_proj.forward,
+                                          attn.o_proj.forward)
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+
+
+class LlamaRows:
+    """`forward(batch, ids, positions)` -> final hidden states [T, d] of a ragged batch."""
+
+    @staticmethod
+    def fits(base: nn.Module) -> bool:
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel, LlamaRMSNorm
+
+        return (type(base) is LlamaModel
+                and all(type(layer) is LlamaDecoderLayer for layer in base.layers)
+                and all(type(n) is LlamaRMSNorm and type(n).forward is LlamaRMSNorm.forward
+                        for n in (base.norm, *(m for layer in base.layers
+                                                for m in (layer.input_layernorm, layer.post_attention_layernorm)))))
+
+    def __init__(self, base: nn.Module):
+        self.base = base
+        self.embed = base.embed_tokens.weight
+        self.norm = (base.norm.weight, base.norm.variance_epsilon)
+        self.layers = [(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                        _Attention(layer.self_attn, i),
+                        layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                        layer.mlp.gate_proj.forward, layer.mlp.up_proj.forward, layer.mlp.act_fn,
+                        layer.mlp.down_proj.forward)
+                       for i, layer in enumerate(base.layers[:base.config.num_hidden_layers])]
+
+    def forward(self, batch: RaggedBatch, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids, positions: [1, T]."""
+        h = F.embedding(ids, self.embed)
+        cos, sin = self.base.rotary_emb(h, positions)  # [1, T, head_dim]
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # over [1, T, heads, head_dim]
+        for norm1, eps1, attn, norm2, eps2, gate, up, act, down in self.layers:
+            h = h + self._attention(attn, rms_norm(h, norm1, eps1), cos, sin, batch)
+            x = rms_norm(h, norm2, eps2)
+            h = h + down(act(gate(x)) * up(x))
+        return rms_norm(h, *self.norm)[0]
+
+    @staticmethod
+    def _attention(attn: _Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   batch: RaggedBatch) -> torch.Tensor:
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        q, k = attn.q(x).view(shape), attn.k(x).view(shape)
+        heads = q.shape[2]
+        qk = torch.cat((q, k), dim=2)  # [1, T, heads + kv_heads, head_dim]: one rotation for both
+        qk = (qk * cos) + (_rotate_half(qk) * sin)
+        q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
+        v = attn.v(x).view(shape).transpose(1, 2)
+        write_rows(batch, attn.layer_idx, k, v)
+        out, _ = ragged_attention(attn, q, k, v, None, scaling=attn.scaling, edgespec_batch=batch)
+        return attn.o(out.reshape(*x.shape[:-1], -1).contiguous())

@@ -1,0 +1,42 @@
+"""The lean Llama forward (edge_server.llama_rows) is bitwise the model's own forward.
+
+The bf16 lossless references decode through the server's own batched forward (conftest.Served),
+so without this check a difference between the lean path and transformers' modules would go
+unnoticed in bf16."""
+import pytest
+import torch
+
+from edge_server.kv_cache import KVPool, Row
+from edge_server.model_store import load_model
+from edge_server.verifier import TargetModel
+from shared.tree import TokenTree
+
+PROMPTS = ([1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173], [1, 4093, 198, 504, 314, 2],
+           [1, 4093, 198, 23409, 7906, 1053, 30, 17, 42, 11, 5, 6, 7])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_forward_is_bitwise_the_modules(dtype):
+    model = load_model("default", dtype, "cpu").model
+    target = TargetModel(model, max_context=2048)
+    assert target.llama_rows is not None  # the embedded model takes the lean path
+    lean = target.llama_rows
+    pool = KVPool.for_model(model, 16)
+    slots = [pool.allocate(64) for _ in PROMPTS]
+    target.forward_rows([Row(s, 0, p, list(range(len(p))), logit_rows=[len(p) - 1])
+                         for s, p in zip(slots, PROMPTS)])
+    tree = TokenTree((5, 6, 7, 8), (-1, 0, 0, 1))
+    pasts = [len(p) for p in PROMPTS]
+    rows = lambda: [  # noqa: E731  a decoding step, a tree (greedy), a prompt chunk with logits
+        Row.for_tree(slots[0], pasts[0], TokenTree.root_only(5), greedy=True),
+        Row.for_tree(slots[1], pasts[1], tree, greedy=True),
+        Row(slots[2], pasts[2], [11, 12, 13], [pasts[2] + i for i in range(3)], logit_rows=[0, 2])]
+
+    outputs, caches = {}, {}
+    for name, path in (("modules", None), ("lean", lean)):
+        target.llama_rows = path
+        scores, hidden = target.forward_rows(rows())
+        outputs[name] = scores + hidden
+        caches[name] = [s.storage[:, :, :, :p + n].clone() for s, p, n in zip(slots, pasts, (1, 4, 3))]
+    assert all(torch.equal(a, b) for a, b in zip(outputs["modules"], outputs["lean"]))
+    assert all(torch.equal(a, b) for a, b in zip(caches["modules"], caches["lean"]))
