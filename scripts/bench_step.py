@@ -16,7 +16,9 @@ does: a GPU that lowers its clocks when idle shows it there.
 
 --lm-head both times every cell twice, step by step alternating (this host drifts ±10% between
 runs): greedy rows' argmax through the int8 screen (edge_server.greedy_head, the server's
-choice on an fp32 CPU target) and through the full fp32 LM-head product.
+choice on an fp32 CPU target) and through the full fp32 LM-head product. --forward both does the
+same for the layers: the server's lean Llama forward (edge_server.llama_rows) and transformers'
+modules.
 
     .venv/bin/python scripts/bench_step.py                        # CPU, one thread
     python3 scripts/bench_step.py --device cuda --grow            # on a GPU machine
@@ -61,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-head", choices=["server", "full", "both"], default="server",
                    help="greedy rows' argmax: the server's way (the int8 screen where it applies), the full "
                         "fp32 product, or both alternating")
+    p.add_argument("--forward", choices=["server", "modules", "both"], default="server",
+                   help="the layers: the server's way (edge_server.llama_rows for Llama-architecture models), "
+                        "transformers' own modules with the ragged cache hooked in, or both alternating")
     p.add_argument("--out", default=None, help="output folder (default results/<date>/step)")
     return p.parse_args(argv)
 
@@ -94,14 +99,15 @@ class Bench:
         return slots
 
     def step_ms(self, slots: list, past: int, tree: TokenTree, args: argparse.Namespace,
-                heads: dict) -> dict[str, float]:
-        """Median step ms per LM-head variant (`heads`: name -> the target's screened_head)."""
-        times: dict[str, list[float]] = {name: [] for name in heads}
+                variants: dict) -> dict[tuple[str, str], float]:
+        """Median step ms per variant: (LM head, forward) -> the target's (screened_head,
+        llama_rows)."""
+        times: dict[tuple[str, str], list[float]] = {name: [] for name in variants}
         for i in range(args.warmup + args.reps):
             at = past + (i if args.grow else 0)
-            for name in (list(heads) if i % 2 == 0 else list(heads)[::-1]):
+            for name in (list(variants) if i % 2 == 0 else list(variants)[::-1]):
                 time.sleep(args.gap_ms / 1e3)
-                self.target.screened_head = heads[name]
+                self.target.screened_head, self.target.llama_rows = variants[name]
                 rows = [Row.for_tree(s, at, tree, greedy=True) for s in slots]
                 self._sync()
                 start = time.perf_counter()
@@ -131,26 +137,33 @@ def main(argv: list[str] | None = None) -> None:
     trees = {k: heads_tree(k) for k in args.nodes}
     heads = {"full": None, "screened": target.screened_head} if args.lm_head == "both" else \
         {args.lm_head: None if args.lm_head == "full" else target.screened_head}
+    forwards = {"modules": None, "server": target.llama_rows} if args.forward == "both" else \
+        {args.forward: None if args.forward == "modules" else target.llama_rows}
+    variants = {(h, f): (head, fwd) for h, head in heads.items() for f, fwd in forwards.items()}
     rows = []
     for past in args.past:
         for n in args.rows:
             slots = bench.sessions(n, past, room)
-            cells = {k: bench.step_ms(slots, past, trees[k], args, heads) for k in args.nodes}
+            cells = {k: bench.step_ms(slots, past, trees[k], args, variants) for k in args.nodes}
             for slot in slots:
                 pool.free(slot)
-            for name in heads:
+            for head, forward in variants:
+                name = (head, forward)
                 base = cells[min(args.nodes)][name]
                 for k, ms in cells.items():
-                    rows.append({"past": past, "rows": n, "nodes": k, "tokens": n * k, "lm_head": name,
-                                 "step_ms": ms[name], "vs_fewest_nodes": ms[name] / base,
-                                 "vs_full": ms[name] / ms["full"] if "full" in ms else None})
-                print(f"past {past:4d} rows {n:2d} {name:8s}: "
+                    ratio = lambda other: ms[name] / ms[other] if other in ms else None  # noqa: E731
+                    rows.append({"past": past, "rows": n, "nodes": k, "tokens": n * k, "lm_head": head,
+                                 "forward": forward, "step_ms": ms[name], "vs_fewest_nodes": ms[name] / base,
+                                 "vs_full": ratio(("full", forward)), "vs_modules": ratio((head, "modules"))})
+                print(f"past {past:4d} rows {n:2d} {head:8s} {forward:7s}: "
                       + "  ".join(f"k={k}: {ms[name]:6.1f} ms" for k, ms in cells.items()), flush=True)
     columns = [("past", "committed", ""), ("rows", "sessions", ""), ("nodes", "nodes/tree", ""),
-               ("tokens", "step tokens", ""), ("lm_head", "greedy argmax", ""), ("step_ms", "step ms", ".1f"),
-               ("vs_fewest_nodes", f"× k={min(args.nodes)}", ".2f")]
+               ("tokens", "step tokens", ""), ("lm_head", "greedy argmax", ""), ("forward", "layers", ""),
+               ("step_ms", "step ms", ".1f"), ("vs_fewest_nodes", f"× k={min(args.nodes)}", ".2f")]
     if args.lm_head == "both":
         columns.append(("vs_full", "× full product", ".2f"))
+    if args.forward == "both":
+        columns.append(("vs_modules", "× modules", ".2f"))
     where = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or platform.machine()
     note = (f"{where}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, {args.threads} CPU thread(s), "
             f"median of {args.reps} steps after {args.warmup} warm-up, "

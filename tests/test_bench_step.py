@@ -40,3 +40,13 @@ def test_both_lm_heads_time_every_cell_twice(tmp_path):
     assert [(r["lm_head"], r["nodes"]) for r in rows] == [("full", 1), ("full", 2), ("screened", 1), ("screened", 2)]
     assert all(r["vs_full"] == 1.0 for r in rows if r["lm_head"] == "full")
     assert all(r["vs_full"] > 0 for r in rows)
+
+
+def test_both_forwards_time_every_cell_twice(tmp_path):
+    subprocess.run([sys.executable, str(SCRIPTS / "bench_step.py"), "--past", "8", "--rows", "2", "--nodes", "1",
+                    "--reps", "1", "--warmup", "0", "--forward", "both", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=120)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["forward"] for r in rows] == ["modules", "server"]
+    assert rows[0]["vs_modules"] == 1.0 and rows[1]["vs_modules"] > 0
+    assert "× modules" in (tmp_path / "table.md").read_text()
