@@ -4,9 +4,11 @@ Why: most of a CPU step that is not products is Python around small ops. In a 4-
 decoding step of SmolLM2-135M on one core (36.5 ms), the products took ~20 ms and the
 attention kernel ~4; much of the rest was transformers' layers calling their modules (~400
 module calls a step through torch's hook machinery, keyword plumbing and deprecation wrappers
-on every layer) and per-row K/V copies. This runs the same torch ops in the same order on the
-same numbers, called directly, so every output is bitwise what the model's own forward gives
-(the lossless tests compare the server's tokens with `generate()` on the model's modules).
+on every layer). This runs the same torch ops in the same order on the same numbers, called
+directly (q and k rotated in one pass: elementwise, so the same numbers), so every output is
+bitwise what the model's own forward gives (tests/test_llama_rows.py, fp32 and bf16; the bf16
+lossless references decode through this forward, the fp32 ones are `generate()`). Steps cost
+0.87-0.96x (`scripts/bench_step.py --forward both`, bf16, one thread, 1-8 sessions, 1-8 nodes).
 
 Used for models whose base is transformers' `LlamaModel` (Llama, SmolLM2, ...); other
 architectures keep their own forward with the ragged cache and attention (edge_server.kv_cache).
