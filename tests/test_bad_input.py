@@ -64,6 +64,8 @@ CASES = {
                           grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
     "zero max tokens": (lambda info: [_start(info, max_new_tokens=0)], grpc.StatusCode.OUT_OF_RANGE, "max_new_tokens"),
     "too many max tokens": (lambda info: [_start(info, max_new_tokens=10**6)], grpc.StatusCode.OUT_OF_RANGE, "max_new_tokens"),
+    "stop id out of range": (lambda info: [_start(info, stop_token_ids=[10**6])],
+                             grpc.StatusCode.INVALID_ARGUMENT, "stop token id"),
     "draft token out of range": (lambda info: [_start(info), _draft(1, [10**6], [0])],
                                  grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
     "parent not topological": (lambda info: [_start(info), _draft(1, [5, 6], [2, 0])],
