@@ -17,7 +17,7 @@ committing an accepted path moves only the accepted nodes' K/V (a few positions)
 Memory is bounded: the pool admits a slot only while the reserved tokens fit the configured
 budget, and says how much is free when it refuses.
 
-Two callers. Llama-architecture models' steps call `write_rows` and `ragged_attention` directly
+Two callers. Llama-family models' steps call `write_rows` and `ragged_attention` directly
 (edge_server.llama_rows). Other models run their own modules through the hook into transformers
 (4.57): a `Cache` subclass whose `update()` scatters the step's new K/V into the slots, and the
 same attention function registered in `ALL_ATTENTION_FUNCTIONS`, which the model uses only while

@@ -1,4 +1,4 @@
-"""A Llama-architecture model's forward over a ragged batch, without transformers' module glue.
+"""A Llama-family model's forward over a ragged batch, without transformers' module glue.
 
 Why: most of a CPU step that is not products is Python around small ops. In a 4-session bf16
 decoding step of SmolLM2-135M on one core (36.5 ms), the products took ~20 ms and the
@@ -10,8 +10,10 @@ bitwise what the model's own forward gives (tests/test_llama_rows.py, fp32 and b
 lossless references decode through this forward, the fp32 ones are `generate()`). Steps cost
 0.87-0.96x (`scripts/bench_step.py --forward both`, bf16, one thread, 1-8 sessions, 1-8 nodes).
 
-Used for models whose base is transformers' `LlamaModel` (Llama, SmolLM2, ...); other
-architectures keep their own forward with the ragged cache and attention (edge_server.kv_cache).
+Used for the Llama family as transformers (4.57) writes it: `LlamaModel` (Llama, SmolLM2, ...),
+`MistralModel` and `Qwen2Model`, whose layers are Llama's with a sliding window on some
+(FAMILY); other architectures keep their own forward with the ragged cache and attention
+(edge_server.kv_cache).
 """
 from __future__ import annotations
 
@@ -36,17 +38,31 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class _Attention:
-    """What attention reads of a LlamaAttention: its projections' forwards (as fitted by
-    edge_server.verifier.fit_cpu_products) and shapes. `layer_idx` is what ragged_attention asks
-    of the module it is given."""
+def _family() -> dict:
+    """Base model class -> (its decoder layer class, its RMSNorm class, the sliding window a
+    layer's attention passes on: None for full attention)."""
+    from transformers.models.llama import modeling_llama as llama
+    from transformers.models.mistral import modeling_mistral as mistral
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
 
-    def __init__(self, attn: nn.Module, layer: int):
+    return {llama.LlamaModel: (llama.LlamaDecoderLayer, llama.LlamaRMSNorm, lambda attn: None),
+            mistral.MistralModel: (mistral.MistralDecoderLayer, mistral.MistralRMSNorm,
+                                   lambda attn: getattr(attn.config, "sliding_window", None)),
+            qwen2.Qwen2Model: (qwen2.Qwen2DecoderLayer, qwen2.Qwen2RMSNorm, lambda attn: attn.sliding_window)}
+
+
+class _Attention:
+    """What attention reads of a Llama-family attention module: its projections' forwards (as
+    fitted by edge_server.verifier.fit_cpu_products), shapes and sliding window. `layer_idx` is
+    what ragged_attention asks of the module it is given."""
+
+    def __init__(self, attn: nn.Module, layer: int, window: int | None):
         self.layer_idx = layer
         self.q, self.k, self.v, self.o = (attn.q_proj.forward, attn.k_proj.forward, attn.v_proj.forward,
                                           attn.o_proj.forward)
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
+        self.window = window
 
 
 class LlamaRows:
@@ -54,20 +70,20 @@ class LlamaRows:
 
     @staticmethod
     def fits(base: nn.Module) -> bool:
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel, LlamaRMSNorm
-
-        return (type(base) is LlamaModel
-                and all(type(layer) is LlamaDecoderLayer for layer in base.layers)
-                and all(type(n) is LlamaRMSNorm and type(n).forward is LlamaRMSNorm.forward
+        layer_type, norm_type, _ = _family().get(type(base), (None, None, None))
+        return (layer_type is not None
+                and all(type(layer) is layer_type for layer in base.layers)
+                and all(type(n) is norm_type and type(n).forward is norm_type.forward
                         for n in (base.norm, *(m for layer in base.layers
                                                 for m in (layer.input_layernorm, layer.post_attention_layernorm)))))
 
     def __init__(self, base: nn.Module):
+        window = _family()[type(base)][2]
         self.base = base
         self.embed = base.embed_tokens.weight
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
         self.layers = [(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                        _Attention(layer.self_attn, i),
+                        _Attention(layer.self_attn, i, window(layer.self_attn)),
                         layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
                         layer.mlp.gate_proj.forward, layer.mlp.up_proj.forward, layer.mlp.act_fn,
                         layer.mlp.down_proj.forward)
@@ -95,5 +111,6 @@ class LlamaRows:
         q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
         v = attn.v(x).view(shape).transpose(1, 2)
         write_rows(batch, attn.layer_idx, k, v)
-        out, _ = ragged_attention(attn, q, k, v, None, scaling=attn.scaling, edgespec_batch=batch)
+        out, _ = ragged_attention(attn, q, k, v, None, scaling=attn.scaling, sliding_window=attn.window,
+                                  edgespec_batch=batch)
         return attn.o(out.reshape(*x.shape[:-1], -1).contiguous())

@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="greedy rows' argmax: the server's way (the int8 screen where it applies), the full "
                         "fp32 product, or both alternating")
     p.add_argument("--forward", choices=["server", "modules", "both"], default="server",
-                   help="the layers: the server's way (edge_server.llama_rows for Llama-architecture models), "
+                   help="the layers: the server's way (edge_server.llama_rows for Llama-family models), "
                         "transformers' own modules with the ragged cache hooked in, or both alternating")
     p.add_argument("--out", default=None, help="output folder (default results/<date>/step)")
     return p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The lean Llama forward (edge_server.llama_rows) is bitwise the model's own forward.
+"""The lean Llama-family forward (edge_server.llama_rows) is bitwise the model's own forward.
 
 The bf16 lossless references decode through the server's own batched forward (conftest.Served),
 so without this check a difference between the lean path and transformers' modules would go
@@ -60,3 +60,25 @@ def test_lean_forward_covers_llama_variants(dtype):
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     _lean_and_modules_agree(LlamaForCausalLM(cfg).eval().to(dtype))
+
+
+def _tiny(family: str):
+    """Tiny random Mistral (a sliding window on every layer) and Qwen2 (q/k/v biases, a window on
+    its second layer only); the prompts are longer than the window of 5."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=24000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(**shape, sliding_window=5)).eval()
+    model = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=True, sliding_window=5,
+                                         max_window_layers=1)).eval()
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [None, 5]
+    return model
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_forward_covers_mistral_and_qwen2(family, dtype):
+    _lean_and_modules_agree(_tiny(family).to(dtype))
