@@ -12,7 +12,7 @@ lossless references decode through this forward, the fp32 ones are `generate()`)
 
 Used for the Llama family as transformers (4.57) writes it: `LlamaModel` (Llama, SmolLM2, ...),
 `MistralModel` and `Qwen2Model`, whose layers are Llama's with a sliding window on some
-(FAMILY); other architectures keep their own forward with the ragged cache and attention
+(`_family`); other architectures keep their own forward with the ragged cache and attention
 (edge_server.kv_cache).
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ from edge_server.kv_cache import RaggedBatch, ragged_attention, write_rows
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm, op for op (fp32 statistics, result in the input's dtype)."""
+    """transformers' LlamaRMSNorm (Mistral's and Qwen2's are the same code), op for op: fp32
+    statistics, the result in the input's dtype."""
     dtype = x.dtype
     x = x.to(torch.float32)
     variance = x.pow(2).mean(-1, keepdim=True)
