@@ -66,6 +66,19 @@ class _Attention:
         self.window = window
 
 
+class _Layer:
+    """What a decoder layer's forward reads: its norms' weights and epsilons, its attention, and
+    its MLP's projections (fitted forwards) and activation."""
+
+    def __init__(self, layer: nn.Module, index: int, window: int | None):
+        self.norm1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.attn = _Attention(layer.self_attn, index, window)
+        self.norm2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        mlp = layer.mlp
+        self.gate, self.up, self.act, self.down = (mlp.gate_proj.forward, mlp.up_proj.forward, mlp.act_fn,
+                                                   mlp.down_proj.forward)
+
+
 class LlamaRows:
     """`forward(batch, ids, positions)` -> final hidden states [T, d] of a ragged batch."""
 
@@ -83,11 +96,7 @@ class LlamaRows:
         self.base = base
         self.embed = base.embed_tokens.weight
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
-        self.layers = [(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                        _Attention(layer.self_attn, i, window(layer.self_attn)),
-                        layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                        layer.mlp.gate_proj.forward, layer.mlp.up_proj.forward, layer.mlp.act_fn,
-                        layer.mlp.down_proj.forward)
+        self.layers = [_Layer(layer, i, window(layer.self_attn))
                        for i, layer in enumerate(base.layers[:base.config.num_hidden_layers])]
 
     def forward(self, batch: RaggedBatch, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -95,10 +104,10 @@ class LlamaRows:
         h = F.embedding(ids, self.embed)
         cos, sin = self.base.rotary_emb(h, positions)  # [1, T, head_dim]
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # over [1, T, heads, head_dim]
-        for norm1, eps1, attn, norm2, eps2, gate, up, act, down in self.layers:
-            h = h + self._attention(attn, rms_norm(h, norm1, eps1), cos, sin, batch)
-            x = rms_norm(h, norm2, eps2)
-            h = h + down(act(gate(x)) * up(x))
+        for layer in self.layers:
+            h = h + self._attention(layer.attn, rms_norm(h, *layer.norm1), cos, sin, batch)
+            x = rms_norm(h, *layer.norm2)
+            h = h + layer.down(layer.act(layer.gate(x)) * layer.up(x))
         return rms_norm(h, *self.norm)[0]
 
     @staticmethod
