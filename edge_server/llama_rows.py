@@ -5,7 +5,8 @@ decoding step of SmolLM2-135M on one core (36.5 ms), the products took ~20 ms an
 attention kernel ~4; much of the rest was transformers' layers calling their modules (~400
 module calls a step through torch's hook machinery, keyword plumbing and deprecation wrappers
 on every layer). This runs the same torch ops in the same order on the same numbers, called
-directly (q and k rotated in one pass: elementwise, so the same numbers), so every output is
+directly (the norms through their own `forward`, q and k rotated in one pass with transformers'
+`rotate_half`: elementwise, so the same numbers), so every output is
 bitwise what the model's own forward gives (tests/test_llama_rows.py, fp32 and bf16; the bf16
 lossless references decode through this forward, the fp32 ones are `generate()`). Steps cost
 0.87-0.96x (`scripts/bench_step.py --forward both`, bf16, one thread, 1-8 sessions, 1-8 nodes).
@@ -20,36 +21,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half  # Mistral's and Qwen2's are the same code
 
 from edge_server.kv_cache import RaggedBatch, ragged_attention, write_rows
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm (Mistral's and Qwen2's are the same code), op for op: fp32
-    statistics, the result in the input's dtype."""
-    dtype = x.dtype
-    x = x.to(torch.float32)
-    variance = x.pow(2).mean(-1, keepdim=True)
-    x = x * torch.rsqrt(variance + eps)
-    return weight * x.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _family() -> dict:
-    """Base model class -> (its decoder layer class, its RMSNorm class, the sliding window a
-    layer's attention passes on: None for full attention)."""
+    """Base model class -> (its decoder layer class, the sliding window a layer's attention passes
+    on: None for full attention)."""
     from transformers.models.llama import modeling_llama as llama
     from transformers.models.mistral import modeling_mistral as mistral
     from transformers.models.qwen2 import modeling_qwen2 as qwen2
 
-    return {llama.LlamaModel: (llama.LlamaDecoderLayer, llama.LlamaRMSNorm, lambda attn: None),
-            mistral.MistralModel: (mistral.MistralDecoderLayer, mistral.MistralRMSNorm,
+    return {llama.LlamaModel: (llama.LlamaDecoderLayer, lambda attn: None),
+            mistral.MistralModel: (mistral.MistralDecoderLayer,
                                    lambda attn: getattr(attn.config, "sliding_window", None)),
-            qwen2.Qwen2Model: (qwen2.Qwen2DecoderLayer, qwen2.Qwen2RMSNorm, lambda attn: attn.sliding_window)}
+            qwen2.Qwen2Model: (qwen2.Qwen2DecoderLayer, lambda attn: attn.sliding_window)}
 
 
 class _Attention:
@@ -67,13 +54,14 @@ class _Attention:
 
 
 class _Layer:
-    """What a decoder layer's forward reads: its norms' weights and epsilons, its attention, and
-    its MLP's projections (fitted forwards) and activation."""
+    """What a decoder layer's forward reads: its norms' own forwards (their code, so their numbers,
+    without the module call), its attention, and its MLP's projections (fitted forwards) and
+    activation."""
 
     def __init__(self, layer: nn.Module, index: int, window: int | None):
-        self.norm1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.norm1 = layer.input_layernorm.forward
         self.attn = _Attention(layer.self_attn, index, window)
-        self.norm2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        self.norm2 = layer.post_attention_layernorm.forward
         mlp = layer.mlp
         self.gate, self.up, self.act, self.down = (mlp.gate_proj.forward, mlp.up_proj.forward, mlp.act_fn,
                                                    mlp.down_proj.forward)
@@ -84,18 +72,14 @@ class LlamaRows:
 
     @staticmethod
     def fits(base: nn.Module) -> bool:
-        layer_type, norm_type, _ = _family().get(type(base), (None, None, None))
-        return (layer_type is not None
-                and all(type(layer) is layer_type for layer in base.layers)
-                and all(type(n) is norm_type and type(n).forward is norm_type.forward
-                        for n in (base.norm, *(m for layer in base.layers
-                                                for m in (layer.input_layernorm, layer.post_attention_layernorm)))))
+        layer_type, _ = _family().get(type(base), (None, None))
+        return layer_type is not None and all(type(layer) is layer_type for layer in base.layers)
 
     def __init__(self, base: nn.Module):
-        window = _family()[type(base)][2]
+        window = _family()[type(base)][1]
         self.base = base
         self.embed = base.embed_tokens.weight
-        self.norm = (base.norm.weight, base.norm.variance_epsilon)
+        self.norm = base.norm.forward
         self.layers = [_Layer(layer, i, window(layer.self_attn))
                        for i, layer in enumerate(base.layers[:base.config.num_hidden_layers])]
 
@@ -105,10 +89,10 @@ class LlamaRows:
         cos, sin = self.base.rotary_emb(h, positions)  # [1, T, head_dim]
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # over [1, T, heads, head_dim]
         for layer in self.layers:
-            h = h + self._attention(layer.attn, rms_norm(h, *layer.norm1), cos, sin, batch)
-            x = rms_norm(h, *layer.norm2)
+            h = h + self._attention(layer.attn, layer.norm1(h), cos, sin, batch)
+            x = layer.norm2(h)
             h = h + layer.down(layer.act(layer.gate(x)) * layer.up(x))
-        return rms_norm(h, *self.norm)[0]
+        return self.norm(h)[0]
 
     @staticmethod
     def _attention(attn: _Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -117,7 +101,7 @@ class LlamaRows:
         q, k = attn.q(x).view(shape), attn.k(x).view(shape)
         heads = q.shape[2]
         qk = torch.cat((q, k), dim=2)  # [1, T, heads + kv_heads, head_dim]: one rotation for both
-        qk = (qk * cos) + (_rotate_half(qk) * sin)
+        qk = (qk * cos) + (rotate_half(qk) * sin)
         q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
         v = attn.v(x).view(shape).transpose(1, 2)
         write_rows(batch, attn.layer_idx, k, v)
