@@ -15,9 +15,9 @@ HEADS, KV_HEADS, DIM, LAYERS = 6, 2, 64, 2
 
 @njit
 def _widen_all(bits, fmt):
-    out = np.empty(bits.shape[0], np.float32)
-    ota._widen(bits, out, fmt)
-    return out
+    out = np.empty((1, bits.shape[0]), np.float32)
+    ota._widen(bits.reshape(1, -1), 0, out.view(np.uint32), 0, fmt)
+    return out[0]
 
 
 @njit
