@@ -3,7 +3,8 @@
 For N in --clients (default 1 2 4 8 16) and every method (server-ar, none, ngram, heads), all
 N clients start together, each runs --requests generations of exactly --max-new-tokens tokens
 (--ignore-eos, so methods do the same work; --length-spread varies the length per request, the
-same for every method) over a fixed prompt set, and the run records total
+same for every method) over a fixed prompt set (--context-tokens puts a long document before
+each), and the run records total
 tokens/s, per-client inter-token latency p50/p95, and the server's per-step batch statistics
 (GetMetrics, reset between runs). Methods run back to back at each N, and their tokens/s are
 reported as ratios to server-ar at the same N; with --repeats R the whole sweep runs R times
@@ -36,7 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from bench_common import (PROMPTS, MethodRun, lossless_problems, markdown_table, parse_method,  # noqa: E402
+from bench_common import (PROMPTS, ROOT, MethodRun, lossless_problems, markdown_table, parse_method,  # noqa: E402
                           results_dir, run_clients, save_json, split_cores)
 
 from device_client.cli import make_drafter  # noqa: E402
@@ -69,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run every (N, method) this many times, the methods interleaved; each run is divided by "
                         "the server-ar run of its own repeat, and the table shows the medians (with the ratio's "
                         "range): one run's ratio moves 10-15%% with nothing changed on this shared machine")
+    p.add_argument("--context-tokens", type=int, default=0,
+                   help="put about this many tokens of notes before every prompt (slices of this "
+                        "repository's README, one per prompt): long-context serving, a document or a "
+                        "chat history sent with the question (0: the bare prompts)")
     p.add_argument("--warmup-tokens", type=int, default=32,
                    help="an untimed round of generations of this many tokens before each timed run, at "
                         "the same N and method, so the server has measured its budgets for that load (0: none)")
@@ -151,8 +156,21 @@ def median_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def client_prompts(clients: int, requests: int) -> list[list[str]]:
-    return [[PROMPTS[(i + k * clients) % len(PROMPTS)] for k in range(requests)] for i in range(clients)]
+def client_prompts(clients: int, requests: int, context_tokens: int = 0) -> list[list[str]]:
+    picks = [[(i + k * clients) % len(PROMPTS) for k in range(requests)] for i in range(clients)]
+    return [[with_context(PROMPTS[j], j, context_tokens) for j in row] for row in picks]
+
+
+def with_context(prompt: str, index: int, tokens: int) -> str:
+    """`prompt` after about `tokens` tokens (4 characters a token) of this repository's README,
+    a different slice for each prompt index: on a long context every step's attention reads far
+    more keys, and a tree node costs more than on a bare prompt."""
+    if tokens <= 0:
+        return prompt
+    text = " ".join((ROOT / "README.md").read_text().split())
+    chars = min(4 * tokens, len(text))
+    start = index * (len(text) - chars) // len(PROMPTS)
+    return f"Here are some notes.\n\n{text[start:start + chars]}\n\nWith those notes at hand: {prompt}"
 
 
 def client_lengths(clients: int, requests: int, tokens: int, spread: float) -> list[list[int]]:
@@ -192,12 +210,13 @@ def measure(address: str, n: int, method: str, args: argparse.Namespace) -> tupl
     then the timed run and the server's metrics over it."""
     with grpc.insecure_channel(address) as channel:
         stub = rpc.EdgeSpecStub(channel)
-        run_clients(address, method, client_prompts(1, 1), 8, args.tree_budget, ignore_eos=True)
+        context = args.context_tokens
+        run_clients(address, method, client_prompts(1, 1, context), 8, args.tree_budget, ignore_eos=True)
         if args.warmup_tokens:
-            run_clients(address, method, client_prompts(n, 1), args.warmup_tokens, args.tree_budget,
+            run_clients(address, method, client_prompts(n, 1, context), args.warmup_tokens, args.tree_budget,
                         ignore_eos=True)
         stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30)
-        run = run_clients(address, method, client_prompts(n, args.requests),
+        run = run_clients(address, method, client_prompts(n, args.requests, context),
                           client_lengths(n, args.requests, args.max_new_tokens, args.length_spread),
                           args.tree_budget, ignore_eos=True)
         metrics = json.loads(stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30).json)
@@ -252,7 +271,10 @@ def main(argv=None) -> None:
     shown = rows if args.repeats == 1 else median_rows(rows)
     table = markdown_table(shown, COLUMNS if args.repeats == 1 else COLUMNS + RANGE_COLUMNS)
     spread = f" x (1 ± {args.length_spread:g}) per request" if args.length_spread else ""
-    notes = [f"max_new_tokens={args.max_new_tokens}{spread} (ignore_eos), requests/client={args.requests}, "
+    prompt_tokens = np.mean([r["prompt_tokens_mean"] for r in rows])
+    notes = [f"prompts of {prompt_tokens:.0f} tokens on average"
+             + (f" (about {args.context_tokens} tokens of notes before each)" if args.context_tokens else ""),
+             f"max_new_tokens={args.max_new_tokens}{spread} (ignore_eos), requests/client={args.requests}, "
              f"untimed warm-up of {args.warmup_tokens} tokens per client before each run, "
              f"device tree budget cap={args.tree_budget}, "
              + (f"server {args.server} (its own flags)" if args.server

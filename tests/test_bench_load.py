@@ -26,3 +26,22 @@ def test_a_tiny_sweep_with_spread_lengths_does_the_same_work_per_method(server, 
     assert [r["tokens"] for r in res["rows"]] == [expected, expected]
     assert res["lossless"] == []
     assert "(1 ± 0.5) per request" in (tmp_path / "table.md").read_text()
+
+
+def test_context_puts_a_different_slice_of_notes_before_each_prompt():
+    bare = bench_load.client_prompts(2, 2)
+    long = bench_load.client_prompts(2, 2, context_tokens=500)
+    assert bare == [[bench_load.PROMPTS[0], bench_load.PROMPTS[2]], [bench_load.PROMPTS[1], bench_load.PROMPTS[3]]]
+    for b_row, l_row in zip(bare, long):
+        for b, lp in zip(b_row, l_row):
+            assert lp.endswith(b) and 2000 < len(lp) - len(b) < 2100
+    notes = {lp.split("\n\n")[1] for row in long for lp in row}
+    assert len(notes) == 4
+
+
+def test_a_sweep_with_context_reports_its_prompt_length(server, tmp_path):
+    bench_load.main(["--server", server.address, "--clients", "1", "--methods", "server-ar", "--max-new-tokens", "4",
+                     "--context-tokens", "300", "--warmup-tokens", "0", "--no-plot", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert 200 < res["rows"][0]["prompt_tokens_mean"] < 450
+    assert "(about 300 tokens of notes before each)" in (tmp_path / "table.md").read_text()
