@@ -76,6 +76,7 @@ class MethodRun:
             "tau": (tokens - len(recs)) / rounds if rounds else 0.0,
             "rounds_per_token": rounds / tokens if tokens else 0.0,
             "ttft_ms_p50": statistics.median(r.ttft_ms for r in recs),
+            "request_s_p50": statistics.median(r.total_ms for r in recs) / 1e3,  # TTFT + the answer
             "prompt_tokens_mean": statistics.mean(len(r.prompt_token_ids) for r in recs),
             # ITL percentiles per client; the median client's p50 and the worst client's p95
             "itl_ms_p50": statistics.median(p50), "itl_ms_p95": max(p95),

@@ -50,6 +50,7 @@ COLUMNS = [("clients", "N", "d"), ("method", "method", ""), ("tokens_per_s", "to
            ("first_node_price", "price node 2", ".2f"), ("last_node_price", "price last node", ".2f"),
            ("itl_ms_p50", "ITL p50 ms", ".1f"),
            ("itl_ms_p95", "ITL p95 ms", ".1f"), ("ttft_ms_p50", "TTFT p50 ms", ".0f"),
+           ("request_s_p50", "request s p50", ".1f"),
            ("batch_size_mean", "batch rows", ".1f"), ("batch_tokens_mean", "batch tok", ".1f"),
            ("verify_ms_p50", "step ms p50", ".1f"), ("queue_ms_p50", "queue ms p50", ".1f"),
            ("tree_mean", "tree nodes", ".1f")]
