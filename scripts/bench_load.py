@@ -163,13 +163,14 @@ def client_prompts(clients: int, requests: int, context_tokens: int = 0) -> list
 
 
 def with_context(prompt: str, index: int, tokens: int) -> str:
-    """`prompt` after about `tokens` tokens of this repository's README (3.4 characters a token
-    with SmolLM2's tokenizer), a different slice for each prompt index: on a long context every
-    step's attention reads far more keys, and a tree node costs more than on a bare prompt."""
+    """`prompt` after about `tokens` tokens of this repository's README (3.0 characters a token
+    with SmolLM2's tokenizer over the whole file; slices with tables run denser), a different
+    slice for each prompt index: on a long context every step's attention reads far more keys,
+    and a tree node costs more than on a bare prompt."""
     if tokens <= 0:
         return prompt
     text = " ".join((ROOT / "README.md").read_text().split())
-    chars = min(int(3.4 * tokens), len(text))
+    chars = min(3 * tokens, len(text))
     start = index * (len(text) - chars) // len(PROMPTS)
     return f"Here are some notes.\n\n{text[start:start + chars]}\n\nWith those notes at hand: {prompt}"
 

@@ -34,7 +34,7 @@ def test_context_puts_a_different_slice_of_notes_before_each_prompt():
     assert bare == [[bench_load.PROMPTS[0], bench_load.PROMPTS[2]], [bench_load.PROMPTS[1], bench_load.PROMPTS[3]]]
     for b_row, l_row in zip(bare, long):
         for b, lp in zip(b_row, l_row):
-            assert lp.endswith(b) and 1700 < len(lp) - len(b) < 1800
+            assert lp.endswith(b) and 1500 < len(lp) - len(b) < 1600
     notes = {lp.split("\n\n")[1] for row in long for lp in row}
     assert len(notes) == 4
 
@@ -43,5 +43,5 @@ def test_a_sweep_with_context_reports_its_prompt_length(server, tmp_path):
     bench_load.main(["--server", server.address, "--clients", "1", "--methods", "server-ar", "--max-new-tokens", "4",
                      "--context-tokens", "300", "--warmup-tokens", "0", "--no-plot", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
-    assert 300 < res["rows"][0]["prompt_tokens_mean"] < 400
+    assert 250 < res["rows"][0]["prompt_tokens_mean"] < 450
     assert "(about 300 tokens of notes before each)" in (tmp_path / "table.md").read_text()
