@@ -37,7 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from bench_common import (PROMPTS, ROOT, MethodRun, lossless_problems, markdown_table, parse_method,  # noqa: E402
+from bench_common import (PROMPTS, MethodRun, lossless_problems, markdown_table, parse_method,  # noqa: E402
                           results_dir, run_clients, save_json, split_cores)
 
 from device_client.cli import make_drafter  # noqa: E402
@@ -72,9 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the server-ar run of its own repeat, and the table shows the medians (with the ratio's "
                         "range): one run's ratio moves 10-15%% with nothing changed on this shared machine")
     p.add_argument("--context-tokens", type=int, default=0,
-                   help="put about this many tokens of notes before every prompt (slices of this "
-                        "repository's README, one per prompt): long-context serving, a document or a "
-                        "chat history sent with the question (0: the bare prompts)")
+                   help="put about this many tokens of notes before every prompt (slices of the "
+                        "Python language reference, one per prompt): long-context serving, a document "
+                        "or a chat history sent with the question (0: the bare prompts)")
     p.add_argument("--warmup-tokens", type=int, default=32,
                    help="an untimed round of generations of this many tokens before each timed run, at "
                         "the same N and method, so the server has measured its budgets for that load (0: none)")
@@ -163,14 +163,16 @@ def client_prompts(clients: int, requests: int, context_tokens: int = 0) -> list
 
 
 def with_context(prompt: str, index: int, tokens: int) -> str:
-    """`prompt` after about `tokens` tokens of this repository's README (3.0 characters a token
-    with SmolLM2's tokenizer over the whole file; slices with tables run denser), a different
-    slice for each prompt index: on a long context every step's attention reads far more keys,
-    and a tree node costs more than on a bare prompt."""
+    """`prompt` after about `tokens` tokens of the Python language reference (the topics pydoc
+    ships with Python, 4.3 characters a token with SmolLM2's tokenizer), a different slice for
+    each prompt index: a document or a chat history sent with the question. Fixed text, so runs
+    on other days read the same prompts. On a long context every step's attention reads far more
+    keys, and a tree node costs more than on a bare prompt."""
     if tokens <= 0:
         return prompt
-    text = " ".join((ROOT / "README.md").read_text().split())
-    chars = min(3 * tokens, len(text))
+    from pydoc_data.topics import topics
+    text = " ".join(" ".join(topics[k] for k in sorted(topics)).split())
+    chars = min(int(4.3 * tokens), len(text))
     start = index * (len(text) - chars) // len(PROMPTS)
     return f"Here are some notes.\n\n{text[start:start + chars]}\n\nWith those notes at hand: {prompt}"
 

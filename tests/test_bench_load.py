@@ -34,7 +34,7 @@ def test_context_puts_a_different_slice_of_notes_before_each_prompt():
     assert bare == [[bench_load.PROMPTS[0], bench_load.PROMPTS[2]], [bench_load.PROMPTS[1], bench_load.PROMPTS[3]]]
     for b_row, l_row in zip(bare, long):
         for b, lp in zip(b_row, l_row):
-            assert lp.endswith(b) and 1500 < len(lp) - len(b) < 1600
+            assert lp.endswith(b) and 2150 < len(lp) - len(b) < 2250
     notes = {lp.split("\n\n")[1] for row in long for lp in row}
     assert len(notes) == 4
 
