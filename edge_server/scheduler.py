@@ -13,8 +13,8 @@ Policy
   carries rounds takes at most one chunk's worth of prompt tokens (one chunk, or several short
   prompts that fit in one), so a long prompt never holds up other sessions' rounds for more
   than one chunk's compute; on a CPU a 128-token chunk costs several decoding steps, and
-  filling the step's token room with chunks instead made 8 sessions' rounds wait ~1.2 s (p95)
-  while 8 prompts of 1,800 tokens were fed. A step without rounds fills `max_batch_tokens`
+  filling the step's token room with chunks instead made 8 sessions' rounds wait 1.0-1.2 s
+  (p95) while 8 prompts of 1,730 tokens were fed. A step without rounds fills `max_batch_tokens`
   with chunks. One chunk always rides along, even past `max_batch_tokens`, so a busy server
   still admits. Whole chunks, never a load-dependent remainder: a prompt is then cut at the
   same places at any load, and in bf16, where a chunk's numbers depend on where it starts, its

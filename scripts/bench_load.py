@@ -33,6 +33,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from pydoc_data.topics import topics
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -170,7 +171,6 @@ def with_context(prompt: str, index: int, tokens: int) -> str:
     keys, and a tree node costs more than on a bare prompt."""
     if tokens <= 0:
         return prompt
-    from pydoc_data.topics import topics
     text = " ".join(" ".join(topics[k] for k in sorted(topics)).split())
     chars = min(int(4.3 * tokens), len(text))
     start = index * (len(text) - chars) // len(PROMPTS)
