@@ -26,6 +26,7 @@ Writes results/<date>/load/{results.json, table.md, tokens_per_s.png}.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -171,10 +172,16 @@ def with_context(prompt: str, index: int, tokens: int) -> str:
     keys, and a tree node costs more than on a bare prompt."""
     if tokens <= 0:
         return prompt
-    text = " ".join(" ".join(topics[k] for k in sorted(topics)).split())
+    text = _notes()
     chars = min(int(4.3 * tokens), len(text))
     start = index * (len(text) - chars) // len(PROMPTS)
     return f"Here are some notes.\n\n{text[start:start + chars]}\n\nWith those notes at hand: {prompt}"
+
+
+@functools.cache
+def _notes() -> str:
+    """The language reference's topics as one line of text, built once a process."""
+    return " ".join(" ".join(topics[k] for k in sorted(topics)).split())
 
 
 def client_lengths(clients: int, requests: int, tokens: int, spread: float) -> list[list[int]]:
