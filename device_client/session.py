@@ -137,6 +137,7 @@ def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokeniz
         (arrived, first), *rest = down.take()
         rec.bytes_down += _wire(first)
         rec.ttft_ms = (arrived - t0) * 1e3
+        rec.cached_prompt_tokens = first.started.cached_prompt_tokens
         last = arrived
 
         def unpack(arrivals) -> list[pb.Verdict]:

@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-tokens", type=_number(int, 1), default=512, help="most tokens in one batched forward")
     p.add_argument("--prefill-chunk", type=_number(int, 1), default=128,
                    help="most prompt tokens of one session per step (long prompts are interleaved)")
+    p.add_argument("--prompt-cache-mb", type=_number(float, 0), default=512.0,
+                   help="KV memory (within --kv-budget-mb) for prompt prefixes kept after their prefill, so a "
+                        "prompt that starts the same way (a chat's next turn, another question on the same "
+                        "document) skips them; given back to new sessions first; 0 = off")
     p.add_argument("--batch-window-ms", type=_number(float, 0), default=2.0,
                    help="how long a step waits for a device with no turnaround history yet")
     p.add_argument("--batch-window-max-ms", type=_number(float, 0), default=50.0,
@@ -136,7 +140,7 @@ async def serve(args: argparse.Namespace) -> None:
         SchedulerConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                         prefill_chunk=args.prefill_chunk,
                         window_ms=args.batch_window_ms, window_max_ms=args.batch_window_max_ms,
-                        adaptive_budget=not args.fixed_budget),
+                        adaptive_budget=not args.fixed_budget, prompt_cache_mb=args.prompt_cache_mb),
     )
     try:
         target.warm_up(service.pool)

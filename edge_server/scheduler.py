@@ -33,6 +33,9 @@ Policy
   as soon as every active session is ready. A lone session never waits for rows. A pipelined
   session is always ready, but a step waits up to half a step for its fresh draft when the
   device's turnaround says it is due by then (a slow link's draft is re-rooted later instead).
+- Prompts are fed from the longest run of whole chunks a finished prefill left in the prompt
+  cache (edge_server.prompt_cache): kept once a prompt is in, restored at admission, dropped
+  (least recently used first) before a session would be refused for want of KV room.
 - Backpressure happens at admission (the service refuses with RESOURCE_EXHAUSTED): every session
   has at most one item in flight, so the queue is bounded by the admitted sessions; queued
   prefill tokens are bounded too.
@@ -53,8 +56,9 @@ import numpy as np
 import torch
 
 from edge_server.budget import BudgetController
-from edge_server.kv_cache import KVPool, Row
+from edge_server.kv_cache import KVBudgetError, KVPool, Row
 from edge_server.metrics import ServerMetrics, StepRecord
+from edge_server.prompt_cache import PromptCache
 from edge_server.session import RoundResult, Session
 from edge_server.verifier import TargetModel
 from shared.protocol import pb
@@ -72,6 +76,7 @@ class SchedulerConfig:
     window_max_ms: float = 50.0
     max_queued_prefill_tokens: int = 16384
     adaptive_budget: bool = True
+    prompt_cache_mb: float = 512.0  # KV of prompt prefixes kept for later prompts; 0: none
 
 
 @dataclass
@@ -111,6 +116,7 @@ class Scheduler:
         self.config = config
         self.metrics = metrics or ServerMetrics()
         self.budgets = BudgetController(max_tree_nodes, config.adaptive_budget)
+        self.prompts = PromptCache(pool, config.prefill_chunk, int(config.prompt_cache_mb * 2**20 // pool.bytes_per_token))
         self._cv = threading.Condition()
         self._pending: list[_Item] = []
         self._releases: list[Session] = []
@@ -127,12 +133,23 @@ class Scheduler:
 
     # ---- called from the asyncio side -------------------------------------------------------
     def admit(self, session: Session, capacity: int) -> None:
-        """Reserves the session's KV slot (KVBudgetError when the budget is full)."""
-        session.slot = self.pool.allocate(capacity)
+        """Reserves the session's KV slot, dropping kept prompts if it needs their room
+        (KVBudgetError when the budget is full even so), and restores what the prompt cache
+        holds of its prompt."""
         with self._cv:
+            try:
+                session.slot = self.pool.allocate(capacity)
+            except KVBudgetError:
+                self.prompts.make_room(capacity)
+                session.slot = self.pool.allocate(capacity)
+            session.prompt_cached = session.prefilled = session.committed = self.prompts.restore(
+                session.prompt_ids, session.slot)
             self._active.add(session.id)
             self.budgets.add(session.id, session.speculative, session.tree_cap)
         self.metrics.session_open(session.id, "speculative" if session.speculative else "server-ar")
+        if session.prompt_cached:
+            self.metrics.count("prompt_cache_hits")
+            self.metrics.count("prompt_tokens_from_cache", session.prompt_cached)
 
     def queued_prefill_tokens(self) -> int:
         with self._cv:
@@ -216,6 +233,7 @@ class Scheduler:
             return dict(kv_used_tokens=self.pool.used_tokens, kv_budget_tokens=self.pool.budget_tokens,
                         kv_slots=self.pool.slots, queued_prefill_tokens=sum(
                             it.tokens for it in self._pending if it.prefill),
+                        prompt_cache_tokens=self.prompts.tokens, prompt_cache_entries=len(self.prompts),
                         budget=self.budgets.as_dict())
 
     # ---- the model thread ---------------------------------------------------------------
@@ -370,6 +388,7 @@ class Scheduler:
                     self.metrics.count("pipelined_steps_with_tree", int(len(it.tree) > 1))
                 if it.prefill:
                     self.metrics.session_prefilled(it.session.id, len(res.tokens))
+                    self.prompts.keep(it.session.prompt_ids, it.session.slot, it.session.prefilled)
                 else:
                     self.metrics.session_round(it.session.id, len(it.tree), res.accepted, len(res.tokens))
                 info = StepInfo(queue_ms, compute_ms, len(rows), n_tokens)

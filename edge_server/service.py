@@ -131,7 +131,8 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             session = self._open_session(first.start)
             result, step = await self.scheduler.prefill(session)
             verdict = self._verdict(session, result, step)
-            yield pb.ServerMessage(started=pb.Started(session_id=session.id, first=verdict))
+            yield pb.ServerMessage(started=pb.Started(session_id=session.id, first=verdict,
+                                                      cached_prompt_tokens=session.prompt_cached))
             async for msg in self._rounds(session, first.start.mode, verdict.next_tree_budget, request_iterator):
                 yield msg
         except BadRequest as bad:

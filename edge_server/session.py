@@ -54,6 +54,7 @@ class Session:
     # batched path: a KV slot instead of a DynamicCache, the prompt fed in chunks
     slot: Slot | None = None
     prefilled: int = 0
+    prompt_cached: int = 0  # prompt positions whose K/V came from the prompt cache
     speculative: bool = True
     tree_cap: int = 0  # the device's own most tree nodes per round (0 = none declared)
     accepted_tokens: int = 0  # accepted draft tokens over all rounds (bonus tokens not counted)

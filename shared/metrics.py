@@ -26,6 +26,7 @@ class GenerationRecord:
     accepted_per_round: list[int] = field(default_factory=list)
     tree_sizes: list[int] = field(default_factory=list)
     ttft_ms: float = 0.0
+    cached_prompt_tokens: int = 0  # leading prompt tokens the server had kept from an earlier prompt
     total_ms: float = 0.0
     itl_ms: list[float] = field(default_factory=list)
     server_compute_ms: float = 0.0
@@ -54,10 +55,15 @@ class GenerationRecord:
         )
         return out
 
+    def _cached(self) -> str:
+        if not self.cached_prompt_tokens:
+            return ""
+        return f" ({self.cached_prompt_tokens} of {len(self.prompt_token_ids)} prompt tokens cached)"
+
     def summary_line(self) -> str:
         s = self.summary()
         return (f"[{self.drafter}] {len(self.token_ids)} tokens in {self.rounds} rounds "
                 f"(τ={s['mean_accepted']:.2f} tokens/round), {s['tokens_per_s']:.1f} tok/s, "
-                f"TTFT {self.ttft_ms:.0f} ms, ITL p50/p95 {s['itl_ms_p50']:.1f}/{s['itl_ms_p95']:.1f} ms, "
+                f"TTFT {self.ttft_ms:.0f} ms{self._cached()}, ITL p50/p95 {s['itl_ms_p50']:.1f}/{s['itl_ms_p95']:.1f} ms, "
                 f"server {s['server_ms_per_round']:.1f} ms/round, "
                 f"{self.bytes_up} B up / {self.bytes_down} B down, finish={self.finish_reason}")

@@ -75,6 +75,11 @@ def test_long_prefill_does_not_stall_other_rounds(target):
     assert a.generated == ref[0, len(a.prompt_ids):].tolist()
 
 
+def _tiny_pool() -> KVPool:
+    """The KV pool of a scheduler without a model (its prompt cache sizes itself from the pool)."""
+    return KVPool(num_layers=1, kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu", budget_tokens=64)
+
+
 def _deadline_wait_ms(ready: list[str], active: list[str], due_ms: dict[str, float],
                       step_ms: float = 100.0, drafting: tuple[str, ...] = (), spread_ms: float = 0.0) -> float:
     """How long the scheduler would wait for more rows, with `due_ms` the expected arrival of
@@ -84,7 +89,7 @@ def _deadline_wait_ms(ready: list[str], active: list[str], due_ms: dict[str, flo
     from types import SimpleNamespace
     import time
 
-    sched = Scheduler(None, None, SchedulerConfig(window_ms=2.0, window_max_ms=50.0), max_tree_nodes=16)
+    sched = Scheduler(None, _tiny_pool(), SchedulerConfig(window_ms=2.0, window_max_ms=50.0), max_tree_nodes=16)
     try:
         now = time.perf_counter()
         sched._active = set(active)
@@ -149,7 +154,7 @@ def test_pipelined_tree_follows_generation_into_the_latest_draft():
 @pytest.fixture
 def lone_device():
     """A scheduler (no model) with one speculative session whose device drafts up to 16 nodes."""
-    sched = Scheduler(None, None, SchedulerConfig(), max_tree_nodes=16)
+    sched = Scheduler(None, _tiny_pool(), SchedulerConfig(), max_tree_nodes=16)
     s = Session([1, 2, 3], Sampling(), max_new_tokens=64, stop_ids=frozenset(), want_hidden=True, tree_cap=16)
     sched.budgets.add(s.id, True, s.tree_cap)
     sched.metrics.session_open(s.id, "speculative")

@@ -100,12 +100,14 @@ class ServerTimings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_tokens: _Optional[int] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("session_id", "first")
+    __slots__ = ("session_id", "first", "cached_prompt_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     first: Verdict
-    def __init__(self, session_id: _Optional[str] = ..., first: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., first: _Optional[_Union[Verdict, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("round", "tokens", "hidden_state", "finish_reason", "timings", "next_tree_budget", "node_prices")

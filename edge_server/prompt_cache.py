@@ -1,0 +1,105 @@
+"""Prompt prefixes whose K/V the server keeps, so a prompt that starts the same way skips them.
+
+Why: devices resend what they sent before. A chat sends the whole conversation again each turn,
+devices asking about one document each send the document, and on one CPU core a 1,500-token
+prompt takes ~3.3 s to feed (SmolLM2-135M, bf16), most of a short answer's time.
+
+Exact by construction, not by tolerance: prompts are fed in whole chunks of `prefill_chunk`
+tokens counted from position 0 (edge_server.scheduler), and a chunk's K/V depend only on its
+tokens, its positions and the keys before it. So only whole chunks of a prompt are kept, and a
+prompt that reuses k of them continues at chunk k: every chunk it still feeds is the chunk a
+fresh prefill feeds, over bitwise the same keys, and every position reused holds the bits that
+chunk would have written (tests/test_prompt_cache.py compares the K/V). The prompt's partial
+last chunk and generated tokens are not kept: their K/V come from steps of another shape (a
+shorter chunk, one-token queries), and a prompt fed afresh would compute them in a full chunk.
+
+Memory: entries are KV slots from the session pool, at most `budget_tokens` positions in all,
+least recently used dropped first; they never keep a session out (Scheduler.admit drops
+entries before it refuses one)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_server.kv_cache import KVBudgetError, KVPool, Slot
+
+
+@dataclass
+class _Entry:
+    tokens: np.ndarray  # the prompt prefix, whole chunks
+    slot: Slot  # its K/V at positions 0..len(tokens)-1
+
+
+class PromptCache:
+    def __init__(self, pool: KVPool, chunk: int, budget_tokens: int):
+        self.pool, self.chunk, self.budget_tokens = pool, chunk, budget_tokens
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
+        self._next = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.tokens) for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keep(self, prompt: Sequence[int], slot: Slot, fed: int) -> None:
+        """Keeps the whole chunks of `prompt` among its first `fed` positions, which `slot` holds
+        (the prompt is in: no later write touches them)."""
+        n = fed // self.chunk * self.chunk
+        if n == 0 or n > self.budget_tokens:
+            return
+        prefix = np.asarray(prompt[:n], dtype=np.int64)
+        for key, e in list(self._entries.items()):
+            if self._common(e.tokens, prefix) == n:  # already kept, as long or longer
+                self._entries.move_to_end(key)
+                return
+            if self._common(e.tokens, prefix) == len(e.tokens):  # this one extends it
+                self._drop(key)
+        while self._entries and self.tokens + n > self.budget_tokens:
+            self._drop(next(iter(self._entries)))
+        try:
+            kept = self.pool.allocate(n)
+        except KVBudgetError:  # the sessions need the memory
+            return
+        kept.storage.copy_(slot.storage[:, :, :, :n])
+        kept.length = n
+        self._entries[self._next] = _Entry(prefix, kept)
+        self._next += 1
+
+    def restore(self, prompt: Sequence[int], slot: Slot) -> int:
+        """Copies the longest kept run of `prompt`'s whole chunks into `slot` and returns its
+        length: where the prompt's prefill continues. The prompt's last chunk is always fed, since
+        its last token's logits give the first token."""
+        ids = np.asarray(prompt, dtype=np.int64)
+        limit = (len(ids) - 1) // self.chunk * self.chunk
+        best, length = None, 0
+        for key, e in self._entries.items():
+            n = min(self._common(e.tokens, ids) // self.chunk * self.chunk, limit)
+            if n > length:
+                best, length = key, n
+        if best is None:
+            return 0
+        self._entries.move_to_end(best)
+        slot.storage[:, :, :, :length].copy_(self._entries[best].slot.storage[:, :, :, :length])
+        slot.length = length
+        return length
+
+    def make_room(self, tokens: int) -> None:
+        """Drops entries, least recently used first, until the pool has `tokens` free (or none
+        is left)."""
+        while self._entries and self.pool.free_tokens < tokens:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: int) -> None:
+        self.pool.free(self._entries.pop(key).slot)
+
+    @staticmethod
+    def _common(a: np.ndarray, b: np.ndarray) -> int:
+        """Length of the common prefix of two token arrays."""
+        m = min(len(a), len(b))
+        differ = np.flatnonzero(a[:m] != b[:m])
+        return int(differ[0]) if len(differ) else m

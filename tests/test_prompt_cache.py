@@ -1,0 +1,146 @@
+"""The prompt cache (edge_server.prompt_cache): which prefixes it keeps and gives back, that a
+prompt fed from it holds bitwise the K/V a fresh prefill computes, and that it yields its memory
+to new sessions."""
+import asyncio
+
+import pytest
+import torch
+
+from device_client.drafters.none import NoDrafter
+from device_client.session import Request, generate
+from edge_server.kv_cache import KVPool
+from edge_server.model_store import load_model
+from edge_server.prompt_cache import PromptCache
+from edge_server.sampling import Sampling
+from edge_server.scheduler import Scheduler, SchedulerConfig
+from edge_server.session import Session
+from edge_server.verifier import TargetModel
+from shared.protocol import pb
+from shared.tree import TokenTree
+
+CHUNK = 4
+
+
+def _pool(budget=64):
+    return KVPool(num_layers=1, kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu", budget_tokens=budget)
+
+
+def _keep(cache, prompt, fed):
+    """Keeps `prompt` from a session slot whose position p holds p, as its prefill would have
+    left its K/V, and frees that slot as the session's end would."""
+    slot = cache.pool.allocate(len(prompt) + 4)
+    slot.storage[:] = torch.arange(slot.capacity, dtype=torch.float32)[:, None]
+    cache.keep(prompt, slot, fed)
+    cache.pool.free(slot)
+
+
+def test_keeps_whole_chunks_and_gives_back_the_longest_shared_run():
+    pool = _pool()
+    cache = PromptCache(pool, CHUNK, budget_tokens=32)
+    prompt = list(range(100, 111))  # 11 tokens: chunks 0-3, 4-7 whole, 8-10 partial
+    _keep(cache, prompt, len(prompt))
+    assert (cache.tokens, len(cache)) == (8, 1)
+
+    def restored(ids):
+        slot = pool.allocate(len(ids) + 1)
+        n = cache.restore(ids, slot)
+        assert slot.length == n and torch.equal(slot.storage[0, 0, 0, :n, 0], torch.arange(n, dtype=torch.float32))
+        pool.free(slot)
+        return n
+
+    assert restored(prompt[:6] + [7, 7, 7, 7]) == 4  # shares 6 tokens: one whole chunk
+    assert restored(prompt + [1, 2]) == 8
+    assert restored(prompt[:8]) == 4  # the prompt's last chunk is always fed: its logits start the answer
+    assert restored(prompt[:3] + [0] * 8) == 0
+    assert restored([5] + prompt[1:]) == 0
+
+
+def test_a_longer_prefix_replaces_the_one_it_extends_and_old_entries_go_first():
+    pool = _pool()
+    cache = PromptCache(pool, CHUNK, budget_tokens=16)
+    a, b = list(range(8)), list(range(50, 62))
+    _keep(cache, a, 8)
+    _keep(cache, a + [9] * 4, 12)  # extends a: a's entry goes
+    assert (cache.tokens, len(cache)) == (12, 1)
+    _keep(cache, a, 4)  # already inside the kept run: nothing new
+    assert (cache.tokens, len(cache)) == (12, 1)
+    _keep(cache, b, 12)  # 12 + 12 > 16: the least recently used entry goes
+    assert (cache.tokens, len(cache)) == (12, 1)
+    slot = pool.allocate(13)
+    assert cache.restore(b + [1], slot) == 12
+    assert cache.restore(a + [9] * 4 + [1], slot) == 0
+
+
+def test_entries_make_room_for_sessions():
+    pool = _pool(budget=40)
+    cache = PromptCache(pool, CHUNK, budget_tokens=40)
+    for start in (0, 100, 200):
+        _keep(cache, list(range(start, start + 8)), 8)
+    assert (cache.tokens, pool.free_tokens) == (24, 16)
+    cache.make_room(30)
+    assert (cache.tokens, pool.free_tokens) == (8, 32)  # the two oldest went, the newest stays
+    assert cache.restore(list(range(200, 209)), pool.allocate(12)) == 8
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def target(request, loaded):
+    dtype = getattr(torch, request.param)
+    model = loaded.model if dtype == torch.float32 else load_model("default", dtype, "cpu").model
+    return TargetModel(model, max_context=8192)
+
+
+def _run(target, prompts, cache_mb, steps=6):
+    """Feeds each prompt in turn through a scheduler (chunks of 32), then decodes `steps` tokens;
+    returns each session's prompt K/V (layer 0 and the last), tokens and cached prompt length."""
+    pool = KVPool.for_model(target.model, 256)
+    sched = Scheduler(target, pool, SchedulerConfig(prefill_chunk=32, prompt_cache_mb=cache_mb), max_tree_nodes=8)
+    out = []
+
+    async def one(prompt):
+        s = Session(prompt, Sampling(), max_new_tokens=steps, stop_ids=frozenset(), want_hidden=False)
+        sched.admit(s, len(prompt) + steps + 8)
+        await sched.prefill(s)
+        while s.finish == pb.FINISH_NONE:
+            await sched.verify(s, TokenTree.root_only(s.bonus))
+        kv = s.slot.storage[[0, -1], :, :, :len(prompt)].clone()
+        out.append((kv, s.generated, s.prompt_cached))
+        sched.release(s)
+
+    async def main():
+        for prompt in prompts:
+            await one(prompt)
+
+    try:
+        asyncio.run(main())
+    finally:
+        sched.stop()
+    return out
+
+
+def test_a_prompt_fed_from_the_cache_holds_what_a_fresh_prefill_computes(target, client):
+    """The second prompt shares 75 tokens (two whole chunks) with the first: it restores 64
+    positions and feeds the rest; its K/V at every prompt position and its tokens are bitwise
+    those of the same prompt fed afresh, in fp32 and bf16."""
+    tok = client[2]
+    first = tok.chat_ids("Tell me about the history of the printing press, the steam engine and the telegraph "
+                         "in Europe, and how each changed the way people worked and lived. " * 2)
+    second = first[:75] + tok.chat_ids("Now something else: list three rivers.")
+    (_, _, none_cached), (kv, tokens, cached) = _run(target, [first, second], cache_mb=64)
+    [(fresh_kv, fresh_tokens, fresh_cached)] = _run(target, [second], cache_mb=0)
+    assert (none_cached, cached, fresh_cached) == (0, 64, 0)
+    assert torch.equal(kv.view(torch.uint8), fresh_kv.view(torch.uint8))
+    assert tokens == fresh_tokens
+
+
+def test_server_reports_cached_prompt_tokens_and_stays_exact(client, served):
+    """Over the real server (prompt chunks of 128): a second question on the same long notes
+    reuses their whole chunks, says so in Started, and gives the target's own greedy output."""
+    stub, info, tok = client
+    notes = "Notes on rivers: " + " ".join(f"River {i} flows {i * 7 % 900} km to the sea." for i in range(30))
+    ids = [tok.chat_ids(f"{notes}\n\nQuestion: {q}") for q in ("Which river is longest?", "Name two rivers.")]
+    assert min(len(i) for i in ids) > 256
+    recs = [generate(stub, Request(i, max_new_tokens=12), NoDrafter(), info.tokenizer_fingerprint) for i in ids]
+    shared = next(k for k, (a, b) in enumerate(zip(*ids)) if a != b)
+    assert recs[1].cached_prompt_tokens == shared // 128 * 128 > 0
+    for i, rec in zip(ids, recs):
+        assert rec.token_ids == served.greedy(i, 12)
