@@ -7,6 +7,7 @@ compare like with like.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import multiprocessing
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from pydoc_data.topics import topics
 
 from device_client.cli import load_tokenizer, make_drafter
 from device_client.session import Request, generate
@@ -38,6 +40,26 @@ PROMPTS = [
     "What are the differences between TCP and UDP?",
 ]
 METHODS = ("server-ar", "none", "ngram", "heads", "heads/pipelined")  # DRAFTER/MODE: a drafter in a mode
+
+
+def with_context(prompt: str, index: int, tokens: int) -> str:
+    """`prompt` after about `tokens` tokens of the Python language reference (the topics pydoc
+    ships with Python, 4.3 characters a token with SmolLM2's tokenizer), a different slice for
+    each prompt index: a document or a chat history sent with the question. Fixed text, so runs
+    on other days read the same prompts. On a long context every step's attention reads far more
+    keys, and a tree node costs more than on a bare prompt."""
+    if tokens <= 0:
+        return prompt
+    text = _notes()
+    chars = min(int(4.3 * tokens), len(text))
+    start = index * (len(text) - chars) // len(PROMPTS)
+    return f"Here are some notes.\n\n{text[start:start + chars]}\n\nWith those notes at hand: {prompt}"
+
+
+@functools.cache
+def _notes() -> str:
+    """The language reference's topics as one line of text, built once a process."""
+    return " ".join(" ".join(topics[k] for k in sorted(topics)).split())
 
 
 def parse_method(method: str) -> tuple[str, str]:

@@ -16,7 +16,9 @@ tokens/s while all N clients are generating (see bench_common.MethodRun.steady_t
 Every (N, method) gets a fresh server (unless --server), so what the load-aware budget learned
 from another method's sessions is not carried over; before the timed run an untimed round at
 the same N and method (--warmup-tokens) lets it measure its tree budgets for that load, as a
-server that has been serving that mix would have.
+server that has been serving that mix would have. The servers it starts keep no prompts
+(--prompt-cache-mb 0): the warm-up sends the timed prompts, whose prefill would otherwise be
+skipped (scripts/bench_prompt_cache.py measures that); a --server keeps its own setting.
 
 Writes results/<date>/load/{results.json, table.md, tokens_per_s.png}.
 
@@ -26,7 +28,6 @@ Writes results/<date>/load/{results.json, table.md, tokens_per_s.png}.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import platform
 import sys
@@ -34,13 +35,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from pydoc_data.topics import topics
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from bench_common import (PROMPTS, MethodRun, lossless_problems, markdown_table, parse_method,  # noqa: E402
-                          results_dir, run_clients, save_json, split_cores)
+                          results_dir, run_clients, save_json, split_cores, with_context)
 
 from device_client.cli import make_drafter  # noqa: E402
 from edge_server.launcher import ServerProcess  # noqa: E402
@@ -164,26 +164,6 @@ def client_prompts(clients: int, requests: int, context_tokens: int = 0) -> list
     return [[with_context(PROMPTS[j], j, context_tokens) for j in row] for row in picks]
 
 
-def with_context(prompt: str, index: int, tokens: int) -> str:
-    """`prompt` after about `tokens` tokens of the Python language reference (the topics pydoc
-    ships with Python, 4.3 characters a token with SmolLM2's tokenizer), a different slice for
-    each prompt index: a document or a chat history sent with the question. Fixed text, so runs
-    on other days read the same prompts. On a long context every step's attention reads far more
-    keys, and a tree node costs more than on a bare prompt."""
-    if tokens <= 0:
-        return prompt
-    text = _notes()
-    chars = min(int(4.3 * tokens), len(text))
-    start = index * (len(text) - chars) // len(PROMPTS)
-    return f"Here are some notes.\n\n{text[start:start + chars]}\n\nWith those notes at hand: {prompt}"
-
-
-@functools.cache
-def _notes() -> str:
-    """The language reference's topics as one line of text, built once a process."""
-    return " ".join(" ".join(topics[k] for k in sorted(topics)).split())
-
-
 def client_lengths(clients: int, requests: int, tokens: int, spread: float) -> list[list[int]]:
     """Per-request lengths around `tokens`: real devices ask for answers of different lengths, so
     their requests end, and the next ones start, at different times; every method gets the
@@ -255,7 +235,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     server_args, pinning = split_cores(args.server_args.split(), pin=not args.no_pin and not args.server)
     flags = ["--log-level", "WARNING", "--max-sessions", str(max(64, max(args.clients))),
-             "--max-tree-nodes", "64", *server_args]
+             "--max-tree-nodes", "64", "--prompt-cache-mb", "0", *server_args]
     if args.server:
         methods, skipped = usable_methods(args.server, args.methods)
     else:

@@ -1,0 +1,145 @@
+"""Prompt cache benchmark: questions on one long document, with the server's prompt cache on and off.
+
+Each of --clients device clients asks --questions questions one after another, each after the
+same ~--context-tokens tokens of notes (one document, as devices asking about a shared manual
+send it, or as a chat resends its history), each answer exactly --max-new-tokens tokens. The
+same run goes to a fresh server with the prompt cache on (--prompt-cache-mb) and to one with it
+off, in turn (the order flips every repeat). The table gives, per setting, the time to first
+token of the clients' first questions and of their later ones, the later requests' whole time,
+the share of the later prompts' tokens the server took from its cache, and the later questions'
+TTFT and request time with the cache off over with it on. Greedy outputs must be identical with
+and without the cache (checked).
+
+Writes results/<date>/prompt_cache/{results.json, table.md}.
+
+    .venv/bin/python scripts/bench_prompt_cache.py
+    .venv/bin/python scripts/bench_prompt_cache.py --clients 1 4 --questions 4 --context-tokens 1500 --repeats 2
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from bench_common import (PROMPTS, MethodRun, lossless_problems, markdown_table, results_dir,  # noqa: E402
+                          run_clients, save_json, split_cores, with_context)
+
+from edge_server.launcher import ServerProcess  # noqa: E402
+
+COLUMNS = [("clients", "N", "d"), ("cache", "prompt cache", ""), ("prompt_tokens_mean", "prompt tokens", ".0f"),
+           ("cached_share_later", "later prompts cached", ".0%"), ("ttft_ms_first", "TTFT first ms p50", ".0f"),
+           ("ttft_ms_later", "TTFT later ms p50", ".0f"), ("request_s_later", "request later s p50", ".2f"),
+           ("ttft_off_over_on", "TTFT later off/on", ".1f"), ("request_off_over_on", "request later off/on", ".2f"),
+           ("tokens_per_s", "tok/s", ".1f")]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--questions", type=int, default=4, help="questions each client asks in turn")
+    p.add_argument("--context-tokens", type=int, default=1500, help="tokens of notes before every question")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--method", default="server-ar", help="server-ar, or a drafter as in bench_load.py")
+    p.add_argument("--cache-mb", type=float, default=512.0, help="--prompt-cache-mb of the server with the cache")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--server-args", default="--threads 1", help="extra edge-server flags")
+    p.add_argument("--no-pin", action="store_true", help="do not pin the server and the clients to separate cores")
+    p.add_argument("--out", default=None, help="output folder (default results/<date>/prompt_cache)")
+    return p.parse_args(argv)
+
+
+def questions(clients: int, count: int, context_tokens: int) -> list[list[str]]:
+    """Client i asks PROMPTS i, i+1, ... in turn, each after the same notes."""
+    return [[with_context(PROMPTS[(i + k) % len(PROMPTS)], 0, context_tokens) for k in range(count)]
+            for i in range(clients)]
+
+
+def summarize(run: MethodRun, cache: bool) -> dict:
+    firsts = [recs[0] for recs in run.per_client]
+    later = [r for recs in run.per_client for r in recs[1:]]
+    p50 = lambda values: float(np.percentile(values, 50)) if values else None  # noqa: E731
+    return dict(clients=run.clients, cache="on" if cache else "off",
+                prompt_tokens_mean=float(np.mean([len(r.prompt_token_ids) for r in run.records])),
+                cached_share_later=(sum(r.cached_prompt_tokens for r in later)
+                                    / max(1, sum(len(r.prompt_token_ids) for r in later))),
+                ttft_ms_first=p50([r.ttft_ms for r in firsts]), ttft_ms_later=p50([r.ttft_ms for r in later]),
+                request_s_later=p50([r.total_ms / 1e3 for r in later]),
+                tokens_per_s=sum(len(r.token_ids) for r in run.records) / run.wall_s)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each run with the cache gets off / on of the same repeat and N."""
+    for row in rows:
+        if row["cache"] != "on":
+            continue
+        off = next(r for r in rows if r["cache"] == "off" and r["clients"] == row["clients"]
+                   and r["repeat"] == row["repeat"])
+        row["ttft_off_over_on"] = off["ttft_ms_later"] / row["ttft_ms_later"]
+        row["request_off_over_on"] = off["request_s_later"] / row["request_s_later"]
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+    out = []
+    for key in dict.fromkeys((r["clients"], r["cache"]) for r in rows):
+        group = [r for r in rows if (r["clients"], r["cache"]) == key]
+        merged = dict(group[0])
+        for k, v in group[0].items():
+            if isinstance(v, float):
+                merged[k] = statistics.median(r[k] for r in group)
+        out.append(merged)
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out) if args.out else results_dir("prompt_cache")
+    out.mkdir(parents=True, exist_ok=True)
+    server_args, pinning = split_cores(args.server_args.split(), pin=not args.no_pin)
+    rows, runs = [], []
+    for repeat in range(args.repeats):
+        for n in args.clients:
+            for cache in ((True, False) if repeat % 2 == 0 else (False, True)):
+                flags = ["--log-level", "WARNING", "--max-sessions", str(max(64, n)),
+                         "--prompt-cache-mb", str(args.cache_mb if cache else 0), *server_args]
+                with ServerProcess(flags) as server:
+                    run_clients(server.address, args.method, [[PROMPTS[0]]], 8, 32, ignore_eos=True)  # first forwards
+                    run = run_clients(server.address, args.method, questions(n, args.questions, args.context_tokens),
+                                      args.max_new_tokens, 32, ignore_eos=True)
+                runs.append(run)
+                rows.append({**summarize(run, cache), "repeat": repeat})
+                r = rows[-1]
+                print(f"N={n} cache {r['cache']:3s}: TTFT first {r['ttft_ms_first']:.0f} ms, later "
+                      f"{r['ttft_ms_later']:.0f} ms ({r['cached_share_later']:.0%} of their prompts cached), "
+                      f"request later {r['request_s_later']:.2f} s, {r['tokens_per_s']:.1f} tok/s", flush=True)
+    add_ratios(rows)
+    problems = lossless_problems(runs)
+    shown = rows if args.repeats == 1 else median_rows(rows)
+    notes = [f"{args.questions} questions a client, each after the same ~{args.context_tokens} tokens of notes "
+             f"(prompts of {np.mean([r['prompt_tokens_mean'] for r in rows]):.0f} tokens on average), "
+             f"{args.max_new_tokens} tokens an answer (ignore_eos), method {args.method}",
+             f"cache on: --prompt-cache-mb {args.cache_mb:g}; a fresh server for every setting and N; "
+             f"server args: {' '.join(server_args) or '(defaults)'}",
+             *([f"{args.repeats} repeats, the order of on and off flipped each repeat; medians"]
+               if args.repeats > 1 else []),
+             pinning, f"machine: {platform.processor() or platform.machine()}, shared CPU (noisy)",
+             "lossless check: " + ("OK, identical tokens with and without the cache" if not problems
+                                   else "; ".join(problems))]
+    table = markdown_table(shown, COLUMNS)
+    (out / "table.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    save_json(out / "results.json", {"args": vars(args), "rows": rows, "table": shown, "lossless": problems})
+    print(table)
+    print("\n".join(notes))
+    print(f"wrote {out}")
+    if problems:
+        raise SystemExit("outputs differ with and without the prompt cache")
+
+
+if __name__ == "__main__":
+    main()
