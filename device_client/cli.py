@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterator
 
 import grpc
 
@@ -19,7 +20,12 @@ DRAFTERS = ("auto", "none", "ngram", "heads")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="device-client", description=__doc__)
-    p.add_argument("prompt", help="the user message (or raw text with --raw)")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="the user message (or raw text with --raw); with --chat the first one (optional)")
+    p.add_argument("--chat", action="store_true",
+                   help="a conversation: after each answer the next user message is read from stdin, one "
+                        "line each, until EOF; every turn sends the whole conversation, whose earlier "
+                        "turns the server feeds from its prompt cache")
     p.add_argument("--server", default="127.0.0.1:50051", help="edge server HOST:PORT")
     p.add_argument("--drafter", choices=DRAFTERS, default="auto",
                    help="auto: heads when the server ships heads for its model, else ngram")
@@ -48,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole generation")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and stats last")
     args = p.parse_args(argv)
+    if args.prompt is None and not args.chat:
+        p.error("give the prompt, or --chat to read the messages from stdin")
+    if args.chat and args.raw:
+        p.error("--chat renders the conversation with the chat template; leave out --raw")
     if args.tree_budget < 1:
         p.error("--tree-budget must be at least 1 (the root)")
     if args.max_new_tokens < 1:
@@ -94,39 +104,57 @@ def load_tokenizer(stub: rpc.EdgeSpecStub, info: pb.ServerInfo) -> DeviceTokeniz
                            files.get("chat_template.jinja"))
 
 
-def run(args: argparse.Namespace) -> dict:
+def user_messages(args: argparse.Namespace) -> Iterator[str]:
+    """The prompt, then with --chat every non-empty line of stdin until EOF."""
+    if args.prompt is not None:
+        yield args.prompt
+    while args.chat:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def run(args: argparse.Namespace) -> Iterator[dict]:
+    """Streams each answer to stdout and yields its record's summary (one, or one a turn)."""
     with grpc.insecure_channel(args.server) as channel:
         stub = rpc.EdgeSpecStub(channel)
         info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
         tokenizer = load_tokenizer(stub, info)
-        prompt_ids = tokenizer.raw_ids(args.prompt) if args.raw else tokenizer.chat_ids(args.prompt, args.system)
         drafter = make_drafter(args.drafter, stub, info, args.heads_tree, args.heads_ngram == "on",
                                args.draft_threads)
-        stream = TextStream(tokenizer)
+        history: list[tuple[str, str]] = []
+        for message in user_messages(args):
+            prompt_ids = tokenizer.raw_ids(message) if args.raw else tokenizer.chat_ids(message, args.system, history)
+            stream = TextStream(tokenizer)
 
-        def show(tokens: list[int]) -> None:
-            sys.stdout.write(stream.push(tokens))
-            sys.stdout.flush()
+            def show(tokens: list[int]) -> None:
+                sys.stdout.write(stream.push(tokens))
+                sys.stdout.flush()
 
-        request = Request(prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                          args.seed, min(args.tree_budget, info.max_tree_nodes),
-                          mode=args.mode, ignore_eos=args.ignore_eos, max_context=info.max_context)
-        record = generate(stub, request, drafter, info.tokenizer_fingerprint, on_tokens=show,
-                          timeout=args.timeout)
-        record.text = tokenizer.decode(record.token_ids)
-        sys.stdout.write("\n")
-        print(record.summary_line(), file=sys.stderr)
-        return record.summary()
+            request = Request(prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                              args.seed, min(args.tree_budget, info.max_tree_nodes),
+                              mode=args.mode, ignore_eos=args.ignore_eos, max_context=info.max_context)
+            record = generate(stub, request, drafter, info.tokenizer_fingerprint, on_tokens=show,
+                              timeout=args.timeout)
+            record.text = tokenizer.decode(record.token_ids)
+            history.append((message, record.text))
+            sys.stdout.write("\n")
+            print(record.summary_line(), file=sys.stderr)
+            yield record.summary()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        summary = run(args)
+        for summary in run(args):
+            if args.json:
+                print(json.dumps(summary), flush=True)
     except grpc.RpcError as err:
         raise SystemExit(f"device-client: server said {err.code().name}: {err.details()}") from None
-    if args.json:
-        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ and the rendered text is encoded without extra special tokens, as apply_chat_tem
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -36,11 +37,17 @@ class DeviceTokenizer:
             env.globals["raise_exception"] = _raise
             self.template = env.from_string(chat_template.read_text())
 
-    def chat_ids(self, prompt: str, system: str | None = None) -> list[int]:
+    def chat_ids(self, prompt: str, system: str | None = None,
+                 history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """The user message `prompt` after the earlier (user, assistant) turns of `history`: a
+        chat sends the whole conversation every turn, and the server feeds what it has seen of it
+        from its prompt cache."""
         if self.template is None:
             raise ValueError("the server's model has no chat template; use --raw")
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}]
+        messages = [{"role": "system", "content": system}] if system else []
+        for user, assistant in history:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": prompt})
         text = self.template.render(messages=messages, add_generation_prompt=True, **self.special)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 

@@ -22,3 +22,13 @@ def test_a_flag_out_of_range_is_refused_with_what_it_must_be(flag, value, says, 
 def test_the_defaults_parse():
     args = parse_args(["hello"])
     assert args.timeout > 0 and args.tree_budget >= 1 and args.prompt == "hello"
+
+
+def test_a_prompt_is_needed_unless_chatting(capsys):
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert "give the prompt, or --chat" in capsys.readouterr().err
+    assert parse_args(["--chat"]).prompt is None
+    with pytest.raises(SystemExit):
+        parse_args(["--chat", "--raw", "hello"])
+    assert "leave out --raw" in capsys.readouterr().err

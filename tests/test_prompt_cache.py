@@ -2,6 +2,9 @@
 prompt fed from it holds bitwise the K/V a fresh prefill computes, and that it yields its memory
 to new sessions."""
 import asyncio
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +20,8 @@ from edge_server.session import Session
 from edge_server.verifier import TargetModel
 from shared.protocol import pb
 from shared.tree import TokenTree
+
+from conftest import ROOT
 
 CHUNK = 4
 
@@ -144,3 +149,21 @@ def test_server_reports_cached_prompt_tokens_and_stays_exact(client, served):
     assert recs[1].cached_prompt_tokens == shared // 128 * 128 > 0
     for i, rec in zip(ids, recs):
         assert rec.token_ids == served.greedy(i, 12)
+
+
+def test_a_chat_resends_its_history_and_the_server_feeds_it_from_the_cache(server, served):
+    """device-client --chat: the second turn's prompt begins with the first turn's, the server
+    reports the first turn's whole chunks as cached, and both answers are the target's own."""
+    notes = "Notes on lakes: " + " ".join(f"Lake {i} is {i * 13 % 700} m deep." for i in range(40))
+    out = subprocess.run(
+        [sys.executable, "-m", "device_client.cli", "--server", server.address, "--json", "--chat",
+         "--drafter", "ngram", "--max-new-tokens", "8"],
+        input=f"{notes} Which lake is deepest?\nAnd which is the shallowest?\n", cwd=ROOT,
+        capture_output=True, text=True, timeout=300, check=True)
+    first, second = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"text"')]
+    ids = first["prompt_token_ids"]
+    assert len(ids) > 256 and second["prompt_token_ids"][:len(ids)] == ids
+    assert second["cached_prompt_tokens"] >= len(ids) // 128 * 128
+    for turn in (first, second):
+        assert turn["token_ids"] == served.greedy(turn["prompt_token_ids"], 8)
+    assert "prompt tokens cached)" in out.stderr
