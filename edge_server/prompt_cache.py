@@ -4,12 +4,17 @@ Why: devices resend what they sent before. A chat sends the whole conversation a
 devices asking about one document each send the document, and on one CPU core a 1,500-token
 prompt takes ~3.3 s to feed (SmolLM2-135M, bf16), most of a short answer's time.
 
+A prompt still being fed is a source too: a prompt that shares whole chunks with one fed ahead
+of it copies what that one has fed and waits for the rest, instead of computing the same chunks
+beside it (devices asking about one document at the same moment).
+
 Exact by construction, not by tolerance: prompts are fed in whole chunks of `prefill_chunk`
 tokens counted from position 0 (edge_server.scheduler), and a chunk's K/V depend only on its
-tokens, its positions and the keys before it. So only whole chunks of a prompt are kept, and a
-prompt that reuses k of them continues at chunk k: every chunk it still feeds is the chunk a
-fresh prefill feeds, over bitwise the same keys, and every position reused holds the bits that
-chunk would have written (tests/test_prompt_cache.py compares the K/V). The prompt's partial
+tokens, its positions and the keys before it, not on the other rows of its step. So only whole
+chunks of a prompt are kept, and a prompt that reuses k of them continues at chunk k: every
+chunk it still feeds is the chunk a fresh prefill feeds, over bitwise the same keys, and every
+position reused holds the bits that chunk would have written (tests/test_prompt_cache.py
+compares the K/V). The prompt's partial
 last chunk and generated tokens are not kept: their K/V come from steps of another shape (a
 shorter chunk, one-token queries), and a prompt fed afresh would compute them in a full chunk.
 
@@ -70,23 +75,34 @@ class PromptCache:
         self._entries[self._next] = _Entry(prefix, kept)
         self._next += 1
 
-    def restore(self, prompt: Sequence[int], slot: Slot) -> int:
-        """Copies the longest kept run of `prompt`'s whole chunks into `slot` and returns its
-        length: where the prompt's prefill continues. The prompt's last chunk is always fed, since
-        its last token's logits give the first token."""
+    def restore(self, prompt: Sequence[int], slot: Slot, fed: int,
+                ahead: Sequence[tuple[Sequence[int], Slot, int]] = ()) -> tuple[int, bool]:
+        """Copies into `slot` what is already computed of `prompt`'s whole chunks past its first
+        `fed` positions: the longest run a kept entry holds, or a prompt fed ahead of this one
+        (`ahead`: its ids, its slot and how many of its positions are fed) has fed. Returns the new
+        fed count, and whether one of those prompts will feed more of the chunks this one shares
+        with it: then this one waits for them instead of computing them too. The prompt's last
+        chunk is always its own, since its last token's logits give the first token."""
+        if not self.budget_tokens:
+            return fed, False
         ids = np.asarray(prompt, dtype=np.int64)
         limit = (len(ids) - 1) // self.chunk * self.chunk
-        best, length = None, 0
-        for key, e in self._entries.items():
-            n = min(self._common(e.tokens, ids) // self.chunk * self.chunk, limit)
-            if n > length:
-                best, length = key, n
-        if best is None:
-            return 0
-        self._entries.move_to_end(best)
-        slot.storage[:, :, :, :length].copy_(self._entries[best].slot.storage[:, :, :, :length])
-        slot.length = length
-        return length
+        sources = [(e.tokens, e.slot, len(e.tokens), key) for key, e in self._entries.items()]
+        sources += [(np.asarray(other, dtype=np.int64), src, ready, None) for other, src, ready in ahead]
+        best, length, coming = None, fed, 0
+        for tokens, src, ready, key in sources:
+            shared = min(self._common(tokens, ids) // self.chunk * self.chunk, limit)
+            if key is None:
+                coming = max(coming, shared)
+            if min(shared, ready) > length:
+                best, length = (src, key), min(shared, ready)
+        if best is not None:
+            src, key = best
+            if key is not None:
+                self._entries.move_to_end(key)
+            slot.storage[:, :, :, fed:length].copy_(src.storage[:, :, :, fed:length])
+            slot.length = length
+        return length, coming > length
 
     def make_room(self, tokens: int) -> None:
         """Drops entries, least recently used first, until the pool has `tokens` free (or none

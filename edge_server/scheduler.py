@@ -33,9 +33,11 @@ Policy
   as soon as every active session is ready. A lone session never waits for rows. A pipelined
   session is always ready, but a step waits up to half a step for its fresh draft when the
   device's turnaround says it is due by then (a slow link's draft is re-rooted later instead).
-- Prompts are fed from the longest run of whole chunks a finished prefill left in the prompt
-  cache (edge_server.prompt_cache): kept once a prompt is in, restored at admission, dropped
-  (least recently used first) before a session would be refused for want of KV room.
+- A prompt is fed from the longest run of its whole chunks already computed: kept in the prompt
+  cache (edge_server.prompt_cache) once an earlier prompt was in, or fed by a prompt still
+  being fed ahead of it, which it then waits for instead of computing the same chunks beside
+  it (devices that ask about one document at the same moment). Kept prompts are dropped, least
+  recently used first, before a session would be refused for want of KV room.
 - Backpressure happens at admission (the service refuses with RESOURCE_EXHAUSTED): every session
   has at most one item in flight, so the queue is bounded by the admitted sessions; queued
   prefill tokens are bounded too.
@@ -56,7 +58,7 @@ import numpy as np
 import torch
 
 from edge_server.budget import BudgetController
-from edge_server.kv_cache import KVBudgetError, KVPool, Row
+from edge_server.kv_cache import KVBudgetError, KVPool, Row, Slot
 from edge_server.metrics import ServerMetrics, StepRecord
 from edge_server.prompt_cache import PromptCache
 from edge_server.session import RoundResult, Session
@@ -134,22 +136,16 @@ class Scheduler:
     # ---- called from the asyncio side -------------------------------------------------------
     def admit(self, session: Session, capacity: int) -> None:
         """Reserves the session's KV slot, dropping kept prompts if it needs their room
-        (KVBudgetError when the budget is full even so), and restores what the prompt cache
-        holds of its prompt."""
+        (KVBudgetError when the budget is full even so)."""
         with self._cv:
             try:
                 session.slot = self.pool.allocate(capacity)
             except KVBudgetError:
                 self.prompts.make_room(capacity)
                 session.slot = self.pool.allocate(capacity)
-            session.prompt_cached = session.prefilled = session.committed = self.prompts.restore(
-                session.prompt_ids, session.slot)
             self._active.add(session.id)
             self.budgets.add(session.id, session.speculative, session.tree_cap)
         self.metrics.session_open(session.id, "speculative" if session.speculative else "server-ar")
-        if session.prompt_cached:
-            self.metrics.count("prompt_cache_hits")
-            self.metrics.count("prompt_tokens_from_cache", session.prompt_cached)
 
     def queued_prefill_tokens(self) -> int:
         with self._cv:
@@ -269,9 +265,12 @@ class Scheduler:
             tokens += len(it.tree)
         room = cfg.prefill_chunk if chosen else cfg.max_batch_tokens  # see the module docstring
         prefill_tokens = 0
+        ahead: list[tuple[list[int], Slot, int]] = []  # prompts fed before the next one
         for it in sorted((i for i in self._pending if i.prefill), key=lambda i: i.enqueued):
             if len(chosen) >= cfg.max_batch_size:
                 break
+            if self._fed_elsewhere(it.session, ahead):
+                continue
             row = it.session.prefill_row(cfg.prefill_chunk)  # whole chunks: see the module docstring
             if prefill_tokens and (prefill_tokens + row.n > room or tokens + row.n > cfg.max_batch_tokens):
                 break
@@ -279,6 +278,20 @@ class Scheduler:
             tokens += row.n
             prefill_tokens += row.n
         return chosen
+
+    def _fed_elsewhere(self, s: Session, ahead: list[tuple[list[int], Slot, int]]) -> bool:
+        """Takes what the prompt cache, or a prompt fed ahead of this one, already holds of the
+        session's prompt; True while one of those prompts will feed the chunk this one would feed
+        next (it waits rather than compute that chunk twice)."""
+        fed, wait = self.prompts.restore(s.prompt_ids, s.slot, s.prefilled, ahead)
+        if fed > s.prefilled:
+            if not s.prompt_cached:
+                self.metrics.count("prompt_cache_hits")
+            self.metrics.count("prompt_tokens_from_cache", fed - s.prefilled)
+            s.prompt_cached += fed - s.prefilled
+            s.prefilled = s.committed = fed
+        ahead.append((s.prompt_ids, s.slot, s.prefilled))
+        return wait
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)

@@ -48,8 +48,8 @@ def test_keeps_whole_chunks_and_gives_back_the_longest_shared_run():
 
     def restored(ids):
         slot = pool.allocate(len(ids) + 1)
-        n = cache.restore(ids, slot)
-        assert slot.length == n and torch.equal(slot.storage[0, 0, 0, :n, 0], torch.arange(n, dtype=torch.float32))
+        n, wait = cache.restore(ids, slot, 0)
+        assert not wait and slot.length == n and torch.equal(slot.storage[0, 0, 0, :n, 0], torch.arange(n, dtype=torch.float32))
         pool.free(slot)
         return n
 
@@ -72,8 +72,8 @@ def test_a_longer_prefix_replaces_the_one_it_extends_and_old_entries_go_first():
     _keep(cache, b, 12)  # 12 + 12 > 16: the least recently used entry goes
     assert (cache.tokens, len(cache)) == (12, 1)
     slot = pool.allocate(13)
-    assert cache.restore(b + [1], slot) == 12
-    assert cache.restore(a + [9] * 4 + [1], slot) == 0
+    assert cache.restore(b + [1], slot, 0) == (12, False)
+    assert cache.restore(a + [9] * 4 + [1], slot, 0) == (0, False)
 
 
 def test_entries_make_room_for_sessions():
@@ -84,7 +84,21 @@ def test_entries_make_room_for_sessions():
     assert (cache.tokens, pool.free_tokens) == (24, 16)
     cache.make_room(30)
     assert (cache.tokens, pool.free_tokens) == (8, 32)  # the two oldest went, the newest stays
-    assert cache.restore(list(range(200, 209)), pool.allocate(12)) == 8
+    assert cache.restore(list(range(200, 209)), pool.allocate(12), 0) == (8, False)
+
+
+def test_a_prompt_takes_what_a_prompt_ahead_has_fed_and_waits_for_the_rest_they_share():
+    pool = _pool()
+    a, b = list(range(12)), list(range(10)) + [99, 98, 97]  # two whole chunks in common
+    fed_a = pool.allocate(12)
+    fed_a.storage[:] = torch.arange(12, dtype=torch.float32)[:, None]
+    slot = pool.allocate(16)
+    cache = PromptCache(pool, CHUNK, budget_tokens=32)
+    assert cache.restore(b, slot, 0, [(a, fed_a, 4)]) == (4, True)  # a has fed one of them so far
+    assert cache.restore(b, slot, 4, [(a, fed_a, 12)]) == (8, False)
+    assert torch.equal(slot.storage[0, 0, 0, :8, 0], torch.arange(8, dtype=torch.float32))
+    assert cache.restore(a[:8] + [5], slot, 0, [(a, fed_a, 12)]) == (8, False)
+    assert PromptCache(pool, CHUNK, budget_tokens=0).restore(b, slot, 0, [(a, fed_a, 12)]) == (0, False)
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
@@ -94,9 +108,10 @@ def target(request, loaded):
     return TargetModel(model, max_context=8192)
 
 
-def _run(target, prompts, cache_mb, steps=6):
-    """Feeds each prompt in turn through a scheduler (chunks of 32), then decodes `steps` tokens;
-    returns each session's prompt K/V (layer 0 and the last), tokens and cached prompt length."""
+def _run(target, prompts, cache_mb, steps=6, together=False):
+    """Feeds each prompt through a scheduler (chunks of 32), in turn or all at once, then decodes
+    `steps` tokens; returns each session's prompt K/V (layer 0 and the last), tokens and cached
+    prompt length, and the prompt tokens the scheduler's steps computed."""
     pool = KVPool.for_model(target.model, 256)
     sched = Scheduler(target, pool, SchedulerConfig(prefill_chunk=32, prompt_cache_mb=cache_mb), max_tree_nodes=8)
     out = []
@@ -112,14 +127,17 @@ def _run(target, prompts, cache_mb, steps=6):
         sched.release(s)
 
     async def main():
-        for prompt in prompts:
-            await one(prompt)
+        if together:
+            await asyncio.gather(*map(one, prompts))
+        else:
+            for prompt in prompts:
+                await one(prompt)
 
     try:
         asyncio.run(main())
     finally:
         sched.stop()
-    return out
+    return out, sched.metrics.snapshot()["window"]["prefill_tokens"]
 
 
 def test_a_prompt_fed_from_the_cache_holds_what_a_fresh_prefill_computes(target, client):
@@ -130,11 +148,18 @@ def test_a_prompt_fed_from_the_cache_holds_what_a_fresh_prefill_computes(target,
     first = tok.chat_ids("Tell me about the history of the printing press, the steam engine and the telegraph "
                          "in Europe, and how each changed the way people worked and lived. " * 2)
     second = first[:75] + tok.chat_ids("Now something else: list three rivers.")
-    (_, _, none_cached), (kv, tokens, cached) = _run(target, [first, second], cache_mb=64)
-    [(fresh_kv, fresh_tokens, fresh_cached)] = _run(target, [second], cache_mb=0)
+    ((_, _, none_cached), (kv, tokens, cached)), _ = _run(target, [first, second], cache_mb=64)
+    [(fresh_kv, fresh_tokens, fresh_cached)], _ = _run(target, [second], cache_mb=0)
     assert (none_cached, cached, fresh_cached) == (0, 64, 0)
     assert torch.equal(kv.view(torch.uint8), fresh_kv.view(torch.uint8))
     assert tokens == fresh_tokens
+
+    # both at once: the second waits for the first's two shared chunks instead of computing them
+    out, computed = _run(target, [first, second], cache_mb=64, together=True)
+    assert sorted(c for _, _, c in out) == [0, 64]
+    assert computed == len(first) + len(second) - 64
+    kv, tokens, _ = next(o for o in out if o[2] == 64)
+    assert torch.equal(kv.view(torch.uint8), fresh_kv.view(torch.uint8)) and tokens == fresh_tokens
 
 
 def test_server_reports_cached_prompt_tokens_and_stays_exact(client, served):
