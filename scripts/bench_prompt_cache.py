@@ -6,9 +6,14 @@ send it, or as a chat resends its history), each answer exactly --max-new-tokens
 same run goes to a fresh server with the prompt cache on (--prompt-cache-mb) and to one with it
 off, in turn (the order flips every repeat). The table gives, per setting, the time to first
 token of the clients' first questions and of their later ones, the later requests' whole time,
-the share of the later prompts' tokens the server took from its cache, and the later questions'
-TTFT and request time with the cache off over with it on. Greedy outputs must be identical with
-and without the cache (checked).
+the share of the later prompts' tokens the server took from its cache, the tokens/s of the whole
+run, and those times (off / on) and tokens/s (on / off) as ratios within each repeat. Greedy
+outputs must be identical with and without the cache (checked).
+
+Then a chat (--chat-turns, 0 for none): `device-client --chat` sends a first message with the
+notes in it and short follow-ups, each turn the whole conversation, to a server with and one
+without the cache; a second table gives each turn's prompt, what was cached, and its TTFT and
+whole time both ways (the same answers both ways, checked).
 
 Writes results/<date>/prompt_cache/{results.json, table.md}.
 
@@ -18,8 +23,10 @@ Writes results/<date>/prompt_cache/{results.json, table.md}.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,8 +43,17 @@ from edge_server.launcher import ServerProcess  # noqa: E402
 COLUMNS = [("clients", "N", "d"), ("cache", "prompt cache", ""), ("prompt_tokens_mean", "prompt tokens", ".0f"),
            ("cached_share_later", "later prompts cached", ".0%"), ("ttft_ms_first", "TTFT first ms p50", ".0f"),
            ("ttft_ms_later", "TTFT later ms p50", ".0f"), ("request_s_later", "request later s p50", ".2f"),
-           ("ttft_off_over_on", "TTFT later off/on", ".1f"), ("request_off_over_on", "request later off/on", ".2f"),
-           ("tokens_per_s", "tok/s", ".1f")]
+           ("tokens_per_s", "tok/s", ".1f"), ("ttft_first_off_over_on", "TTFT first off/on", ".1f"),
+           ("ttft_off_over_on", "TTFT later off/on", ".1f"), ("request_off_over_on", "request later off/on", ".1f"),
+           ("tokens_per_s_on_over_off", "tok/s on/off", ".1f")]
+
+
+CHAT_COLUMNS = [("turn", "turn", "d"), ("prompt_tokens", "prompt tokens", "d"), ("cached", "cached", "d"),
+                ("ttft_ms_on", "TTFT on ms", ".0f"), ("ttft_ms_off", "TTFT off ms", ".0f"),
+                ("ttft_off_over_on", "TTFT off/on", ".1f"), ("request_s_on", "turn on s", ".2f"),
+                ("request_s_off", "turn off s", ".2f"), ("request_off_over_on", "turn off/on", ".1f")]
+FOLLOW_UPS = ["Give one example of it.", "What do the notes say about the with statement?",
+              "Thanks. One more example, please.", "Which of the two would you teach first?"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--questions", type=int, default=4, help="questions each client asks in turn")
     p.add_argument("--context-tokens", type=int, default=1500, help="tokens of notes before every question")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--chat-turns", type=int, default=4, help="turns of the chat (0: no chat)")
     p.add_argument("--method", default="server-ar", help="server-ar, or a drafter as in bench_load.py")
     p.add_argument("--cache-mb", type=float, default=512.0, help="--prompt-cache-mb of the server with the cache")
     p.add_argument("--repeats", type=int, default=1)
@@ -81,8 +98,10 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         off = next(r for r in rows if r["cache"] == "off" and r["clients"] == row["clients"]
                    and r["repeat"] == row["repeat"])
+        row["ttft_first_off_over_on"] = off["ttft_ms_first"] / row["ttft_ms_first"]
         row["ttft_off_over_on"] = off["ttft_ms_later"] / row["ttft_ms_later"]
         row["request_off_over_on"] = off["request_s_later"] / row["request_s_later"]
+        row["tokens_per_s_on_over_off"] = row["tokens_per_s"] / off["tokens_per_s"]
 
 
 def median_rows(rows: list[dict]) -> list[dict]:
@@ -97,12 +116,43 @@ def median_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def chat(address: str, turns: int, context_tokens: int, max_new_tokens: int) -> list[dict]:
+    """One `device-client --chat` conversation: a question after the notes, then follow-ups;
+    each turn's --json record."""
+    messages = [with_context("Summarize what the notes say about the import statement.", 3, context_tokens)
+                .replace("\n", " "), *FOLLOW_UPS][:turns]
+    out = subprocess.run([sys.executable, "-m", "device_client.cli", "--server", address, "--chat", "--json",
+                          "--mode", "server-ar", "--max-new-tokens", str(max_new_tokens)],
+                         input="\n".join(messages) + "\n", cwd=HERE.parent, capture_output=True, text=True,
+                         timeout=1800, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"text"')]
+
+
+def chat_rows(chats: list[tuple[int, bool, list[dict]]]) -> tuple[list[dict], list[str]]:
+    """Per turn, medians over repeats of the chats with and without the cache; and any turn
+    whose answer differed."""
+    rows, problems = [], []
+    for turn in range(min(len(records) for _, _, records in chats)):
+        by = {cache: [records[turn] for _, c, records in chats if c == cache] for cache in (True, False)}
+        if any(r["token_ids"] != by[True][0]["token_ids"] for r in by[True] + by[False]):
+            problems.append(f"chat turn {turn + 1}: different answers with and without the cache")
+        med = lambda cache, key, scale=1.0: statistics.median(r[key] * scale for r in by[cache])  # noqa: E731
+        row = dict(turn=turn + 1, prompt_tokens=len(by[True][0]["prompt_token_ids"]),
+                   cached=int(med(True, "cached_prompt_tokens")), ttft_ms_on=med(True, "ttft_ms"),
+                   ttft_ms_off=med(False, "ttft_ms"), request_s_on=med(True, "total_ms", 1e-3),
+                   request_s_off=med(False, "total_ms", 1e-3))
+        row.update(ttft_off_over_on=row["ttft_ms_off"] / row["ttft_ms_on"],
+                   request_off_over_on=row["request_s_off"] / row["request_s_on"])
+        rows.append(row)
+    return rows, problems
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out) if args.out else results_dir("prompt_cache")
     out.mkdir(parents=True, exist_ok=True)
     server_args, pinning = split_cores(args.server_args.split(), pin=not args.no_pin)
-    rows, runs = [], []
+    rows, runs, chats = [], [], []
     for repeat in range(args.repeats):
         for n in args.clients:
             for cache in ((True, False) if repeat % 2 == 0 else (False, True)):
@@ -118,8 +168,16 @@ def main(argv=None) -> None:
                 print(f"N={n} cache {r['cache']:3s}: TTFT first {r['ttft_ms_first']:.0f} ms, later "
                       f"{r['ttft_ms_later']:.0f} ms ({r['cached_share_later']:.0%} of their prompts cached), "
                       f"request later {r['request_s_later']:.2f} s, {r['tokens_per_s']:.1f} tok/s", flush=True)
+        for cache in ((True, False) if repeat % 2 == 0 else (False, True)) if args.chat_turns else ():
+            flags = ["--log-level", "WARNING", "--prompt-cache-mb", str(args.cache_mb if cache else 0), *server_args]
+            with ServerProcess(flags) as server:
+                chats.append((repeat, cache, chat(server.address, args.chat_turns, args.context_tokens,
+                                                  args.max_new_tokens)))
+            print(f"chat, cache {'on' if cache else 'off'}: TTFT per turn "
+                  + " / ".join(f"{t['ttft_ms']:.0f}" for t in chats[-1][2]) + " ms", flush=True)
     add_ratios(rows)
-    problems = lossless_problems(runs)
+    turns, chat_problems = chat_rows(chats) if chats else ([], [])
+    problems = lossless_problems(runs) + chat_problems
     shown = rows if args.repeats == 1 else median_rows(rows)
     notes = [f"{args.questions} questions a client, each after the same ~{args.context_tokens} tokens of notes "
              f"(prompts of {np.mean([r['prompt_tokens_mean'] for r in rows]):.0f} tokens on average), "
@@ -132,8 +190,13 @@ def main(argv=None) -> None:
              "lossless check: " + ("OK, identical tokens with and without the cache" if not problems
                                    else "; ".join(problems))]
     table = markdown_table(shown, COLUMNS)
+    if turns:
+        notes.insert(1, f"chat: `device-client --chat --mode server-ar`, {args.chat_turns} turns of "
+                        f"{args.max_new_tokens} tokens at most, the first message with the notes in it")
+        table += "\n\n" + markdown_table(turns, CHAT_COLUMNS)
     (out / "table.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-    save_json(out / "results.json", {"args": vars(args), "rows": rows, "table": shown, "lossless": problems})
+    save_json(out / "results.json", {"args": vars(args), "rows": rows, "table": shown, "chats": chats,
+                                     "chat_table": turns, "lossless": problems})
     print(table)
     print("\n".join(notes))
     print(f"wrote {out}")
