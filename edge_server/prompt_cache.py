@@ -14,9 +14,9 @@ tokens, its positions and the keys before it, not on the other rows of its step.
 chunks of a prompt are kept, and a prompt that reuses k of them continues at chunk k: every
 chunk it still feeds is the chunk a fresh prefill feeds, over bitwise the same keys, and every
 position reused holds the bits that chunk would have written (tests/test_prompt_cache.py
-compares the K/V). The prompt's partial
-last chunk and generated tokens are not kept: their K/V come from steps of another shape (a
-shorter chunk, one-token queries), and a prompt fed afresh would compute them in a full chunk.
+compares the K/V). The prompt's partial last chunk and generated tokens are not kept: their
+K/V come from steps of another shape (a shorter chunk, one-token queries), and a prompt fed
+afresh would compute them in a full chunk.
 
 Memory: entries are KV slots from the session pool, at most `budget_tokens` positions in all,
 least recently used dropped first; they never keep a session out (Scheduler.admit drops

@@ -118,7 +118,8 @@ class Scheduler:
         self.config = config
         self.metrics = metrics or ServerMetrics()
         self.budgets = BudgetController(max_tree_nodes, config.adaptive_budget)
-        self.prompts = PromptCache(pool, config.prefill_chunk, int(config.prompt_cache_mb * 2**20 // pool.bytes_per_token))
+        self.prompts = PromptCache(pool, config.prefill_chunk,
+                                   int(config.prompt_cache_mb * 2**20 // pool.bytes_per_token))
         self._cv = threading.Condition()
         self._pending: list[_Item] = []
         self._releases: list[Session] = []

@@ -11,7 +11,7 @@ import torch
 
 from device_client.drafters.none import NoDrafter
 from device_client.session import Request, generate
-from edge_server.kv_cache import KVPool
+from edge_server.kv_cache import KVBudgetError, KVPool
 from edge_server.model_store import load_model
 from edge_server.prompt_cache import PromptCache
 from edge_server.sampling import Sampling
@@ -49,7 +49,8 @@ def test_keeps_whole_chunks_and_gives_back_the_longest_shared_run():
     def restored(ids):
         slot = pool.allocate(len(ids) + 1)
         n, wait = cache.restore(ids, slot, 0)
-        assert not wait and slot.length == n and torch.equal(slot.storage[0, 0, 0, :n, 0], torch.arange(n, dtype=torch.float32))
+        assert not wait and slot.length == n
+        assert torch.equal(slot.storage[0, 0, 0, :n, 0], torch.arange(n, dtype=torch.float32))
         pool.free(slot)
         return n
 
@@ -99,6 +100,21 @@ def test_a_prompt_takes_what_a_prompt_ahead_has_fed_and_waits_for_the_rest_they_
     assert torch.equal(slot.storage[0, 0, 0, :8, 0], torch.arange(8, dtype=torch.float32))
     assert cache.restore(a[:8] + [5], slot, 0, [(a, fed_a, 12)]) == (8, False)
     assert PromptCache(pool, CHUNK, budget_tokens=0).restore(b, slot, 0, [(a, fed_a, 12)]) == (0, False)
+
+
+def test_admission_drops_kept_prompts_before_it_refuses_a_session():
+    pool = _pool(budget=100)
+    sched = Scheduler(None, pool, SchedulerConfig(prefill_chunk=CHUNK, prompt_cache_mb=1), max_tree_nodes=8)
+    try:
+        _keep(sched.prompts, list(range(40)), 40)
+        assert (sched.prompts.tokens, pool.free_tokens) == (40, 60)
+        s = Session(list(range(100, 150)), Sampling(), max_new_tokens=4, stop_ids=frozenset(), want_hidden=False)
+        sched.admit(s, 70)
+        assert (sched.prompts.tokens, pool.free_tokens) == (0, 30)
+        with pytest.raises(KVBudgetError, match="KV budget exhausted"):
+            sched.admit(Session([1, 2], Sampling(), 4, frozenset(), False), 40)
+    finally:
+        sched.stop()
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
