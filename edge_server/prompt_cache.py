@@ -76,7 +76,7 @@ class PromptCache:
         self._next += 1
 
     def restore(self, prompt: Sequence[int], slot: Slot, fed: int,
-                ahead: Sequence[tuple[Sequence[int], Slot, int]] = ()) -> tuple[int, bool]:
+                ahead: Sequence[tuple[Sequence[int], Slot | None, int]] = ()) -> tuple[int, bool]:
         """Copies into `slot` what is already computed of `prompt`'s whole chunks past its first
         `fed` positions: the longest run a kept entry holds, or a prompt fed ahead of this one
         (`ahead`: its ids, its slot and how many of its positions are fed) has fed. Returns the new
@@ -86,12 +86,9 @@ class PromptCache:
         if not self.budget_tokens:
             return fed, False
         ids = np.asarray(prompt, dtype=np.int64)
-        limit = (len(ids) - 1) // self.chunk * self.chunk
-        sources = [(e.tokens, e.slot, len(e.tokens), key) for key, e in self._entries.items()]
-        sources += [(np.asarray(other, dtype=np.int64), src, ready, None) for other, src, ready in ahead]
         best, length, coming = None, fed, 0
-        for tokens, src, ready, key in sources:
-            shared = min(self._common(tokens, ids) // self.chunk * self.chunk, limit)
+        for tokens, src, ready, key in self._sources(ahead):
+            shared = self._shared(tokens, ids)
             if key is None:
                 coming = max(coming, shared)
             if min(shared, ready) > length:
@@ -103,6 +100,25 @@ class PromptCache:
             slot.storage[:, :, :, fed:length].copy_(src.storage[:, :, :, fed:length])
             slot.length = length
         return length, coming > length
+
+    def held(self, prompt: Sequence[int], fed: int,
+             ahead: Sequence[tuple[Sequence[int], Slot | None, int]] = ()) -> int:
+        """How many of `prompt`'s positions need no computing: `fed`, or the longest run of its
+        whole chunks a kept entry holds or a prompt ahead of it has fed or will feed."""
+        if not self.budget_tokens:
+            return fed
+        ids = np.asarray(prompt, dtype=np.int64)
+        return max([fed] + [self._shared(tokens, ids) if key is None else min(self._shared(tokens, ids), ready)
+                            for tokens, _, ready, key in self._sources(ahead)])
+
+    def _sources(self, ahead: Sequence[tuple[Sequence[int], Slot | None, int]]) -> list[tuple]:
+        """(ids, slot, positions ready, entry key or None for a prompt ahead) of every source."""
+        return [(e.tokens, e.slot, len(e.tokens), key) for key, e in self._entries.items()] + [
+            (np.asarray(other, dtype=np.int64), src, ready, None) for other, src, ready in ahead]
+
+    def _shared(self, tokens: np.ndarray, ids: np.ndarray) -> int:
+        """The whole chunks `ids` shares with `tokens`, short of its last chunk."""
+        return min(self._common(tokens, ids), len(ids) - 1) // self.chunk * self.chunk
 
     def make_room(self, tokens: int) -> None:
         """Drops entries, least recently used first, until the pool has `tokens` free (or none

@@ -103,10 +103,6 @@ class _Item:
     def prefill(self) -> bool:
         return self.tree is None and not self.pipelined
 
-    @property
-    def tokens(self) -> int:
-        return len(self.tree) if not self.prefill else len(self.session.prompt_ids) - self.session.prefilled
-
 
 class Scheduler:
     LATE_DEVIATIONS = 2.0  # a device's turnaround varies: wait for it until mean + this x deviation
@@ -148,9 +144,24 @@ class Scheduler:
             self.budgets.add(session.id, session.speculative, session.tree_cap)
         self.metrics.session_open(session.id, "speculative" if session.speculative else "server-ar")
 
-    def queued_prefill_tokens(self) -> int:
+    def queued_prefill_tokens(self, prompt: list[int] | None = None) -> int:
+        """Prompt tokens left to compute, with `prompt` as if it were queued next (see
+        _queued_prefill)."""
         with self._cv:
-            return sum(it.tokens for it in self._pending if it.prefill)
+            return self._queued_prefill(prompt)
+
+    def _queued_prefill(self, prompt: list[int] | None = None) -> int:
+        """What the queued prompts leave to compute, oldest first: chunks the prompt cache holds,
+        or a prompt ahead has fed or will feed, are not counted, so many devices sending one
+        document are not refused for the copies they will not compute."""
+        queue = [(it.session.prompt_ids, it.session.prefilled)
+                 for it in sorted((i for i in self._pending if i.prefill), key=lambda i: i.enqueued)]
+        ahead: list[tuple[list[int], Slot | None, int]] = []
+        total = 0
+        for ids, fed in queue + ([(prompt, 0)] if prompt is not None else []):
+            total += len(ids) - self.prompts.held(ids, fed, ahead)
+            ahead.append((ids, None, fed))
+        return total
 
     def release(self, session: Session) -> None:
         """Frees the session's KV on the model thread (between steps); safe at any time."""
@@ -228,8 +239,7 @@ class Scheduler:
     def status(self) -> dict:
         with self._cv:
             return dict(kv_used_tokens=self.pool.used_tokens, kv_budget_tokens=self.pool.budget_tokens,
-                        kv_slots=self.pool.slots, queued_prefill_tokens=sum(
-                            it.tokens for it in self._pending if it.prefill),
+                        kv_slots=self.pool.slots, queued_prefill_tokens=self._queued_prefill(),
                         prompt_cache_tokens=self.prompts.tokens, prompt_cache_entries=len(self.prompts),
                         budget=self.budgets.as_dict())
 

@@ -270,7 +270,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             tree_cap=min(start.tree_budget or self.limits.max_tree_nodes, self.limits.max_tree_nodes),
         )
         queued = self.scheduler.queued_prefill_tokens()
-        if queued + len(ids) > self.scheduler.config.max_queued_prefill_tokens and queued:
+        if self.scheduler.queued_prefill_tokens(ids) > self.scheduler.config.max_queued_prefill_tokens and queued:
             self._busy(f"{queued} prompt tokens are waiting for prefill")
         capacity = min(len(ids) + start.max_new_tokens, max_ctx) + self.limits.max_tree_nodes
         try:

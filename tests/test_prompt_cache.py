@@ -208,3 +208,24 @@ def test_a_chat_resends_its_history_and_the_server_feeds_it_from_the_cache(serve
     for turn in (first, second):
         assert turn["token_ids"] == served.greedy(turn["prompt_token_ids"], 8)
     assert "prompt tokens cached)" in out.stderr
+
+
+def test_queued_prefill_counts_only_what_is_left_to_compute():
+    """Backpressure counts the prompt tokens the server will compute: not those the cache holds,
+    nor the chunks a prompt queued ahead will feed for the ones after it."""
+    from types import SimpleNamespace
+
+    pool = _pool(budget=200)
+    sched = Scheduler(None, pool, SchedulerConfig(prefill_chunk=CHUNK, prompt_cache_mb=1), max_tree_nodes=8)
+    try:
+        doc, other = list(range(40)), list(range(100, 130))
+        _keep(sched.prompts, doc + [1], 41)  # 40 positions kept
+        assert sched.queued_prefill_tokens(doc + [7, 7]) == 2
+        sched._pending = [SimpleNamespace(session=SimpleNamespace(prompt_ids=other + [k], prefilled=0), prefill=True,
+                                          enqueued=float(k)) for k in (1, 2)]  # stand-ins: no model thread runs them
+        assert sched.queued_prefill_tokens() == 31 + 3  # the second shares 28 positions with the first
+        assert sched.queued_prefill_tokens(doc + [7, 7]) == 34 + 2
+        assert sched.queued_prefill_tokens(other + [3]) == 34 + 3
+    finally:
+        sched._pending = []
+        sched.stop()

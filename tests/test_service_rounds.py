@@ -52,7 +52,7 @@ class InstantScheduler:
     def admit(self, session, capacity):
         pass
 
-    def queued_prefill_tokens(self):
+    def queued_prefill_tokens(self, prompt=None):
         return 0
 
     def release(self, session):
