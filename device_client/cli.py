@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="tokenize the prompt as is, no chat template")
     p.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens regardless of EOS")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole generation")
-    p.add_argument("--json", action="store_true", help="print one JSON object with text and stats last")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with text and stats after the answer (after each, with --chat)")
     args = p.parse_args(argv)
     if args.prompt is None and not args.chat:
         p.error("give the prompt, or --chat to read the messages from stdin")
