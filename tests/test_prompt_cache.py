@@ -178,6 +178,41 @@ def test_a_prompt_fed_from_the_cache_holds_what_a_fresh_prefill_computes(target,
     assert torch.equal(kv.view(torch.uint8), fresh_kv.view(torch.uint8)) and tokens == fresh_tokens
 
 
+def test_a_prompt_waiting_for_one_that_ends_mid_prefill_feeds_the_rest_itself(target, client):
+    """Two sessions send one prompt; the second waits for the first's chunks, the first is
+    cancelled after a chunk or two, and the second takes what was fed, feeds the rest itself and
+    still holds what a fresh prefill computes, with the same tokens."""
+    prompt = client[2].chat_ids("Describe the printing press, the steam engine and the telegraph. " * 16)
+    [(fresh_kv, fresh_tokens, _)], _ = _run(target, [prompt], cache_mb=0)
+    pool = KVPool.for_model(target.model, 256)
+    sched = Scheduler(target, pool, SchedulerConfig(prefill_chunk=32, prompt_cache_mb=64), max_tree_nodes=8)
+
+    async def main():
+        a, b = (Session(list(prompt), Sampling(), 6, frozenset(), False) for _ in range(2))
+        for s in (a, b):
+            sched.admit(s, len(prompt) + 16)
+        first = asyncio.ensure_future(sched.prefill(a))
+        await asyncio.sleep(0)  # a's prompt is queued first
+        second = asyncio.ensure_future(sched.prefill(b))
+        while a.prefilled < 32:
+            await asyncio.sleep(0.005)
+        sched.release(a)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.wait_for(second, 120)  # not a wait for ever on a prompt nobody feeds
+        while b.finish == pb.FINISH_NONE:
+            await sched.verify(b, TokenTree.root_only(b.bonus))
+        return b
+
+    try:
+        b = asyncio.run(main())
+    finally:
+        sched.stop()
+    assert len(prompt) > 200 and 32 <= b.prompt_cached <= 96
+    assert torch.equal(b.slot.storage[[0, -1], :, :, :len(prompt)].view(torch.uint8), fresh_kv.view(torch.uint8))
+    assert b.generated == fresh_tokens
+
+
 def test_server_reports_cached_prompt_tokens_and_stays_exact(client, served):
     """Over the real server (prompt chunks of 128): a second question on the same long notes
     reuses their whole chunks, says so in Started, and gives the target's own greedy output."""
