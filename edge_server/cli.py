@@ -163,8 +163,9 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(health.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s (%s, %s, context %d, heads %s, KV budget %d positions, %s) in %.1fs", loaded.name,
-             dtype, device, max_ctx, "yes" if heads else "no", service.pool.budget_tokens,
+    log.info("serving %s (%s, %s, context %d, heads %s, KV budget %d positions, prompt cache up to %d of them, "
+             "%s) in %.1fs", loaded.name, dtype, device, max_ctx, "yes" if heads else "no",
+             service.pool.budget_tokens, min(service.scheduler.prompts.budget_tokens, service.pool.budget_tokens),
              "lean Llama-family forward" if target.llama_rows else "the model's own layers", time.perf_counter() - started)
     # the line tests and scripts wait for; keep its shape
     print(f"edge-server listening on {args.host}:{port}", flush=True)
