@@ -251,6 +251,21 @@ def lossless_problems(runs: list[MethodRun]) -> list[str]:
     return problems
 
 
+def median_groups(rows: list[dict], keys: tuple[str, ...]) -> list[tuple[dict, list[dict]]]:
+    """The rows grouped by the values of `keys` (in the order first seen), each group with its
+    row of medians (of every number all its rows have, its key fields as they are) and its rows:
+    repeats of a sweep, whose single runs drift on this shared machine."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        med = {k: float(np.median([r[k] for r in rs])) for k, v in rs[0].items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and all(r.get(k) is not None for r in rs)}
+        out.append(({**med, **dict(zip(keys, key))}, rs))
+    return out
+
+
 def results_dir(name: str) -> Path:
     out = ROOT / "results" / _dt.date.today().isoformat() / name
     out.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from bench_common import (PROMPTS, MethodRun, lossless_problems, markdown_table, parse_method,  # noqa: E402
-                          results_dir, run_clients, save_json, split_cores, with_context)
+from bench_common import (PROMPTS, MethodRun, lossless_problems, markdown_table, median_groups,  # noqa: E402
+                          parse_method, results_dir, run_clients, save_json, split_cores, with_context)
 
 from device_client.cli import make_drafter  # noqa: E402
 from edge_server.launcher import ServerProcess  # noqa: E402
@@ -144,17 +144,11 @@ def add_ratios(rows: list[dict]) -> None:
 def median_rows(rows: list[dict]) -> list[dict]:
     """One row per (N, method): the median of every number over the repeats, and the range of
     the ratio to server-ar."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["clients"], r["method"]), []).append(r)
     out = []
-    for (n, method), rs in groups.items():
-        med = {k: float(np.median([r[k] for r in rs])) for k, v in rs[0].items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and all(r.get(k) is not None for r in rs)}
+    for med, rs in median_groups(rows, ("clients", "method")):
         ratios = [r["vs_server_ar"] for r in rs]
         levels = sorted({r["budget_level"] for r in rs}, key=lambda v: (v is None, v))
-        out.append({**med, "clients": n, "method": method, "repeats": len(rs),
-                    "budget_level": "/".join(str(v) for v in levels),
+        out.append({**med, "repeats": len(rs), "budget_level": "/".join(str(v) for v in levels),
                     "vs_server_ar_min": min(ratios), "vs_server_ar_max": max(ratios)})
     return out
 

@@ -35,8 +35,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from bench_common import (PROMPTS, MethodRun, lossless_problems, markdown_table, results_dir,  # noqa: E402
-                          run_clients, save_json, split_cores, with_context)
+from bench_common import (PROMPTS, MethodRun, lossless_problems, markdown_table, median_groups,  # noqa: E402
+                          results_dir, run_clients, save_json, split_cores, with_context)
 
 from edge_server.launcher import ServerProcess  # noqa: E402
 
@@ -105,15 +105,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def median_rows(rows: list[dict]) -> list[dict]:
-    out = []
-    for key in dict.fromkeys((r["clients"], r["cache"]) for r in rows):
-        group = [r for r in rows if (r["clients"], r["cache"]) == key]
-        merged = dict(group[0])
-        for k, v in group[0].items():
-            if isinstance(v, float):
-                merged[k] = statistics.median(r[k] for r in group)
-        out.append(merged)
-    return out
+    return [med for med, _ in median_groups(rows, ("clients", "cache"))]
 
 
 def chat(address: str, turns: int, context_tokens: int, max_new_tokens: int) -> list[dict]:
