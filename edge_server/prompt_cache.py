@@ -83,7 +83,7 @@ class PromptCache:
         fed count, and whether one of those prompts will feed more of the chunks this one shares
         with it: then this one waits for them instead of computing them too. The prompt's last
         chunk is always its own, since its last token's logits give the first token."""
-        if not self.budget_tokens:
+        if not self._may_share(prompt, fed):
             return fed, False
         ids = np.asarray(prompt, dtype=np.int64)
         best, length, coming = None, fed, 0
@@ -105,11 +105,17 @@ class PromptCache:
              ahead: Sequence[tuple[Sequence[int], Slot | None, int]] = ()) -> int:
         """How many of `prompt`'s positions need no computing: `fed`, or the longest run of its
         whole chunks a kept entry holds or a prompt ahead of it has fed or will feed."""
-        if not self.budget_tokens:
+        if not self._may_share(prompt, fed):
             return fed
         ids = np.asarray(prompt, dtype=np.int64)
         return max([fed] + [self._shared(tokens, ids) if key is None else min(self._shared(tokens, ids), ready)
                             for tokens, _, ready, key in self._sources(ahead)])
+
+    def _may_share(self, prompt: Sequence[int], fed: int) -> bool:
+        """Whether whole chunks of `prompt` past `fed` could come from elsewhere: not with the cache
+        off, nor for a prompt whose remaining chunks are all its own (a short one, say), which
+        then costs no comparison on each step it waits in."""
+        return bool(self.budget_tokens) and (len(prompt) - 1) // self.chunk * self.chunk > fed
 
     def _sources(self, ahead: Sequence[tuple[Sequence[int], Slot | None, int]]) -> list[tuple]:
         """(ids, slot, positions ready, entry key or None for a prompt ahead) of every source."""

@@ -154,11 +154,11 @@ class Scheduler:
         """What the queued prompts leave to compute, oldest first: chunks the prompt cache holds,
         or a prompt ahead has fed or will feed, are not counted, so many devices sending one
         document are not refused for the copies they will not compute."""
-        queue = [(it.session.prompt_ids, it.session.prefilled)
+        queue = [(it.session.prompt_array, it.session.prefilled)
                  for it in sorted((i for i in self._pending if i.prefill), key=lambda i: i.enqueued)]
-        ahead: list[tuple[list[int], Slot | None, int]] = []
+        ahead: list[tuple[np.ndarray, Slot | None, int]] = []
         total = 0
-        for ids, fed in queue + ([(prompt, 0)] if prompt is not None else []):
+        for ids, fed in queue + ([(np.asarray(prompt, dtype=np.int64), 0)] if prompt is not None else []):
             total += len(ids) - self.prompts.held(ids, fed, ahead)
             ahead.append((ids, None, fed))
         return total
@@ -276,7 +276,7 @@ class Scheduler:
             tokens += len(it.tree)
         room = cfg.prefill_chunk if chosen else cfg.max_batch_tokens  # see the module docstring
         prefill_tokens = 0
-        ahead: list[tuple[list[int], Slot, int]] = []  # prompts fed before the next one
+        ahead: list[tuple[np.ndarray, Slot, int]] = []  # prompts fed before the next one
         for it in sorted((i for i in self._pending if i.prefill), key=lambda i: i.enqueued):
             if len(chosen) >= cfg.max_batch_size:
                 break
@@ -290,18 +290,18 @@ class Scheduler:
             prefill_tokens += row.n
         return chosen
 
-    def _fed_elsewhere(self, s: Session, ahead: list[tuple[list[int], Slot, int]]) -> bool:
+    def _fed_elsewhere(self, s: Session, ahead: list[tuple[np.ndarray, Slot, int]]) -> bool:
         """Takes what the prompt cache, or a prompt fed ahead of this one, already holds of the
         session's prompt; True while one of those prompts will feed the chunk this one would feed
         next (it waits rather than compute that chunk twice)."""
-        fed, wait = self.prompts.restore(s.prompt_ids, s.slot, s.prefilled, ahead)
+        fed, wait = self.prompts.restore(s.prompt_array, s.slot, s.prefilled, ahead)
         if fed > s.prefilled:
             if not s.prompt_cached:
                 self.metrics.count("prompt_cache_hits")
             self.metrics.count("prompt_tokens_from_cache", fed - s.prefilled)
             s.prompt_cached += fed - s.prefilled
             s.prefilled = s.committed = fed
-        ahead.append((s.prompt_ids, s.slot, s.prefilled))
+        ahead.append((s.prompt_array, s.slot, s.prefilled))
         return wait
 
     def _run(self) -> None:
@@ -412,7 +412,7 @@ class Scheduler:
                     self.metrics.count("pipelined_steps_with_tree", int(len(it.tree) > 1))
                 if it.prefill:
                     self.metrics.session_prefilled(it.session.id, len(res.tokens))
-                    self.prompts.keep(it.session.prompt_ids, it.session.slot, it.session.prefilled)
+                    self.prompts.keep(it.session.prompt_array, it.session.slot, it.session.prefilled)
                 else:
                     self.metrics.session_round(it.session.id, len(it.tree), res.accepted, len(res.tokens))
                 info = StepInfo(queue_ms, compute_ms, len(rows), n_tokens)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -67,6 +69,12 @@ class Session:
     def __post_init__(self) -> None:
         if not self.params.greedy:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @cached_property
+    def prompt_array(self) -> np.ndarray:
+        """The prompt as an array, made once: the prompt cache compares it on every step the
+        prompt waits in (edge_server.prompt_cache)."""
+        return np.asarray(self.prompt_ids, dtype=np.int64)
 
     @property
     def bonus(self) -> int:

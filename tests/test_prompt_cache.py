@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -256,8 +257,9 @@ def test_queued_prefill_counts_only_what_is_left_to_compute():
         doc, other = list(range(40)), list(range(100, 130))
         _keep(sched.prompts, doc + [1], 41)  # 40 positions kept
         assert sched.queued_prefill_tokens(doc + [7, 7]) == 2
-        sched._pending = [SimpleNamespace(session=SimpleNamespace(prompt_ids=other + [k], prefilled=0), prefill=True,
-                                          enqueued=float(k)) for k in (1, 2)]  # stand-ins: no model thread runs them
+        sched._pending = [SimpleNamespace(session=SimpleNamespace(prompt_array=np.asarray(other + [k]), prefilled=0),
+                                          prefill=True, enqueued=float(k))
+                          for k in (1, 2)]  # stand-ins: no model thread runs them
         assert sched.queued_prefill_tokens() == 31 + 3  # the second shares 28 positions with the first
         assert sched.queued_prefill_tokens(doc + [7, 7]) == 34 + 2
         assert sched.queued_prefill_tokens(other + [3]) == 34 + 3
