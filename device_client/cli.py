@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import grpc
 
 from device_client import artifacts
+from device_client.chat import Conversation
 from device_client.drafters.base import Drafter
 from device_client.session import MODES, Request, generate
 from device_client.text import DeviceTokenizer, TextStream
@@ -127,9 +128,14 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         tokenizer = load_tokenizer(stub, info)
         drafter = make_drafter(args.drafter, stub, info, args.heads_tree, args.heads_ngram == "on",
                                args.draft_threads)
-        history: list[tuple[str, str]] = []
+        chat = Conversation(tokenizer, args.system, info.max_context, args.max_new_tokens)
         for message in user_messages(args):
-            prompt_ids = tokenizer.raw_ids(message) if args.raw else tokenizer.chat_ids(message, args.system, history)
+            dropped = chat.dropped
+            prompt_ids = tokenizer.raw_ids(message) if args.raw else chat.prompt_ids(message)
+            if chat.dropped > dropped:
+                print(f"device-client: the conversation outgrew the server's context ({info.max_context} tokens, "
+                      f"{chat.answer_room} of them kept for the answer); dropped its {chat.dropped - dropped} "
+                      f"oldest turn(s), {chat.dropped} so far", file=sys.stderr)
             stream = TextStream(tokenizer)
 
             def show(tokens: list[int]) -> None:
@@ -142,10 +148,10 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
             record = generate(stub, request, drafter, info.tokenizer_fingerprint, on_tokens=show,
                               timeout=args.timeout)
             record.text = tokenizer.decode(record.token_ids)
-            history.append((message, record.text))
+            chat.add(message, record.text)
             sys.stdout.write("\n")
             print(record.summary_line(), file=sys.stderr)
-            yield record.summary()
+            yield {**record.summary(), "chat_turns_dropped": chat.dropped} if args.chat else record.summary()
 
 
 def main(argv: list[str] | None = None) -> None:
