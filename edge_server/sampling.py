@@ -1,16 +1,24 @@
-"""The target's choice at every tree node: argmax, or one seeded sample per node.
+"""The target's choice at every tree node: argmax, or a seeded draw keyed by position.
 
 Exactness: at temperature 0 a child is accepted iff it is the argmax at its parent, which
-reproduces greedy decoding. At temperature > 0 the server draws one token per node from the
-processed target distribution; following a child only when it equals its parent's draw means
-every emitted token is a draw from the target distribution (the draft is deterministic and
-needs no draft probabilities), so the output distribution equals plain sampling.
+reproduces greedy decoding. At temperature > 0 the token for sequence position p is
+argmax(scores + G_p) over the processed scores (temperature, top-k, top-p), where G_p is a
+vector of Gumbel noise drawn from (seed, p) alone (the Gumbel-max trick: a draw from
+softmax(scores)). Following a child only when it equals its parent's choice makes every emitted
+token that draw, given the tokens before it, with noise independent of them, so the output is
+plain sampling from the target. And since the noise depends on the position only, not on the
+tree, the round or the batch, a seeded request gives the same tokens whatever drafter, tree
+size, mode or load produced them: the server decoding alone with that seed is the reference,
+token for token, as greedy decoding is at temperature 0. (A generator advanced once per node
+would give the same distribution but different tokens for every tree shape.)
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -37,26 +45,50 @@ def check_sampling(temperature: float, top_p: float, top_k: int, vocab_size: int
     return None
 
 
-def processed_probs(logits: torch.Tensor, params: Sampling) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) on [n, V] logits; rows sum to 1."""
+def processed_scores(logits: torch.Tensor, params: Sampling) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on [n, V] logits: scores whose softmax is
+    the distribution to sample (dropped tokens at -inf)."""
     scores = logits.float() / params.temperature
     if params.top_k > 0:
         kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if 0.0 < params.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        probs = torch.softmax(sorted_scores, dim=-1)
         # drop a token when the mass before it already reaches top_p (keeps at least one)
-        drop_sorted = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= params.top_p
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= params.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    return scores
 
 
-def choose_tokens(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> list[int]:
-    """The target's token after each of the n nodes: from [n, V] logits, or, greedy, [n] tokens
-    the target already chose (TargetModel.forward_rows for greedy rows)."""
-    if params.greedy:
-        return (logits.argmax(dim=-1) if logits.is_floating_point() else logits).tolist()
-    probs = processed_probs(logits, params)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).tolist()
+def draw(scores: torch.Tensor, seed: int, position: int) -> int:
+    """The token at sequence `position` from [V] processed scores: Gumbel-max with noise from
+    (seed, position) alone (-log of Exp(1) variates, float64 so the noise's tail is not cut
+    short)."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence((seed, position))))
+    noise = -np.log(rng.standard_exponential(scores.shape[-1]))
+    return int(np.argmax(scores.cpu().numpy().astype(np.float64) + noise))
+
+
+class TargetChoices:
+    """The target's token after each node of a round (`choices[i]`), as the acceptance walk asks
+    for them: greedy rows come chosen (the argmax, or TargetModel.forward_rows's greedy tokens);
+    a draw costs a pass over the vocabulary, so at temperature > 0 only the nodes the walk
+    reaches are drawn, one per emitted token, not one per node (torch.multinomial over
+    SmolLM2's 49,152 tokens took ~2 ms a node on this CPU, a draw ~0.3 ms)."""
+
+    def __init__(self, logits: torch.Tensor, params: Sampling, positions: Sequence[int]):
+        """logits: [n, V] (or [n] greedy tokens); positions[i]: the sequence position of the
+        token chosen after node i."""
+        self.logits, self.params, self.positions = logits, params, positions
+        self.chosen: dict[int, int] = {}
+        if params.greedy:
+            tokens = logits.argmax(dim=-1) if logits.is_floating_point() else logits
+            self.chosen = dict(enumerate(tokens.tolist()))
+
+    def __getitem__(self, node: int) -> int:
+        if node not in self.chosen:
+            scores = processed_scores(self.logits[node:node + 1], self.params)[0]
+            self.chosen[node] = draw(scores, self.params.seed, self.positions[node])
+        return self.chosen[node]

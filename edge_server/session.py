@@ -1,7 +1,7 @@
 """A generation session: its KV cache, what it has generated, and one verification round.
 
-Rounds are exact: the server computes the target's choice after every tree node (argmax or
-one seeded sample), keeps the longest root path the target agrees with, commits only those
+Rounds are exact: the server computes the target's choice after every tree node (argmax, or a
+draw keyed by seed and position: edge_server.sampling), keeps the longest root path the target agrees with, commits only those
 positions to the KV cache, and appends the target's own choice after the last accepted node
 (the bonus token). Limits (stop tokens, max_new_tokens, context) are applied here, once.
 """
@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from edge_server.budget import DeviceLink
 from edge_server.kv_cache import Row, Slot
-from edge_server.sampling import Sampling, choose_tokens
+from edge_server.sampling import Sampling, TargetChoices
 from edge_server.verifier import TargetModel
 from shared.protocol import pb
 from shared.tree import TokenTree
@@ -52,7 +52,6 @@ class Session:
     generated: list[int] = field(default_factory=list)
     round: int = 0
     finish: int = pb.FINISH_NONE
-    generator: torch.Generator | None = None
     # batched path: a KV slot instead of a DynamicCache, the prompt fed in chunks
     slot: Slot | None = None
     prefilled: int = 0
@@ -65,10 +64,6 @@ class Session:
     # pipelined mode: the device's latest draft and its round, set by the service as drafts arrive
     draft: tuple[int, TokenTree] | None = None
     link: DeviceLink = field(default_factory=DeviceLink)  # does a tree pay for this device (its link, its yield)
-
-    def __post_init__(self) -> None:
-        if not self.params.greedy:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @cached_property
     def prompt_array(self) -> np.ndarray:
@@ -150,12 +145,12 @@ class Session:
     # ---- shared: exact acceptance and limits ---------------------------------------------
     def _after_prompt(self, logits: torch.Tensor, hidden: torch.Tensor, max_context: int,
                       started: float) -> RoundResult:
-        bonus = choose_tokens(logits, self.params, self.generator)[0]
+        bonus = self._choices(logits, [0])[0]
         return self._finish_round([bonus], hidden, max_context, started, len(self.prompt_ids))
 
     def _accept(self, tree: TokenTree, logits: torch.Tensor, hidden: torch.Tensor, commit,
                 max_context: int, started: float) -> RoundResult:
-        choices = choose_tokens(logits, self.params, self.generator)
+        choices = self._choices(logits, tree.depths)
         path = tree.accepted_path(choices)
         self.committed = commit(path)
         self.round += 1
@@ -166,6 +161,12 @@ class Session:
         result = self._finish_round(new, hidden[path[-1]], max_context, started, len(tree))
         result.path = path
         return result
+
+    def _choices(self, logits: torch.Tensor, depths) -> TargetChoices:
+        """The target's choices after nodes at these depths below the last token (the root):
+        the token after a node at depth d goes to position len(context) + d."""
+        at = len(self.prompt_ids) + len(self.generated)
+        return TargetChoices(logits, self.params, [at + d for d in depths])
 
     def _finish_round(self, new: list[int], hidden: torch.Tensor, max_context: int, started: float,
                       tree_size: int) -> RoundResult:

@@ -1,4 +1,5 @@
-"""The contract: device-edge speculation yields exactly the target's own greedy output."""
+"""The contract: device-edge speculation yields exactly the target's own greedy output, and a
+seeded sample exactly the target's own sample with that seed (edge_server.sampling)."""
 import json
 import os
 import subprocess
@@ -87,6 +88,26 @@ def test_server_ar_mode_equals_target_generate(client, references):
     rec = generate(stub, Request(ids, max_new_tokens=MAX_NEW, mode="server-ar"), NoDrafter(),
                    info.tokenizer_fingerprint, timeout=120)
     assert rec.token_ids == expected
+
+
+def test_a_seeded_sample_is_the_server_decoding_alone_whatever_drafts_it(client, references):
+    """At temperature > 0 a draw depends on the seed and the position only, so every drafter
+    and mode gives server-only decoding's tokens for the same seed, and trees were accepted."""
+    stub, info, _ = client
+    drafters = {name: DRAFTERS[name](stub, info) for name in ("ngram", "heads-unified+ngram")}
+    for prompt, (ids, greedy) in list(references.items())[:3]:
+        def sample(drafter, mode="speculative", seed=11):
+            return generate(stub, Request(ids, max_new_tokens=MAX_NEW, temperature=0.8, top_p=0.95, seed=seed,
+                                          tree_budget=16, mode=mode), drafter,
+                            info.tokenizer_fingerprint, timeout=120)
+        alone = sample(NoDrafter(), "server-ar").token_ids
+        assert alone != greedy and sample(NoDrafter(), "server-ar", seed=12).token_ids != alone
+        for name, drafter in drafters.items():
+            for mode in ("speculative", "pipelined"):
+                rec = sample(drafter, mode)
+                assert rec.token_ids == alone, (prompt, name, mode)
+                if mode == "speculative" and name.startswith("heads"):
+                    assert len(rec.token_ids) - 1 > rec.rounds  # some drafted tokens were accepted
 
 
 def test_cli_json_reports_every_field(server, references):

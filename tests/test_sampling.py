@@ -1,10 +1,12 @@
-"""Sampling is distribution-preserving under tree verification.
+"""Sampling is distribution-preserving under tree verification, and a seeded request's tokens
+do not depend on the trees.
 
 A tiny random Llama (vocab 8) makes the exact target distribution of the first two generated
 tokens computable by enumeration, with transformers' own logits warpers as the reference for
 temperature/top-k/top-p. Thousands of sessions, each verifying a deterministic draft tree,
 must match it (chi-square); a deliberately lossy rule must fail the same test, which shows
-the test has power.
+the test has power. Since every draw is keyed by (seed, position), the same seed must give
+the same tokens with any trees as decoding alone (edge_server.sampling).
 """
 import json
 import sys
@@ -17,7 +19,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, LogitsProcessorList, Te
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from edge_server.kv_cache import KVPool
-from edge_server.sampling import Sampling, processed_probs
+from edge_server.sampling import Sampling, draw, processed_scores
 from edge_server.session import Session
 from edge_server.verifier import TargetModel
 from shared.tree import TokenTree
@@ -87,10 +89,10 @@ def _sample_pairs(tiny: TargetModel, lossy: bool = False) -> np.ndarray:
             if lossy:  # accept the first drafted child whenever the target gives it >= 20%
                 tree = _draft_tree(s.bonus)
                 out = tiny.forward_tree(s.cache, s.committed, tree)
-                probs = processed_probs(out.logits, PARAMS)
-                path = [0, 1] if probs[0, tree.tokens[1]] >= 0.2 else [0]
+                scores = processed_scores(out.logits, PARAMS)
+                path = [0, 1] if torch.softmax(scores[0], -1)[tree.tokens[1]] >= 0.2 else [0]
                 s.committed = tiny.commit(s.cache, s.committed, path)
-                bonus = int(torch.multinomial(probs[path[-1]], 1, generator=s.generator))
+                bonus = draw(scores[path[-1]], seed, len(s.context) + len(path) - 1)
                 s.generated.extend([tree.tokens[i] for i in path[1:]] + [bonus])
                 continue
             s.verify(tiny, _draft_tree(s.bonus))
@@ -114,7 +116,7 @@ def test_processed_probs_match_transformers_warpers():
     torch.manual_seed(0)
     logits = torch.randn(5, 50) * 3
     params = Sampling(temperature=0.7, top_p=0.8, top_k=10)
-    ours = processed_probs(logits, params)
+    ours = torch.softmax(processed_scores(logits, params), dim=-1)
     warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)])
     ref = torch.softmax(warpers(None, logits), dim=-1)
     assert torch.allclose(ours, ref, atol=1e-6)
@@ -170,3 +172,51 @@ def test_heads_trees_through_batched_path_match_target_distribution(tiny, tiny_h
 def test_lossy_rule_fails_the_same_test(tiny):
     exact = _exact_pairs(tiny)
     assert _pvalue(_sample_pairs(tiny, lossy=True), exact) < 1e-6
+
+
+def test_a_seed_gives_the_same_tokens_with_any_trees_as_decoding_alone(tiny):
+    """The draw for a position depends on (seed, position) only: trees of any shape, accepted
+    or not, leave a seeded request's tokens those of the target decoding alone."""
+    rng = np.random.default_rng(3)
+    outputs = set()
+    for seed in range(40):
+        params = Sampling(PARAMS.temperature, PARAMS.top_p, PARAMS.top_k, seed)
+        runs = []
+        for trees in (False, True):
+            s = Session(PROMPT, params, max_new_tokens=12, stop_ids=frozenset(), want_hidden=False)
+            s.prefill(tiny)
+            while len(s.generated) < 12:
+                tree = TokenTree.root_only(s.bonus)
+                if trees:  # random trees: some nodes accepted, most not
+                    tokens = [s.bonus, *rng.integers(VOCAB, size=6).tolist()]
+                    parents = [-1, 0, 0, 1, 1, 2, 3]
+                    try:
+                        tree = TokenTree(tuple(tokens), tuple(parents))
+                        tree.check_unique_siblings()
+                    except Exception:
+                        tree = TokenTree.root_only(s.bonus)
+                s.verify(tiny, tree)
+            runs.append(s.generated[:12])
+        assert runs[0] == runs[1], seed
+        outputs.add(tuple(runs[0]))
+    assert len(outputs) > 30  # different seeds, different samples
+
+
+def test_draws_follow_the_processed_distribution():
+    """Gumbel-max keyed by (seed, position): over many seeds a position's draws match softmax of
+    the processed scores, and two positions of one seed are independent draws."""
+    torch.manual_seed(0)
+    scores = processed_scores(torch.randn(1, 12) * 2, Sampling(temperature=0.9, top_k=9))[0]
+    probs = torch.softmax(scores, -1).double().numpy()
+    counts = np.zeros((12, 12))
+    for seed in range(6000):
+        counts[draw(scores, seed, 100), draw(scores, seed, 101)] += 1
+    for marginal in (counts.sum(1), counts.sum(0)):
+        assert marginal[probs == 0].sum() == 0
+        keep = probs > 0
+        expected = probs[keep] / probs[keep].sum() * marginal.sum()
+        assert chisquare(marginal[keep], expected).pvalue > 1e-3
+    joint = np.outer(probs, probs)
+    keep = joint.ravel() * counts.sum() >= 5
+    obs, exp = counts.ravel()[keep], joint.ravel()[keep]
+    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
