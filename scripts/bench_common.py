@@ -1,8 +1,8 @@
 """What the benchmark scripts share: prompts, concurrent device clients, result files.
 
-Methods are compared on the same prompts in the same run. At temperature 0 every method
-produces the same tokens (that is the lossless contract, checked here too), so tokens/s
-compare like with like.
+Methods are compared on the same prompts in the same run. Every method produces the same
+tokens, greedy or sampled with the same seed (that is the lossless contract, checked here too),
+so tokens/s compare like with like.
 """
 from __future__ import annotations
 
@@ -70,6 +70,14 @@ def parse_method(method: str) -> tuple[str, str]:
     return drafter, mode or "speculative"
 
 
+@dataclass(frozen=True)
+class ClientSampling:
+    """What the clients ask for (greedy by default); client i samples with seed + i."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
 @dataclass
 class MethodRun:
     method: str
@@ -129,7 +137,8 @@ class MethodRun:
 
 
 def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tokens: int | list[list[int]],
-                tree_budget: int, ignore_eos: bool = False, timeout: float = 900.0) -> MethodRun:
+                tree_budget: int, ignore_eos: bool = False, timeout: float = 900.0,
+                sampling: ClientSampling | None = None) -> MethodRun:
     """One device client per entry of `prompts`, each in its own process with its own channel
     and drafter, all starting together once every client has connected and loaded its
     drafter; each runs its prompts in order. `max_new_tokens`: one length for every request,
@@ -144,7 +153,8 @@ def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tok
     ctx = multiprocessing.get_context("spawn")  # no fork: gRPC's core is not fork-safe
     go, results = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_client, name=f"device-client-{i}",
-                         args=(i, address, method, ps, ls, tree_budget, ignore_eos, timeout, go, results))
+                         args=(i, address, method, ps, ls, tree_budget, ignore_eos, timeout, sampling or ClientSampling(),
+                               go, results))
              for i, (ps, ls) in enumerate(zip(prompts, lengths, strict=True))]
     for proc in procs:
         proc.start()
@@ -191,7 +201,7 @@ def _receive(results, procs: list, pending: set[int]) -> tuple:
 
 
 def _client(index: int, address: str, method: str, prompts: list[str], lengths: list[int], tree_budget: int,
-            ignore_eos: bool, timeout: float, go, results) -> None:
+            ignore_eos: bool, timeout: float, sampling: ClientSampling, go, results) -> None:
     """One device client process of run_clients. Sends ("ready", index) once set up, waits for
     `go`, then ("done", index, records, start times, error text or None). perf_counter is the
     system's monotonic clock, so start times compare across processes."""
@@ -206,7 +216,8 @@ def _client(index: int, address: str, method: str, prompts: list[str], lengths: 
             drafter = make_drafter(drafter_name, stub, info)
             requests = [Request(tokenizer.chat_ids(p), max_new_tokens=length,
                                 tree_budget=min(tree_budget, info.max_tree_nodes),
-                                mode=mode, ignore_eos=ignore_eos)
+                                mode=mode, ignore_eos=ignore_eos, temperature=sampling.temperature,
+                                top_p=sampling.top_p, seed=sampling.seed + index)
                         for p, length in zip(prompts, lengths, strict=True)]
             results.put(("ready", index))
             go.wait()
@@ -238,7 +249,10 @@ def split_cores(server_args: list[str], pin: bool = True) -> tuple[list[str], st
 
 
 def lossless_problems(runs: list[MethodRun]) -> list[str]:
-    """At temperature 0 every method must give the same tokens for the same prompt (and length)."""
+    """Every method must give the same tokens for the same prompt (and length): greedy, or
+    sampled with the same seed, whose draws depend on the seed and the position only
+    (edge_server.sampling). Clients sample with seed + their index, so a prompt keeps its seed
+    as long as it keeps its client."""
     seen: dict[tuple, tuple[tuple[int, ...], str]] = {}
     problems = []
     for run in runs:

@@ -9,7 +9,9 @@ tokens/s, per-client inter-token latency p50/p95, and the server's per-step batc
 (GetMetrics, reset between runs). Methods run back to back at each N, and their tokens/s are
 reported as ratios to server-ar at the same N; with --repeats R the whole sweep runs R times
 and the table shows medians, since one run's ratio drifts 10-15% on this shared machine.
-Greedy outputs of all methods are checked to be identical (lossless).
+The outputs of all methods are checked to be identical (lossless): greedy, or with
+--temperature sampled with a seed per client, whose draws depend on the seed and the position
+only, so speculation must reproduce server-only decoding's sample token for token.
 
 Two throughputs: tokens/s over the whole run (prefills and the tail included), and steady
 tokens/s while all N clients are generating (see bench_common.MethodRun.steady_tokens_per_s).
@@ -39,8 +41,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from bench_common import (PROMPTS, MethodRun, lossless_problems, markdown_table, median_groups,  # noqa: E402
-                          parse_method, results_dir, run_clients, save_json, split_cores, with_context)
+from bench_common import (PROMPTS, ClientSampling, MethodRun, lossless_problems, markdown_table,  # noqa: E402
+                          median_groups, parse_method, results_dir, run_clients, save_json, split_cores,
+                          with_context)
 
 from device_client.cli import make_drafter  # noqa: E402
 from edge_server.launcher import ServerProcess  # noqa: E402
@@ -81,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an untimed round of generations of this many tokens before each timed run, at "
                         "the same N and method, so the server has measured its budgets for that load (0: none)")
     p.add_argument("--tree-budget", type=int, default=32, help="the devices' own budget cap")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0 the clients sample")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="client i samples with seed + i")
     p.add_argument("--server", default=None, help="use a running server HOST:PORT instead of starting one")
     p.add_argument("--server-args", default="--threads 1",
                    help="extra edge-server flags (default: one torch thread; on this shared 2-core box "
@@ -195,15 +201,16 @@ def measure(address: str, n: int, method: str, args: argparse.Namespace) -> tupl
     then the timed run and the server's metrics over it."""
     with grpc.insecure_channel(address) as channel:
         stub = rpc.EdgeSpecStub(channel)
-        context = args.context_tokens
-        run_clients(address, method, client_prompts(1, 1, context), 8, args.tree_budget, ignore_eos=True)
+        context, sampling = args.context_tokens, ClientSampling(args.temperature, args.top_p, args.seed)
+        run_clients(address, method, client_prompts(1, 1, context), 8, args.tree_budget, ignore_eos=True,
+                    sampling=sampling)
         if args.warmup_tokens:
             run_clients(address, method, client_prompts(n, 1, context), args.warmup_tokens, args.tree_budget,
-                        ignore_eos=True)
+                        ignore_eos=True, sampling=sampling)
         stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30)
         run = run_clients(address, method, client_prompts(n, args.requests, context),
                           client_lengths(n, args.requests, args.max_new_tokens, args.length_spread),
-                          args.tree_budget, ignore_eos=True)
+                          args.tree_budget, ignore_eos=True, sampling=sampling)
         metrics = json.loads(stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=30).json)
     return run, summarize(run, metrics)
 
@@ -262,6 +269,8 @@ def main(argv=None) -> None:
              f"max_new_tokens={args.max_new_tokens}{spread} (ignore_eos), requests/client={args.requests}, "
              f"untimed warm-up of {args.warmup_tokens} tokens per client before each run, "
              f"device tree budget cap={args.tree_budget}, "
+             + (f"sampling: temperature {args.temperature:g}, top-p {args.top_p:g}, seed {args.seed} + client "
+                "index, " if args.temperature else "greedy, ")
              + (f"server {args.server} (its own flags)" if args.server
                 else f"server args: {' '.join(server_args) or '(defaults)'}"),
              *([f"{args.repeats} repeats, methods interleaved; medians over repeats, each run divided by the "
