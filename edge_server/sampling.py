@@ -53,13 +53,26 @@ def processed_scores(logits: torch.Tensor, params: Sampling) -> torch.Tensor:
         kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if 0.0 < params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        # drop a token when the mass before it already reaches top_p (keeps at least one)
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+        scores = _nucleus(scores, params.top_p)
     return scores
+
+
+def _nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Drops a token when the mass of the likelier ones already reaches top_p (keeps at least
+    one). Only the likeliest tokens are ranked, widening the ranking until the mass it covers
+    reaches top_p (no token past it can be kept): sorting all 49,152 scores of a row took ~3.5
+    ms on this CPU, as much as a decoding step's share of a row; the top 64 take ~0.1 ms."""
+    probs = torch.softmax(scores, dim=-1)
+    vocab = scores.shape[-1]
+    k = min(vocab, 64)
+    while True:
+        top, order = torch.topk(probs, k, dim=-1)  # sorted, likeliest first
+        mass = top.cumsum(dim=-1)
+        if k == vocab or bool((mass[..., -1] >= top_p).all()):
+            break
+        k = min(vocab, 8 * k)
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, (mass - top) < top_p)
+    return scores.masked_fill(~keep, float("-inf"))
 
 
 def draw(scores: torch.Tensor, seed: int, position: int) -> int:

@@ -122,6 +122,23 @@ def test_processed_probs_match_transformers_warpers():
     assert torch.allclose(ours, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.95, 0.999])
+def test_nucleus_over_a_large_vocabulary_keeps_what_a_full_sort_keeps(top_p):
+    """Rows whose nucleus needs a few to thousands of tokens: ranking only the likeliest tokens,
+    widened as needed, keeps exactly the tokens a sort of the whole row keeps."""
+    torch.manual_seed(1)
+    logits = torch.cat([torch.randn(2, 20000) * 6, torch.randn(2, 20000) * 0.3])
+    params = Sampling(temperature=0.9, top_p=top_p)
+    scores = logits / 0.9
+    ranked, order = torch.sort(scores, dim=-1, descending=True)
+    probs = torch.softmax(ranked, dim=-1)
+    dropped = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, probs.cumsum(-1) - probs >= top_p)
+    ours = processed_scores(logits, params)
+    assert torch.equal(torch.isinf(ours), dropped)
+    assert torch.equal(ours[~dropped], scores[~dropped])
+    assert (~dropped).sum(-1).max() > 64  # past the first ranking: it was widened
+
+
 def test_tree_sampling_matches_target_distribution(tiny):
     exact = _exact_pairs(tiny)
     assert _pvalue(_sample_pairs(tiny), exact) > 1e-3
