@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import secrets
 import sys
 from collections.abc import Iterator
 
@@ -48,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed: one seed gives one answer, with or without speculation (default: a "
+                        "random one, reported in --json as `seed`)")
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="tokenize the prompt as is, no chat template")
     p.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens regardless of EOS")
@@ -72,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--top-k must be >= 0")
     if not args.timeout > 0:  # also nan
         p.error("--timeout must be a number of seconds above 0")
+    if args.seed is None:
+        args.seed = secrets.randbits(63)
+    elif not 0 <= args.seed < 2**64:
+        p.error("--seed must be in 0..2^64-1")
     return args
 
 
@@ -151,7 +158,8 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
             chat.add(message, record.text)
             sys.stdout.write("\n")
             print(record.summary_line(), file=sys.stderr)
-            yield {**record.summary(), "chat_turns_dropped": chat.dropped} if args.chat else record.summary()
+            summary = {**record.summary(), "seed": args.seed}
+            yield {**summary, "chat_turns_dropped": chat.dropped} if args.chat else summary
 
 
 def main(argv: list[str] | None = None) -> None:

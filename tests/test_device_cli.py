@@ -19,6 +19,16 @@ def test_a_flag_out_of_range_is_refused_with_what_it_must_be(flag, value, says, 
     assert says in capsys.readouterr().err
 
 
+def test_a_seed_is_drawn_unless_given(capsys):
+    """Sampling twice without --seed gives two answers (the seed is reported to reproduce one)."""
+    seeds = {parse_args(["--temperature", "0.8", "hello"]).seed for _ in range(4)}
+    assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
+    assert parse_args(["--seed", "7", "hello"]).seed == 7
+    with pytest.raises(SystemExit):
+        parse_args(["--seed", "-1", "hello"])
+    assert "--seed must be in 0..2^64-1" in capsys.readouterr().err
+
+
 def test_the_defaults_parse():
     args = parse_args(["hello"])
     assert args.timeout > 0 and args.tree_budget >= 1 and args.prompt == "hello"

@@ -118,7 +118,7 @@ def test_cli_json_reports_every_field(server, references):
          "--max-new-tokens", str(MAX_NEW), "--drafter", "ngram", prompt],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
     record = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("text", "prompt_token_ids", "token_ids", "finish_reason", "drafter", "rounds",
+    for key in ("text", "prompt_token_ids", "token_ids", "finish_reason", "drafter", "rounds", "seed",
                 "mean_accepted", "accepted_per_round", "ttft_ms", "total_ms", "tokens_per_s",
                 "itl_ms_p50", "itl_ms_p95", "bytes_up", "bytes_down"):
         assert key in record, key
