@@ -1,9 +1,10 @@
 """A generation session: its KV cache, what it has generated, and one verification round.
 
 Rounds are exact: the server computes the target's choice after every tree node (argmax, or a
-draw keyed by seed and position: edge_server.sampling), keeps the longest root path the target agrees with, commits only those
-positions to the KV cache, and appends the target's own choice after the last accepted node
-(the bonus token). Limits (stop tokens, max_new_tokens, context) are applied here, once.
+draw keyed by seed and position: edge_server.sampling), keeps the longest root path the target
+agrees with, commits only those positions to the KV cache, and appends the target's own choice
+after the last accepted node (the bonus token). Limits (stop tokens, max_new_tokens, context)
+are applied here, once.
 """
 from __future__ import annotations
 

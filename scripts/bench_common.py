@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 import traceback
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +73,15 @@ def parse_method(method: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class ClientSampling:
-    """What the clients ask for (greedy by default); client i samples with seed + i."""
+    """What the clients ask for (greedy by default). A prompt samples with seed + its CRC-32,
+    whichever client sends it, so the lossless check can compare its tokens across runs with
+    other numbers of clients."""
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+
+    def prompt_seed(self, prompt: str) -> int:
+        return self.seed + zlib.crc32(prompt.encode())
 
 
 @dataclass
@@ -153,8 +159,8 @@ def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tok
     ctx = multiprocessing.get_context("spawn")  # no fork: gRPC's core is not fork-safe
     go, results = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_client, name=f"device-client-{i}",
-                         args=(i, address, method, ps, ls, tree_budget, ignore_eos, timeout, sampling or ClientSampling(),
-                               go, results))
+                         args=(i, address, method, ps, ls, tree_budget, ignore_eos, timeout,
+                               sampling or ClientSampling(), go, results))
              for i, (ps, ls) in enumerate(zip(prompts, lengths, strict=True))]
     for proc in procs:
         proc.start()
@@ -217,7 +223,7 @@ def _client(index: int, address: str, method: str, prompts: list[str], lengths: 
             requests = [Request(tokenizer.chat_ids(p), max_new_tokens=length,
                                 tree_budget=min(tree_budget, info.max_tree_nodes),
                                 mode=mode, ignore_eos=ignore_eos, temperature=sampling.temperature,
-                                top_p=sampling.top_p, seed=sampling.seed + index)
+                                top_p=sampling.top_p, seed=sampling.prompt_seed(p))
                         for p, length in zip(prompts, lengths, strict=True)]
             results.put(("ready", index))
             go.wait()
@@ -251,8 +257,7 @@ def split_cores(server_args: list[str], pin: bool = True) -> tuple[list[str], st
 def lossless_problems(runs: list[MethodRun]) -> list[str]:
     """Every method must give the same tokens for the same prompt (and length): greedy, or
     sampled with the same seed, whose draws depend on the seed and the position only
-    (edge_server.sampling). Clients sample with seed + their index, so a prompt keeps its seed
-    as long as it keeps its client."""
+    (edge_server.sampling; ClientSampling gives a prompt one seed)."""
     seen: dict[tuple, tuple[tuple[int, ...], str]] = {}
     problems = []
     for run in runs:

@@ -10,7 +10,7 @@ tokens/s, per-client inter-token latency p50/p95, and the server's per-step batc
 reported as ratios to server-ar at the same N; with --repeats R the whole sweep runs R times
 and the table shows medians, since one run's ratio drifts 10-15% on this shared machine.
 The outputs of all methods are checked to be identical (lossless): greedy, or with
---temperature sampled with a seed per client, whose draws depend on the seed and the position
+--temperature sampled with a seed per prompt, whose draws depend on the seed and the position
 only, so speculation must reproduce server-only decoding's sample token for token.
 
 Two throughputs: tokens/s over the whole run (prefills and the tail included), and steady
@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tree-budget", type=int, default=32, help="the devices' own budget cap")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0 the clients sample")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="client i samples with seed + i")
+    p.add_argument("--seed", type=int, default=0, help="a prompt samples with seed + its CRC-32")
     p.add_argument("--server", default=None, help="use a running server HOST:PORT instead of starting one")
     p.add_argument("--server-args", default="--threads 1",
                    help="extra edge-server flags (default: one torch thread; on this shared 2-core box "
@@ -269,8 +269,8 @@ def main(argv=None) -> None:
              f"max_new_tokens={args.max_new_tokens}{spread} (ignore_eos), requests/client={args.requests}, "
              f"untimed warm-up of {args.warmup_tokens} tokens per client before each run, "
              f"device tree budget cap={args.tree_budget}, "
-             + (f"sampling: temperature {args.temperature:g}, top-p {args.top_p:g}, seed {args.seed} + client "
-                "index, " if args.temperature else "greedy, ")
+             + (f"sampling: temperature {args.temperature:g}, top-p {args.top_p:g}, seed {args.seed} + the "
+                "prompt's CRC-32, " if args.temperature else "greedy, ")
              + (f"server {args.server} (its own flags)" if args.server
                 else f"server args: {' '.join(server_args) or '(defaults)'}"),
              *([f"{args.repeats} repeats, methods interleaved; medians over repeats, each run divided by the "

@@ -48,11 +48,13 @@ def test_a_sweep_with_context_reports_its_prompt_length(server, tmp_path):
 
 
 def test_a_sampled_sweep_gives_every_method_the_same_tokens(server, tmp_path):
-    """With --temperature the clients sample with a seed each; speculation must still reproduce
-    server-only decoding's tokens (edge_server.sampling), which the lossless check compares."""
-    bench_load.main(["--server", server.address, "--clients", "2", "--methods", "server-ar", "ngram",
-                     "--max-new-tokens", "12", "--temperature", "0.9", "--seed", "5", "--warmup-tokens", "0",
+    """With --temperature every prompt is sampled with a seed of its own; speculation must still
+    reproduce server-only decoding's tokens (edge_server.sampling), which the lossless check
+    compares, also for a prompt that another client sends at another N."""
+    bench_load.main(["--server", server.address, "--clients", "1", "2", "--methods", "server-ar", "ngram",
+                     "--max-new-tokens", "12", "--requests", "2", "--temperature", "0.9", "--seed", "5",
+                     "--warmup-tokens", "0",
                      "--no-plot", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["lossless"] == [] and [r["tokens"] for r in res["rows"]] == [24, 24]
-    assert "sampling: temperature 0.9, top-p 1, seed 5 + client index" in (tmp_path / "table.md").read_text()
+    assert res["lossless"] == [] and [r["tokens"] for r in res["rows"]] == [24, 24, 48, 48]
+    assert "sampling: temperature 0.9, top-p 1, seed 5 + the prompt's CRC-32" in (tmp_path / "table.md").read_text()
