@@ -15,8 +15,8 @@ would give the same distribution but different tokens for every tree shape.)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -163,7 +164,7 @@ class Session:
         result.path = path
         return result
 
-    def _choices(self, logits: torch.Tensor, depths) -> TargetChoices:
+    def _choices(self, logits: torch.Tensor, depths: Sequence[int]) -> TargetChoices:
         """The target's choices after nodes at these depths below the last token (the root):
         the token after a node at depth d goes to position len(context) + d."""
         at = len(self.prompt_ids) + len(self.generated)
