@@ -1,4 +1,5 @@
 """Continuous batching: exactness across concurrent sessions, KV freed, backpressure."""
+import dataclasses
 import os
 import shlex
 import threading
@@ -110,6 +111,27 @@ def test_eight_concurrent_sessions_each_equal_their_greedy_reference(client, ser
         assert rec.token_ids == served.greedy(x, MAX_NEW)
     sizes = [s["batch_size"]["max"] for s in [_metrics(stub).get("window", {})] if s]
     assert sizes and sizes[0] >= 2  # the sessions really shared forwards
+
+
+def test_sampled_and_greedy_sessions_in_the_same_steps_each_get_their_own_tokens(client, served):
+    """Eight concurrent sessions, sampled and greedy, drafting and not, in one batch: each one's
+    tokens are those its request gives decoding alone (a seeded draw depends on its position
+    only), with the greedy rows' argmax and the sampled rows' logits taken from the same steps."""
+    stub, info, tokenizer = client
+    heads = make_drafter("heads", stub, info)
+    ids = [tokenizer.chat_ids(prompt) for prompt in PROMPTS[:8]]
+    requests = [Request(x, max_new_tokens=MAX_NEW, tree_budget=16, temperature=0.0 if i % 4 == 3 else 0.8,
+                        top_p=0.9 if i % 2 else 1.0, top_k=40 if i % 3 == 0 else 0, seed=100 + i)
+                for i, x in enumerate(ids)]
+    drafters = [heads if i % 2 else NgramDrafter() for i in range(8)]
+    together = _generate_all(stub, info, list(zip(requests, drafters)))
+    for request, rec in zip(requests, together):
+        alone = generate(stub, dataclasses.replace(request, mode="server-ar"), NoDrafter(),
+                         info.tokenizer_fingerprint, timeout=300)
+        assert rec.token_ids == alone.token_ids
+        if request.temperature == 0:
+            assert rec.token_ids == served.greedy(request.prompt_ids, MAX_NEW)
+    assert sum(len(r.token_ids) - 1 - r.rounds for r in together) > 0  # drafts were accepted
 
 
 def test_adaptive_budgets_are_lossless_and_learn_node_acceptance(loaded, client):
