@@ -78,9 +78,11 @@ measure, so the controller climbs it directly:
 - Each (level, neighbour) pair keeps its own wait before it is probed again, so a smaller level
   that lost says nothing about a larger one. A pair that loses again waits twice as long (at
   most MAX_WAIT epochs), and at least long enough that re-checking a level that lost by a
-  share `loss` costs under EXPLORE of the server's throughput (PROBE_EPOCHS x loss / wait):
-  a 2-node tree that lost 25% at 8 clients waits 25 epochs, a close call waits 2 and is
-  measured again soon. Doubling alone spent a fifth of a short run's steps on such probes at
+  share `loss` costs under EXPLORE of the server's throughput (PROBE_EPOCHS x loss x slower /
+  wait, `slower` the loser's seconds a step over the winner's: epochs count steps, and a larger
+  tree's steps, with the wait for lock-step devices' trees, take longer: 67 against 40 ms at 8
+  clients on this CPU): a 2-node tree that lost 10% at 8 clients with steps 1.6x as long waits
+  16 epochs, a close call waits 2 and is measured again soon. Doubling alone spent a fifth of a short run's steps on such probes at
   8-16 lock-step clients (each probe epoch 10-27% slower), which kept heads 7-10% under
   server-only decoding. A smaller level that just lost to a larger one waits at least 3 epochs
   (its loss is at least MARGIN's), so one noisy probe back does not undo a win at once.
@@ -373,7 +375,8 @@ class BudgetController:
         if gain is None or gain > self.MARGIN:
             return False
         log.debug("load %d: %d no longer beats %d (x%.2f): stepping down", self._key(), load.level, small, gain)
-        self._wait(load, small, load.level, max(0.0, 1.0 - gain))
+        self._wait(load, small, load.level, max(0.0, 1.0 - gain),
+                   self._slower(*load.probed[(small, load.level)]))
         self._switch(load, small)
         return True
 
@@ -400,7 +403,8 @@ class BudgetController:
         log.debug("load %d: probe %d vs %d: %.1f vs %.1f tokens/s (%s) -> %d", self._key(), probe, base,
                   rates[probe], rates[base],
                   ", ".join(f"{lv}: {len(e.sizes)} rounds in {e.seconds:.2f} s" for lv, e in trial.items()), winner)
-        self._wait(load, winner, loser, max(0.0, 1.0 - rates[loser] / max(rates[winner], 1e-9)))
+        self._wait(load, winner, loser, max(0.0, 1.0 - rates[loser] / max(rates[winner], 1e-9)),
+                   self._slower(trial[winner], trial[loser]))
         if winner == probe:  # keep going this way
             load.due.pop((base, probe), None)
             load.waits.pop((base, probe), None)
@@ -408,10 +412,19 @@ class BudgetController:
         self._switch(load, base)
         load.direction = -load.direction
 
-    def _wait(self, load: _Load, level: int, neighbour: int, loss: float) -> None:
-        """How long `level` leaves `neighbour`, which just lost to it by `loss`, unprobed."""
+    @staticmethod
+    def _slower(winner: _Epoch, loser: _Epoch) -> float:
+        """How much longer the loser's steps took than the winner's (at least 1: a probe is never
+        counted cheaper than its epochs at the winner's pace)."""
+        if not (winner.steps and loser.steps and winner.seconds > 0):
+            return 1.0
+        return max(1.0, (loser.seconds / loser.steps) / (winner.seconds / winner.steps))
+
+    def _wait(self, load: _Load, level: int, neighbour: int, loss: float, slower: float) -> None:
+        """How long `level` leaves `neighbour`, which just lost to it by `loss` with steps
+        `slower` times as long, unprobed."""
         pair = (level, neighbour)
-        wait = max(2 * load.waits.get(pair, 1), math.ceil(self.PROBE_EPOCHS * loss / self.EXPLORE))
+        wait = max(2 * load.waits.get(pair, 1), math.ceil(self.PROBE_EPOCHS * loss * slower / self.EXPLORE))
         load.waits[pair] = min(wait, self.MAX_WAIT)
         load.due[pair] = load.epochs + load.waits[pair]
 

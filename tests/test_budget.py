@@ -97,15 +97,32 @@ def _epoch_steps(rows: int) -> int:
     return max(BudgetController.MIN_STEPS, math.ceil(BudgetController.MIN_ROWS / rows))
 
 
-@pytest.mark.parametrize("loss, wait_epochs", [(0.30, 2 * 0.30 / BudgetController.EXPLORE), (0.02, 2)])
+@pytest.mark.parametrize("loss, wait_epochs", [(0.12, math.ceil(2 * 0.12 / 0.88 / BudgetController.EXPLORE)),
+                                               (0.30, BudgetController.MAX_WAIT), (0.02, 3)])
 def test_a_neighbour_that_lost_by_more_is_left_alone_longer(loss, wait_epochs):
-    # 8 sessions: a 2-node tree yields no more tokens and costs `loss` of the tokens/s, so
-    # checking it again may cost about EXPLORE of the throughput
+    # 8 sessions: a 2-node tree yields no more tokens and its steps take 1 / (1 - loss) as long,
+    # so checking it again may cost about EXPLORE of the throughput: its epochs (counted in
+    # steps) take that much longer too
     step_s = lambda rows, b: 0.1 if b == 1 else 0.1 / (1 - loss)  # noqa: E731
     levels = _run(_controller(8), 400, 8, lambda b: 1.0, step_s)
     starts = _probe_starts(levels, 2)
     epochs_between = (starts[2] - starts[1]) / _epoch_steps(8)  # second epoch of one probe -> the next probe
     assert wait_epochs + 1 <= epochs_between <= wait_epochs + 3  # + the probe's last epoch and settling
+
+
+def test_a_probe_whose_steps_took_longer_waits_longer():
+    """Epochs count steps, so a losing level whose steps took 1.6x as long (a 2-node probe at 8
+    lock-step clients here: 65 against 40 ms) cost 1.6x the epochs' time: its wait grows by that."""
+    from edge_server.budget import _Epoch
+
+    waits = []
+    for loser_s in (0.32, 0.52):
+        ctl = _controller(8)
+        load = ctl._load()
+        ctl._wait(load, 1, 2, 0.10, ctl._slower(_Epoch(8, 0.32), _Epoch(8, loser_s)))
+        waits.append(load.waits[(1, 2)])
+    assert waits == [10, math.ceil(2 * 0.10 * 0.52 / 0.32 / BudgetController.EXPLORE)] == [10, 17]
+    assert BudgetController._slower(_Epoch(8, 0.52), _Epoch(8, 0.32)) == 1.0  # never cheaper
 
 
 def test_a_losing_smaller_tree_does_not_hold_back_a_larger_one():
