@@ -28,9 +28,9 @@ def test_drops_the_oldest_turns_down_to_half_the_room_and_keeps_the_opening(clie
     cut = next(k for k, d in enumerate(drops) if d)
     assert len(said[cut][1]) <= chat.limit // 2  # cut to half the room, not just to fit
     assert "Question 0" not in tok.decode(said[cut][1]) and "Be brief." in tok.decode(said[cut][1])
-    if drops[cut + 1] == drops[cut]:  # the turn after a cut sends the same opening
-        before, after = said[cut][1], said[cut + 1][1]
-        assert after[:len(before) - 8] == before[:len(before) - 8]
+    assert drops[cut + 1] == drops[cut]  # the turn after a cut fits: it sends the same opening
+    before, after = said[cut][1], said[cut + 1][1]
+    assert after[:len(before) - 8] == before[:len(before) - 8]  # all but the assistant header
 
 
 def test_a_message_alone_too_long_is_sent_as_it_is(client):
@@ -48,7 +48,8 @@ def small_context_server():
 
 
 def test_a_chat_longer_than_the_context_goes_on_with_the_latest_turns(small_context_server, served):
-    messages = [f"Tell me three facts about the number {n}, one line each, with a short reason." for n in (7, 12, 19, 23, 31, 42)]
+    messages = [f"Tell me three facts about the number {n}, one line each, with a short reason."
+                for n in (7, 12, 19, 23, 31, 42)]
     out = subprocess.run(
         [sys.executable, "-m", "device_client.cli", "--server", small_context_server.address, "--json", "--chat",
          "--drafter", "ngram", "--max-new-tokens", "48"],
