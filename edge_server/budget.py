@@ -82,9 +82,9 @@ measure, so the controller climbs it directly:
   wait, `slower` the loser's seconds a step over the winner's: epochs count steps, and a larger
   tree's steps, with the wait for lock-step devices' trees, take longer: 67 against 40 ms at 8
   clients on this CPU): a 2-node tree that lost 10% at 8 clients with steps 1.6x as long waits
-  16 epochs, a close call waits 2 and is measured again soon. Doubling alone spent a fifth of a short run's steps on such probes at
-  8-16 lock-step clients (each probe epoch 10-27% slower), which kept heads 7-10% under
-  server-only decoding. A smaller level that just lost to a larger one waits at least 3 epochs
+  16 epochs, a close call waits 2 and is measured again soon. Doubling alone spent a fifth of a
+  short run's steps on such probes at 8-16 lock-step clients (each probe epoch 10-27% slower),
+  which kept heads 7-10% under server-only decoding. A smaller level that just lost to a larger one waits at least 3 epochs
   (its loss is at least MARGIN's), so one noisy probe back does not undo a win at once.
 """
 from __future__ import annotations

@@ -53,8 +53,8 @@ def test_a_sampled_sweep_gives_every_method_the_same_tokens(server, tmp_path):
     compares, also for a prompt that another client sends at another N."""
     bench_load.main(["--server", server.address, "--clients", "1", "2", "--methods", "server-ar", "ngram",
                      "--max-new-tokens", "12", "--requests", "2", "--temperature", "0.9", "--seed", "5",
-                     "--warmup-tokens", "0",
-                     "--no-plot", "--out", str(tmp_path)])
+                     "--warmup-tokens", "0", "--no-plot", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["lossless"] == [] and [r["tokens"] for r in res["rows"]] == [24, 24, 48, 48]
-    assert "sampling: temperature 0.9, top-p 1, seed 5 + the prompt's CRC-32" in (tmp_path / "table.md").read_text()
+    notes = (tmp_path / "table.md").read_text()
+    assert "sampling: temperature 0.9, top-p 1, seed 5 + the prompt's CRC-32" in notes
