@@ -2,11 +2,14 @@
 
 Starts `edge-server` on a free loopback port with the embedded model, runs `device-client`
 once with the best drafter the server offers and once without speculation (the baseline),
-prints both answers and summaries, then stops the server.
+prints both answers and summaries; then samples one answer twice with the same seed, with
+speculation and by the server alone, and says whether the tokens are the same (they must be:
+edge_server/sampling.py); then stops the server.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +31,19 @@ def main() -> None:
             print(f"\n=== device-client --server {server.address} --drafter {drafter} ===", flush=True)
             subprocess.run([str(BIN / "device-client"), "--server", server.address, "--drafter", drafter,
                             "--max-new-tokens", str(args.max_new_tokens), args.prompt], check=True)
+        sampled = []
+        for mode in ("speculative", "server-ar"):
+            print(f"\n=== device-client --server {server.address} --temperature 0.8 --seed 7 --mode {mode} ===",
+                  flush=True)
+            out = subprocess.run([str(BIN / "device-client"), "--server", server.address, "--temperature", "0.8",
+                                  "--seed", "7", "--mode", mode, "--json", "--max-new-tokens", "64", args.prompt],
+                                 check=True, capture_output=True, text=True)
+            print(out.stderr.strip(), flush=True)  # the summary line
+            sampled.append(json.loads(out.stdout.strip().splitlines()[-1])["token_ids"])
+        print(f"\nsampled with seed 7: the same {len(sampled[0])} tokens with and without speculation: "
+              f"{'yes' if sampled[0] == sampled[1] else 'NO (a bug: please report it)'}")
+        if sampled[0] != sampled[1]:
+            sys.exit(1)
 
 
 if __name__ == "__main__":
