@@ -68,7 +68,7 @@ timeout 240 "$PY" scripts/bench_load.py --clients 1 8 --methods server-ar heads 
   --max-new-tokens 64 --no-pin --no-plot --out results/gpu_check || STATUS=1
 
 step "3/4 lossless tests, server on CUDA fp32"
-EDGESPEC_TEST_SERVER_ARGS="--device cuda --dtype float32" timeout 170 "$PY" -m pytest -q -x \
+EDGESPEC_TEST_SERVER_ARGS="--device cuda --dtype float32" timeout 240 "$PY" -m pytest -q -x \
   tests/test_lossless.py tests/test_batching.py || STATUS=1
 
 step "4/4 step cost on CUDA (bf16): fixed shapes, growing shapes, idle gaps between steps"
