@@ -36,7 +36,9 @@ COUNTER_HELP = dict(
                    "or its yield at the node prices): the server decoded its next round alone",
     prompt_cache_hits="sessions that took whole chunks of their prompt from the prompt cache (or from the "
                       "same chunks being fed for another session)",
-    prompt_tokens_from_cache="prompt tokens whose K/V were copied instead of computed (prompt cache)")
+    prompt_tokens_from_cache="prompt tokens whose K/V were copied instead of computed (prompt cache)",
+    sessions_resumed="sessions that resumed a generation whose stream broke (Start.resume_token_ids)",
+    resumed_tokens="tokens such sessions fed again after their prompts")
 _COUNTERS = (*COUNTER_HELP, "verify_ms", "device_wait_ms", "device_waits")
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _POWERS = tuple(float(1 << k) for k in range(12))  # 1 .. 2048

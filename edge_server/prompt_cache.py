@@ -53,8 +53,9 @@ class PromptCache:
 
     def keep(self, prompt: Sequence[int], slot: Slot, fed: int) -> None:
         """Keeps the whole chunks of `prompt` among its first `fed` positions, which `slot` holds
-        (the prompt is in: no later write touches them)."""
-        n = fed // self.chunk * self.chunk
+        (the prompt is in: no later write touches them; positions past it, a resumed
+        generation's tokens, are not the prompt's)."""
+        n = min(fed, len(prompt)) // self.chunk * self.chunk
         if n == 0 or n > self.budget_tokens:
             return
         prefix = np.asarray(prompt[:n], dtype=np.int64)

@@ -144,23 +144,22 @@ class Scheduler:
             self.budgets.add(session.id, session.speculative, session.tree_cap)
         self.metrics.session_open(session.id, "speculative" if session.speculative else "server-ar")
 
-    def queued_prefill_tokens(self, prompt: list[int] | None = None) -> int:
-        """Prompt tokens left to compute, with `prompt` as if it were queued next (see
+    def queued_prefill_tokens(self, session: Session | None = None) -> int:
+        """Prompt tokens left to compute, with `session`'s as if it were queued next (see
         _queued_prefill)."""
         with self._cv:
-            return self._queued_prefill(prompt)
+            return self._queued_prefill(session)
 
-    def _queued_prefill(self, prompt: list[int] | None = None) -> int:
-        """What the queued prompts leave to compute, oldest first: chunks the prompt cache holds,
-        or a prompt ahead has fed or will feed, are not counted, so many devices sending one
-        document are not refused for the copies they will not compute."""
-        queue = [(it.session.prompt_array, it.session.prefilled)
-                 for it in sorted((i for i in self._pending if i.prefill), key=lambda i: i.enqueued)]
+    def _queued_prefill(self, session: Session | None = None) -> int:
+        """What the queued prompts (and resumed tokens) leave to compute, oldest first: chunks the
+        prompt cache holds, or a prompt ahead has fed or will feed, are not counted, so many
+        devices sending one document are not refused for the copies they will not compute."""
+        queue = [it.session for it in sorted((i for i in self._pending if i.prefill), key=lambda i: i.enqueued)]
         ahead: list[tuple[np.ndarray, Slot | None, int]] = []
         total = 0
-        for ids, fed in queue + ([(np.asarray(prompt, dtype=np.int64), 0)] if prompt is not None else []):
-            total += len(ids) - self.prompts.held(ids, fed, ahead)
-            ahead.append((ids, None, fed))
+        for s in queue + ([session] if session is not None else []):
+            total += s.to_feed - self.prompts.held(s.prompt_array, s.prefilled, ahead)
+            ahead.append((s.prompt_array, None, s.prefilled))
         return total
 
     def release(self, session: Session) -> None:

@@ -262,15 +262,17 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         _require(bad_stop is None, grpc.StatusCode.INVALID_ARGUMENT,
                  f"stop token id {bad_stop} is out of range; ids must be < vocab size {vocab}")
         stops = set(start.stop_token_ids) | (set() if start.ignore_eos else set(self.eos_ids))
+        resumed = self._check_resumed(start, stops)
         session = Session(
             prompt_ids=ids,
             params=Sampling(sp.temperature, sp.top_p if sp.top_p > 0 else 1.0, sp.top_k, sp.seed),
             max_new_tokens=start.max_new_tokens, stop_ids=frozenset(stops),
             want_hidden=start.want_hidden_state, speculative=start.mode != pb.MODE_SERVER_AR,
             tree_cap=min(start.tree_budget or self.limits.max_tree_nodes, self.limits.max_tree_nodes),
+            generated=resumed, resumed=len(resumed),
         )
         queued = self.scheduler.queued_prefill_tokens()
-        if self.scheduler.queued_prefill_tokens(ids) > self.scheduler.config.max_queued_prefill_tokens and queued:
+        if self.scheduler.queued_prefill_tokens(session) > self.scheduler.config.max_queued_prefill_tokens and queued:
             self._busy(f"{queued} prompt tokens are waiting for prefill")
         capacity = min(len(ids) + start.max_new_tokens, max_ctx) + self.limits.max_tree_nodes
         try:
@@ -278,7 +280,32 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         except KVBudgetError as err:
             self._busy(str(err))
         self.sessions[session.id] = session
+        if resumed:
+            self.metrics.count("sessions_resumed")
+            self.metrics.count("resumed_tokens", len(resumed))
         return session
+
+    def _check_resumed(self, start: pb.Start, stops: set[int]) -> list[int]:
+        """The tokens a broken stream delivered, which this one resumes after: they must be
+        a generation that had not finished."""
+        resumed = list(start.resume_token_ids)
+        vocab, max_ctx = self.target.vocab_size, self.target.max_context
+        bad = next((t for t in resumed if t >= vocab), None)
+        _require(bad is None, grpc.StatusCode.INVALID_ARGUMENT,
+                 f"resume token id {bad} is out of range; ids must be < vocab size {vocab}")
+        _require(len(resumed) < start.max_new_tokens, grpc.StatusCode.OUT_OF_RANGE,
+                 f"resume_token_ids has {len(resumed)} tokens and max_new_tokens is {start.max_new_tokens}, "
+                 "so nothing is left to generate; max_new_tokens counts the resumed tokens: send the "
+                 "first stream's")
+        _require(len(start.prompt_token_ids) + len(resumed) < max_ctx, grpc.StatusCode.OUT_OF_RANGE,
+                 f"prompt and resumed tokens ({len(start.prompt_token_ids)} + {len(resumed)}) fill the "
+                 f"model's context ({max_ctx}): that generation had finished")
+        at = next((i for i, t in enumerate(resumed) if t in stops), None)
+        if at is not None:
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"resume_token_ids[{at}] = {resumed[at]} is a stop token, so that generation had "
+                             "finished there; resume only one that had not")
+        return resumed
 
     def _busy(self, why: str) -> None:
         """Backpressure: RESOURCE_EXHAUSTED with a retry hint from the current load."""

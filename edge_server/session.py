@@ -5,6 +5,11 @@ draw keyed by seed and position: edge_server.sampling), keeps the longest root p
 agrees with, commits only those positions to the KV cache, and appends the target's own choice
 after the last accepted node (the bonus token). Limits (stop tokens, max_new_tokens, context)
 are applied here, once.
+
+A session may resume a generation whose stream broke: `generated` then starts with the tokens
+the device already has (`resumed` of them), and they are fed after the prompt as one-token
+decoding steps, not as a prompt chunk, so their K/V are bitwise what the first stream's rounds
+computed and the first verdict's token is the one the first stream would have sent next.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ class Session:
     cache: DynamicCache | None = None
     committed: int = 0  # positions in the KV cache
     generated: list[int] = field(default_factory=list)
+    resumed: int = 0  # leading generated tokens from an earlier stream of this generation, fed with the prompt
     round: int = 0
     finish: int = pb.FINISH_NONE
     # batched path: a KV slot instead of a DynamicCache, the prompt fed in chunks
@@ -106,6 +112,8 @@ class Session:
 
     # ---- unbatched path: its own DynamicCache (reference for tests and tools) ----------
     def prefill(self, target: TargetModel) -> RoundResult:
+        if self.resumed:
+            raise ValueError("a resumed session is fed by the scheduler (Session.prefill_row)")
         started = time.perf_counter()
         self.cache = target.new_cache()
         out = target.prefill(self.cache, self.prompt_ids)
@@ -120,19 +128,30 @@ class Session:
                             target.max_context, started)
 
     # ---- batched path: rows of a ragged scheduler step over this session's KV slot -----
+    @property
+    def to_feed(self) -> int:
+        """Positions fed before the first verdict: the prompt, then the resumed tokens."""
+        return len(self.prompt_ids) + self.resumed
+
     def prefill_row(self, max_tokens: int) -> Row:
-        """The next prompt chunk (at most max_tokens); logits only after the prompt's last token."""
-        chunk = self.prompt_ids[self.prefilled:self.prefilled + max_tokens]
-        last = self.prefilled + len(chunk) == len(self.prompt_ids)
-        return Row(self.slot, self.prefilled, chunk, list(range(self.prefilled, self.prefilled + len(chunk))),
-                   None, [len(chunk) - 1] if last else [], self.params.greedy)
+        """The next prompt chunk, or past the prompt the next resumed tokens as a chain of
+        one-token queries (a tree's `visible`, which makes each a decoding step); at most
+        max_tokens, logits only after the last position to feed."""
+        prompt = len(self.prompt_ids)
+        end = min(self.prefilled + max_tokens, prompt if self.prefilled < prompt else self.to_feed)
+        chunk = self.context[self.prefilled:end]
+        chain = self.prefilled >= prompt and len(chunk) > 1
+        return Row(self.slot, self.prefilled, chunk, list(range(self.prefilled, end)),
+                   np.tril(np.ones((len(chunk), len(chunk)), dtype=bool)) if chain else None,
+                   [len(chunk) - 1] if end == self.to_feed else [], self.params.greedy)
 
     def after_prefill_row(self, row: Row, logits: torch.Tensor, hidden: torch.Tensor, max_context: int,
                           started: float) -> RoundResult | None:
-        """Advances the prefill; returns the first verdict's round once the prompt is in."""
+        """Advances the prefill; returns the first verdict's round once the prompt (and the
+        resumed tokens) are in."""
         self.prefilled += row.n
         self.committed = self.slot.length = self.prefilled
-        if self.prefilled < len(self.prompt_ids):
+        if self.prefilled < self.to_feed:
             return None
         return self._after_prompt(logits, hidden[-1], max_context, started)
 

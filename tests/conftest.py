@@ -58,6 +58,19 @@ def loaded():
     return load_model("default", torch.float32, "cpu")
 
 
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def target(request, loaded):
+    """The target model in fp32 and in bf16, for in-process scheduler tests of exactness."""
+    import torch
+
+    from edge_server.model_store import load_model
+    from edge_server.verifier import TargetModel
+
+    dtype = getattr(torch, request.param)
+    model = loaded.model if dtype == torch.float32 else load_model("default", dtype, "cpu").model
+    return TargetModel(model, max_context=8192)
+
+
 class Served:
     """The target's own greedy continuation as the test server computes it.
 

@@ -6,19 +6,16 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from device_client.drafters.none import NoDrafter
 from device_client.session import Request, generate
 from edge_server.kv_cache import KVBudgetError, KVPool
-from edge_server.model_store import load_model
 from edge_server.prompt_cache import PromptCache
 from edge_server.sampling import Sampling
 from edge_server.scheduler import Scheduler, SchedulerConfig
 from edge_server.session import Session
-from edge_server.verifier import TargetModel
 from shared.protocol import pb
 from shared.tree import TokenTree
 
@@ -116,13 +113,6 @@ def test_admission_drops_kept_prompts_before_it_refuses_a_session():
             sched.admit(Session([1, 2], Sampling(), 4, frozenset(), False), 40)
     finally:
         sched.stop()
-
-
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def target(request, loaded):
-    dtype = getattr(torch, request.param)
-    model = loaded.model if dtype == torch.float32 else load_model("default", dtype, "cpu").model
-    return TargetModel(model, max_context=8192)
 
 
 def _run(target, prompts, cache_mb, steps=6, together=False):
@@ -248,21 +238,25 @@ def test_a_chat_resends_its_history_and_the_server_feeds_it_from_the_cache(serve
 
 def test_queued_prefill_counts_only_what_is_left_to_compute():
     """Backpressure counts the prompt tokens the server will compute: not those the cache holds,
-    nor the chunks a prompt queued ahead will feed for the ones after it."""
+    nor the chunks a prompt queued ahead will feed for the ones after it; a resumed generation's
+    tokens count too."""
     from types import SimpleNamespace
+
+    def session(ids, resumed=()):
+        return Session(ids, Sampling(), 8, frozenset(), False, generated=list(resumed), resumed=len(resumed))
 
     pool = _pool(budget=200)
     sched = Scheduler(None, pool, SchedulerConfig(prefill_chunk=CHUNK, prompt_cache_mb=1), max_tree_nodes=8)
     try:
         doc, other = list(range(40)), list(range(100, 130))
         _keep(sched.prompts, doc + [1], 41)  # 40 positions kept
-        assert sched.queued_prefill_tokens(doc + [7, 7]) == 2
-        sched._pending = [SimpleNamespace(session=SimpleNamespace(prompt_array=np.asarray(other + [k]), prefilled=0),
-                                          prefill=True, enqueued=float(k))
+        assert sched.queued_prefill_tokens(session(doc + [7, 7])) == 2
+        assert sched.queued_prefill_tokens(session(doc + [7, 7], resumed=[5, 6, 7])) == 5
+        sched._pending = [SimpleNamespace(session=session(other + [k]), prefill=True, enqueued=float(k))
                           for k in (1, 2)]  # stand-ins: no model thread runs them
         assert sched.queued_prefill_tokens() == 31 + 3  # the second shares 28 positions with the first
-        assert sched.queued_prefill_tokens(doc + [7, 7]) == 34 + 2
-        assert sched.queued_prefill_tokens(other + [3]) == 34 + 3
+        assert sched.queued_prefill_tokens(session(doc + [7, 7])) == 34 + 2
+        assert sched.queued_prefill_tokens(session(other + [3])) == 34 + 3
     finally:
         sched._pending = []
         sched.stop()
