@@ -18,6 +18,19 @@ from device_client.text import DeviceTokenizer, TextStream
 from shared.protocol import pb, rpc
 
 DRAFTERS = ("auto", "none", "ngram", "heads")
+# The unary calls (server info, artifacts) are retried by gRPC itself when the server cannot be
+# reached for a moment; a broken Generate stream is resumed by device_client.session.generate.
+# A lost connection is re-dialled within 0.2-2 s, not gRPC's default of up to 120 s.
+CHANNEL_OPTIONS = [
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps({"methodConfig": [{
+        "name": [{"service": "edgespec.v1.EdgeSpec", "method": m} for m in ("GetServerInfo", "FetchArtifact")],
+        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]}}]})),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="tokenize the prompt as is, no chat template")
     p.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens regardless of EOS")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole generation")
+    p.add_argument("--reconnect-s", type=float, default=30.0,
+                   help="when the connection breaks mid-answer, keep trying this many seconds to resume it "
+                        "where it stopped (the same tokens as without the break); 0: fail at once")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with text and stats after the answer (after each, with --chat)")
     args = p.parse_args(argv)
@@ -75,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--top-k must be >= 0")
     if not args.timeout > 0:  # also nan
         p.error("--timeout must be a number of seconds above 0")
+    if not args.reconnect_s >= 0:
+        p.error("--reconnect-s must be a number of seconds >= 0")
     if args.seed is None:
         args.seed = secrets.randbits(63)
     elif not 0 <= args.seed < 2**64:
@@ -129,7 +147,7 @@ def user_messages(args: argparse.Namespace) -> Iterator[str]:
 
 def run(args: argparse.Namespace) -> Iterator[dict]:
     """Streams each answer to stdout and yields its record's summary (one, or one a turn)."""
-    with grpc.insecure_channel(args.server) as channel:
+    with grpc.insecure_channel(args.server, options=CHANNEL_OPTIONS) as channel:
         stub = rpc.EdgeSpecStub(channel)
         info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
         tokenizer = load_tokenizer(stub, info)
@@ -153,7 +171,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
                               args.seed, min(args.tree_budget, info.max_tree_nodes),
                               mode=args.mode, ignore_eos=args.ignore_eos, max_context=info.max_context)
             record = generate(stub, request, drafter, info.tokenizer_fingerprint, on_tokens=show,
-                              timeout=args.timeout)
+                              timeout=args.timeout, reconnect_s=args.reconnect_s)
             record.text = tokenizer.decode(record.token_ids)
             chat.add(message, record.text)
             sys.stdout.write("\n")

@@ -10,6 +10,7 @@ Server-ar: the server decodes alone.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -111,81 +112,138 @@ class _Downlink:
                 return got
 
 
+RESUMABLE = grpc.StatusCode.UNAVAILABLE  # the connection broke or the server went away: try again
+
+
 def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokenizer_fingerprint: str,
              on_tokens: Callable[[list[int]], None] | None = None,
-             timeout: float | None = None) -> GenerationRecord:
-    """Runs one generation; on_tokens sees each verdict's new tokens as they arrive."""
+             timeout: float | None = None, reconnect_s: float = 0.0) -> GenerationRecord:
+    """Runs one generation; on_tokens sees each verdict's new tokens as they arrive.
+
+    A stream that breaks (UNAVAILABLE: a dropped connection, a restarted server) is resumed for
+    up to `reconnect_s` seconds after the break: a new stream sends the tokens received so far
+    (Start.resume_token_ids) and the server goes on exactly where the first left off, so a
+    flaky link costs time, never tokens (none lost, none repeated, the same ones)."""
     if request.mode not in MODES:
         raise ValueError(f"mode {request.mode!r} is not one of {', '.join(MODES)}")
-    rec = GenerationRecord(prompt_token_ids=list(request.prompt_ids),
-                           drafter=drafter.name if request.drafts else "server-ar", mode=request.mode)
-    up = _Uplink()
-    start = pb.Start(
-        prompt_token_ids=request.prompt_ids,
-        sampling=pb.SamplingParams(temperature=request.temperature, top_p=request.top_p,
-                                   top_k=request.top_k, seed=request.seed),
-        max_new_tokens=request.max_new_tokens, stop_token_ids=request.stop_token_ids,
-        tokenizer_fingerprint=tokenizer_fingerprint, ignore_eos=request.ignore_eos,
-        mode=MODES[request.mode], want_hidden_state=drafter.needs_hidden_state and request.drafts,
-        tree_budget=request.tree_budget if request.drafts else 0,
-    )
-    t0 = time.perf_counter()
-    up.send(pb.ClientMessage(start=start))
-    responses = stub.Generate(iter(up), timeout=timeout)
-    try:
-        down = _Downlink(responses)
-        (arrived, first), *rest = down.take()
-        rec.bytes_down += _wire(first)
-        rec.ttft_ms = (arrived - t0) * 1e3
-        rec.cached_prompt_tokens = first.started.cached_prompt_tokens
-        last = arrived
+    run = _Generation(stub, request, drafter, tokenizer_fingerprint, on_tokens)
+    deadline = None if timeout is None else run.t0 + timeout
+    broke, pause = None, 0.0  # when the stream broke (after its last progress) and the next wait
+    while True:
+        streams = run.started
+        try:
+            run.stream(None if deadline is None else max(0.0, deadline - time.perf_counter()))
+            break
+        except grpc.RpcError as err:
+            now = time.perf_counter()
+            if broke is None or run.started > streams:  # a new break, not another failed attempt
+                broke, pause = now, 0.0
+            left = min(broke + reconnect_s, deadline or math.inf) - now
+            if err.code() != RESUMABLE or left <= 0:
+                raise
+            time.sleep(min(pause, left))  # the last try comes when the time is up
+            pause = min(2.0, max(0.1, 2 * pause))
+    run.rec.total_ms = (time.perf_counter() - run.t0) * 1e3
+    return run.rec
 
-        def unpack(arrivals) -> list[pb.Verdict]:
-            """Counts rounds, bytes and inter-token latency of verdicts as they arrived."""
-            nonlocal last
-            out = []
-            for arrived, msg in arrivals:
-                rec.bytes_down += _wire(msg)
-                out.append(msg.verdict)
-                rec.rounds += 1
-                rec.accepted_per_round.append(len(msg.verdict.tokens))
-                if msg.verdict.tokens:
-                    n = len(msg.verdict.tokens)
-                    rec.itl_ms.extend([(arrived - last) * 1e3 / n] * n)
-                last = arrived
-            return out
 
-        verdicts = [first.started.first, *unpack(rest)]
-        while True:
-            for verdict in verdicts:
-                rec.token_ids.extend(verdict.tokens)
-                rec.server_compute_ms += verdict.timings.compute_ms if verdict.round else 0.0
-                rec.server_queue_ms += verdict.timings.queue_ms
-                if on_tokens and verdict.tokens:
-                    on_tokens(list(verdict.tokens))
-            verdict = verdicts[-1]
-            if verdict.finish_reason != pb.FINISH_NONE:
-                rec.finish_reason = FINISH_NAMES[verdict.finish_reason]
-                break
-            budget = min(request.tree_budget, verdict.next_tree_budget)
-            # at budget 1 the server decodes the next round alone, in every mode: no draft is due
-            if request.drafts and budget > 1:
-                d0 = time.perf_counter()
-                hidden = (np.frombuffer(verdict.hidden_state, dtype=np.float16).astype(np.float32)
-                          if verdict.hidden_state else None)
-                context = rec.prompt_token_ids + rec.token_ids
-                tree = drafter.propose(context, hidden, budget, verdict.node_prices)
-                if request.max_context:  # the deepest node must sit inside the server's context
-                    tree = within_depth(tree, request.max_context - len(context))
-                tokens, parents = tree.to_wire()
-                rec.draft_ms += (time.perf_counter() - d0) * 1e3
-                rec.tree_sizes.append(len(tree))
-                up.send(pb.ClientMessage(draft=pb.Draft(round=verdict.round + 1, tokens=tokens, parents=parents)))
-            verdicts = unpack(down.take())
-    finally:
-        up.close()
-        if isinstance(responses, grpc.Future):
-            responses.cancel()
-    rec.total_ms = (time.perf_counter() - t0) * 1e3
-    rec.bytes_up = up.bytes
-    return rec
+class _Generation:
+    """The state one generation keeps across its streams: the record, and when the last
+    tokens arrived (inter-token latency spans a reconnect)."""
+
+    def __init__(self, stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokenizer_fingerprint: str,
+                 on_tokens: Callable[[list[int]], None] | None):
+        self.stub, self.request, self.drafter, self.on_tokens = stub, request, drafter, on_tokens
+        self.fingerprint = tokenizer_fingerprint
+        self.rec = GenerationRecord(prompt_token_ids=list(request.prompt_ids),
+                                    drafter=drafter.name if request.drafts else "server-ar", mode=request.mode)
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+        self.started = 0  # streams that got their Started
+
+    def _start(self) -> pb.Start:
+        request = self.request
+        return pb.Start(
+            prompt_token_ids=request.prompt_ids,
+            sampling=pb.SamplingParams(temperature=request.temperature, top_p=request.top_p,
+                                       top_k=request.top_k, seed=request.seed),
+            max_new_tokens=request.max_new_tokens, stop_token_ids=request.stop_token_ids,
+            tokenizer_fingerprint=self.fingerprint, ignore_eos=request.ignore_eos,
+            mode=MODES[request.mode], want_hidden_state=self.drafter.needs_hidden_state and request.drafts,
+            tree_budget=request.tree_budget if request.drafts else 0,
+            resume_token_ids=self.rec.token_ids,
+        )
+
+    def _unpack(self, arrivals) -> list[pb.Verdict]:
+        """Counts rounds, bytes and inter-token latency of verdicts as they arrived."""
+        rec, out = self.rec, []
+        for arrived, msg in arrivals:
+            rec.bytes_down += _wire(msg)
+            out.append(msg.verdict)
+            rec.rounds += 1
+            rec.accepted_per_round.append(len(msg.verdict.tokens))
+            self._arrived(arrived, len(msg.verdict.tokens))
+        return out
+
+    def _arrived(self, arrived: float, n: int) -> None:
+        """Inter-token latency: n tokens share the time since the previous ones came."""
+        if n:
+            self.rec.itl_ms.extend([(arrived - self.last) * 1e3 / n] * n)
+        self.last = arrived
+
+    def stream(self, timeout: float | None) -> None:
+        """One Generate stream, until the generation finishes (or the stream fails)."""
+        rec, request = self.rec, self.request
+        up = _Uplink()
+        sent = time.perf_counter()
+        up.send(pb.ClientMessage(start=self._start()))
+        responses = self.stub.Generate(iter(up), timeout=timeout)
+        try:
+            down = _Downlink(responses)
+            (arrived, first), *rest = down.take()
+            rec.bytes_down += _wire(first)
+            if not self.started:
+                rec.ttft_ms = (arrived - sent) * 1e3
+                rec.cached_prompt_tokens = first.started.cached_prompt_tokens
+                self.last = arrived
+            else:  # the tokens after a break: their latency spans it
+                rec.reconnects += 1
+                self._arrived(arrived, len(first.started.first.tokens))
+            self.started += 1
+            verdicts = [first.started.first, *self._unpack(rest)]
+            while True:
+                for verdict in verdicts:
+                    rec.token_ids.extend(verdict.tokens)
+                    rec.server_compute_ms += verdict.timings.compute_ms if verdict.round else 0.0
+                    rec.server_queue_ms += verdict.timings.queue_ms
+                    if self.on_tokens and verdict.tokens:
+                        self.on_tokens(list(verdict.tokens))
+                verdict = verdicts[-1]
+                if verdict.finish_reason != pb.FINISH_NONE:
+                    rec.finish_reason = FINISH_NAMES[verdict.finish_reason]
+                    return
+                budget = min(request.tree_budget, verdict.next_tree_budget)
+                # at budget 1 the server decodes the next round alone, in every mode: no draft is due
+                if request.drafts and budget > 1:
+                    up.send(pb.ClientMessage(draft=self._draft(verdict, budget)))
+                verdicts = self._unpack(down.take())
+        finally:
+            up.close()
+            rec.bytes_up += up.bytes
+            if isinstance(responses, grpc.Future):
+                responses.cancel()
+
+    def _draft(self, verdict: pb.Verdict, budget: int) -> pb.Draft:
+        """The tree for the round after `verdict`, built on its hidden state."""
+        rec, request = self.rec, self.request
+        d0 = time.perf_counter()
+        hidden = (np.frombuffer(verdict.hidden_state, dtype=np.float16).astype(np.float32)
+                  if verdict.hidden_state else None)
+        context = rec.prompt_token_ids + rec.token_ids
+        tree = self.drafter.propose(context, hidden, budget, verdict.node_prices)
+        if request.max_context:  # the deepest node must sit inside the server's context
+            tree = within_depth(tree, request.max_context - len(context))
+        tokens, parents = tree.to_wire()
+        rec.draft_ms += (time.perf_counter() - d0) * 1e3
+        rec.tree_sizes.append(len(tree))
+        return pb.Draft(round=verdict.round + 1, tokens=tokens, parents=parents)

@@ -20,6 +20,10 @@ the other socket:
    ``release = max(previous release, tx_done + delay + U(-jitter, +jitter))``. The ``max``
    keeps byte order (TCP never reorders a stream), unlike packet-level netem reordering.
 
+*Drops* (off in every profile; ``--drop-every-s``): every ``drop_every_s`` seconds every open
+connection is reset both ways, as when a device's network changes under it (Wi-Fi to cellular, a
+new address); new connections go through at once.
+
 Timing: release times are waited for with a helper-thread timer (~0.1 ms precision, see
 :class:`_PreciseTimer`) because asyncio's own timers run 0.1-2 ms late on epoll. Rates
 count TCP payload bytes (kernel shapers count headers too, ~4 % more).
@@ -72,6 +76,7 @@ Usage::
     netem.py --list-profiles [--json]
     netem.py --profile 4g --listen 127.0.0.1:50052 --upstream 127.0.0.1:50051
     netem.py --profile 4g --self-test
+    netem.py --profile wifi --drop-every-s 5 --listen 127.0.0.1:50052 --upstream 127.0.0.1:50051
 
 Importable (scripts/ is not a package; load by file path)::
 
@@ -127,6 +132,7 @@ class Profile:
     burst_bytes: int | None = None  # token-bucket depth; None = max(16 KiB, 10 ms of rate)
     stall_every_s: float = 0.0  # 0 = no scheduled stalls
     stall_ms: float = 0.0
+    drop_every_s: float = 0.0  # 0 = never; else every open connection is reset this often
     description: str = ""
     source: str = ""
 
@@ -147,6 +153,8 @@ class Profile:
         if self.stall_every_s or self.stall_ms:
             if not (self.stall_every_s > 0 and 0 < self.stall_ms < self.stall_every_s * 1000):
                 errors.append("stalls need stall_every_s > 0 and 0 < stall_ms < stall period")
+        if not self.drop_every_s >= 0:
+            errors.append("drop_every_s must be >= 0 (0 = no drops)")
         if errors:
             raise ValueError(f"invalid profile {self.name!r}: " + "; ".join(errors))
 
@@ -432,8 +440,9 @@ class LinkProxy:
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._epoch = 0.0
+        self._dropper: asyncio.Task[None] | None = None
         self.stats = {"connections": 0, "active": 0, "bytes_up": 0, "bytes_down": 0,
-                      "upstream_failures": 0}
+                      "upstream_failures": 0, "dropped": 0}
 
     @property
     def address(self) -> Address:
@@ -450,9 +459,21 @@ class LinkProxy:
         self._epoch = asyncio.get_running_loop().time()
         self._server = await asyncio.start_server(
             self._on_client, self.listen[0], self.listen[1], backlog=1024, reuse_address=True)
+        if self.profile.drop_every_s:
+            self._dropper = asyncio.ensure_future(self._drop_periodically())
+
+    async def _drop_periodically(self) -> None:
+        """Resets every open connection each ``drop_every_s`` (see the module docstring)."""
+        for k in itertools.count(1):
+            await _TIMER.sleep_until(self._epoch + k * self.profile.drop_every_s)
+            for task in list(self._conns):
+                task.cancel()  # _relay aborts both sockets: each peer sees a reset
+                self.stats["dropped"] += 1
 
     async def close(self) -> None:
         """Stop listening and tear down every proxied connection."""
+        if self._dropper is not None:
+            self._dropper.cancel()
         if self._server is not None:
             self._server.close()
         for task in list(self._conns):
@@ -483,7 +504,7 @@ class LinkProxy:
                 return
             await self._relay(c_reader, c_writer, u_reader, u_writer)
         except asyncio.CancelledError:
-            # Only close() cancels us. Finish normally: on 3.11 the stream callback calls
+            # Only close() and drops cancel us. Finish normally: on 3.11 the stream callback calls
             # task.exception() on a cancelled handler task and logs a spurious traceback.
             pass
         finally:
@@ -753,6 +774,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure RTT/throughput through the proxy; exit 1 if off by >10%%")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     ap.add_argument("--seed", type=int, default=None, help="jitter RNG seed")
+    ap.add_argument("--drop-every-s", type=float, default=0.0,
+                    help="also reset every open connection this often (the profile is renamed "
+                         "PROFILE-dropSs); 0 = never")
     args = ap.parse_args(argv)
     if args.list_profiles:
         if args.json:
@@ -767,6 +791,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.profile:
         ap.error("--profile is required")
     try:
+        if args.drop_every_s:
+            base = get_profile(args.profile)
+            args.profile = dataclasses.replace(base, name=f"{base.name}-drop{args.drop_every_s:g}s",
+                                               drop_every_s=args.drop_every_s)
         if args.self_test:
             result = asyncio.run(self_test(args.profile, seed=1 if args.seed is None else args.seed))
             print(_summary_line(result))

@@ -34,6 +34,7 @@ class GenerationRecord:
     draft_ms: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
+    reconnects: int = 0  # streams that resumed the generation after the one before broke
 
     def summary(self) -> dict:
         """The record with derived statistics, as printed by --json."""
@@ -66,4 +67,5 @@ class GenerationRecord:
                 f"(τ={s['mean_accepted']:.2f} tokens/round), {s['tokens_per_s']:.1f} tok/s, "
                 f"TTFT {self.ttft_ms:.0f} ms{self._cached()}, ITL p50/p95 {s['itl_ms_p50']:.1f}/{s['itl_ms_p95']:.1f} ms, "
                 f"server {s['server_ms_per_round']:.1f} ms/round, "
-                f"{self.bytes_up} B up / {self.bytes_down} B down, finish={self.finish_reason}")
+                f"{self.bytes_up} B up / {self.bytes_down} B down, finish={self.finish_reason}"
+                + (f", resumed after {self.reconnects} broken stream(s)" if self.reconnects else ""))

@@ -12,6 +12,8 @@ from device_client.cli import parse_args
     ("--top-p", "2", "--top-p must be in [0, 1]"),
     ("--top-k", "-3", "--top-k must be >= 0"), ("--timeout", "0", "--timeout must be a number of seconds above 0"),
     ("--timeout", "nan", "--timeout must be a number of seconds above 0"),
+    ("--reconnect-s", "-1", "--reconnect-s must be a number of seconds >= 0"),
+    ("--reconnect-s", "nan", "--reconnect-s must be a number of seconds >= 0"),
 ])
 def test_a_flag_out_of_range_is_refused_with_what_it_must_be(flag, value, says, capsys):
     with pytest.raises(SystemExit):

@@ -136,7 +136,7 @@ def test_profile_table_is_valid() -> None:
 
 @pytest.mark.parametrize("bad", [
     dict(delay_ms=-1), dict(mbit=0), dict(jitter_ms=-2),
-    dict(stall_every_s=1, stall_ms=1000), dict(stall_ms=10), dict(burst_bytes=10),
+    dict(stall_every_s=1, stall_ms=1000), dict(stall_ms=10), dict(burst_bytes=10), dict(drop_every_s=-1),
 ])
 def test_profile_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(ValueError):
@@ -335,6 +335,40 @@ def test_scheduled_stall_blocks_traffic() -> None:
     rtts = arun(main())
     assert statistics.median(rtts) < 10
     assert 100 <= max(rtts) <= 200, max(rtts)
+
+
+def test_drops_reset_open_connections_and_let_new_ones_through() -> None:
+    async def main() -> tuple[float, list[float], dict]:
+        async with proxied(profile(1, drop_every_s=0.3), echo) as proxy:
+            r, w = await asyncio.open_connection(*proxy.address)
+            t0 = time.monotonic()
+            with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+                while time.monotonic() - t0 < 2:
+                    await ping_rtts(r, w, 1)
+            reset_after = time.monotonic() - t0
+            w.close()
+            r, w = await asyncio.open_connection(*proxy.address)
+            rtts = await ping_rtts(r, w, 3)
+            w.close()
+            return reset_after, rtts, dict(proxy.stats)
+
+    reset_after, rtts, stats = arun(main())
+    assert reset_after < 0.6 and stats["dropped"] >= 1
+    assert statistics.median(rtts) < 10
+
+
+def test_cli_drop_every_s_renames_the_profile() -> None:
+    proc = subprocess.run([sys.executable, str(NETEM_PY), "--profile", "lan", "--drop-every-s", "-2",
+                           "--upstream", "127.0.0.1:1"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "drop_every_s must be >= 0" in proc.stderr
+    proc = subprocess.Popen([sys.executable, str(NETEM_PY), "--profile", "lan", "--drop-every-s", "2.5",
+                             "--upstream", "127.0.0.1:1", "--json"], stdout=subprocess.PIPE, text=True)
+    try:
+        listening = json.loads(proc.stdout.readline())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert listening["profile"]["name"] == "lan-drop2.5s" and listening["profile"]["drop_every_s"] == 2.5
 
 
 # --------------------------------------------------------------------------- closing
