@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 from pydoc_data.topics import topics
 
-from device_client.cli import load_tokenizer, make_drafter
+from device_client.cli import CHANNEL_OPTIONS, load_tokenizer, make_drafter
 from device_client.session import Request, generate
 from shared.metrics import GenerationRecord
 from shared.protocol import pb, rpc
@@ -122,6 +122,7 @@ class MethodRun:
             "server_ms_per_token": sum(r.server_compute_ms for r in recs) / tokens,
             "draft_ms_per_round": sum(r.draft_ms for r in recs) / rounds if rounds else 0.0,
             "steady_tokens_per_s": self.steady_tokens_per_s(),
+            "reconnects": sum(r.reconnects for r in recs),
         }
 
     def steady_tokens_per_s(self) -> float:
@@ -144,11 +145,12 @@ class MethodRun:
 
 def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tokens: int | list[list[int]],
                 tree_budget: int, ignore_eos: bool = False, timeout: float = 900.0,
-                sampling: ClientSampling | None = None) -> MethodRun:
+                sampling: ClientSampling | None = None, reconnect_s: float = 0.0) -> MethodRun:
     """One device client per entry of `prompts`, each in its own process with its own channel
     and drafter, all starting together once every client has connected and loaded its
     drafter; each runs its prompts in order. `max_new_tokens`: one length for every request,
-    or one per prompt (same shape).
+    or one per prompt (same shape). `reconnect_s`: how long a client resumes a broken stream
+    (0: a break fails the run).
 
     Processes, not threads: devices draft on their own hardware, in parallel; as threads of
     one process the clients' drafting and gRPC work also queued behind one GIL. They still
@@ -160,7 +162,7 @@ def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tok
     go, results = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_client, name=f"device-client-{i}",
                          args=(i, address, method, ps, ls, tree_budget, ignore_eos, timeout,
-                               sampling or ClientSampling(), go, results))
+                               sampling or ClientSampling(), reconnect_s, go, results))
              for i, (ps, ls) in enumerate(zip(prompts, lengths, strict=True))]
     for proc in procs:
         proc.start()
@@ -207,14 +209,14 @@ def _receive(results, procs: list, pending: set[int]) -> tuple:
 
 
 def _client(index: int, address: str, method: str, prompts: list[str], lengths: list[int], tree_budget: int,
-            ignore_eos: bool, timeout: float, sampling: ClientSampling, go, results) -> None:
+            ignore_eos: bool, timeout: float, sampling: ClientSampling, reconnect_s: float, go, results) -> None:
     """One device client process of run_clients. Sends ("ready", index) once set up, waits for
     `go`, then ("done", index, records, start times, error text or None). perf_counter is the
     system's monotonic clock, so start times compare across processes."""
     recs: list[GenerationRecord] = []
     sent: list[float] = []
     try:
-        with grpc.insecure_channel(address) as channel:
+        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             stub = rpc.EdgeSpecStub(channel)
             info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
             tokenizer = load_tokenizer(stub, info)
@@ -229,7 +231,8 @@ def _client(index: int, address: str, method: str, prompts: list[str], lengths: 
             go.wait()
             for request in requests:
                 sent.append(time.perf_counter())
-                recs.append(generate(stub, request, drafter, info.tokenizer_fingerprint, timeout=timeout))
+                recs.append(generate(stub, request, drafter, info.tokenizer_fingerprint, timeout=timeout,
+                                     reconnect_s=reconnect_s))
     except BaseException as err:  # reported by the parent, with the method named
         results.put(("done", index, recs, sent, f"client {index}: {err!r}\n{traceback.format_exc()}"))
         return

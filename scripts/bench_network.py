@@ -4,15 +4,20 @@ For every emulated link (scripts/netem.py profiles) it runs the same prompts wit
 autoregressive streaming and with device-edge speculation (none, ngram, heads), at 1 and 4
 concurrent clients, and records TTFT, ITL p50/p95, tokens/s, τ, rounds per token, bytes per
 token and server busy ms per token. Every run gets a fresh server (warmed by a few tokens), so
-the tree budgets its controller learns belong to that link and method. Writes
+the tree budgets its controller learns belong to that link and method. With
+--drop-every-s, each link also runs as one whose connections break that often (scripts/netem.py
+drops; the profile is named LINK-dropSs): the clients resume every broken stream, the table counts
+the breaks ("resumed") and the lossless check covers the resumed answers too. Writes
 results/<date>/network/{results.json, table.md, tokens_per_s_vs_rtt.png, bytes_per_token.png}.
 
     .venv/bin/python scripts/bench_network.py                        # the default sweep
     .venv/bin/python scripts/bench_network.py --profiles lan 4g --clients 1 --prompts 2
+    .venv/bin/python scripts/bench_network.py --profiles lan 4g --drop-every-s 0 1 --max-new-tokens 256
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import platform
 import sys
@@ -32,7 +37,8 @@ COLUMNS = [("profile", "link", ""), ("rtt_ms", "RTT ms", ".0f"), ("method", "met
            ("vs_none", "× none", ".2f"), ("tau", "τ", ".2f"), ("ttft_ms_p50", "TTFT ms", ".0f"),
            ("itl_ms_p50", "ITL p50", ".1f"), ("itl_ms_p95", "ITL p95", ".1f"),
            ("rounds_per_token", "rounds/tok", ".2f"), ("bytes_up_per_token", "B up/tok", ".0f"),
-           ("bytes_down_per_token", "B down/tok", ".0f"), ("server_ms_per_token", "server ms/tok", ".1f")]
+           ("bytes_down_per_token", "B down/tok", ".0f"), ("server_ms_per_token", "server ms/tok", ".1f"),
+           ("reconnects", "resumed", "d")]
 
 
 def load_netem():
@@ -41,6 +47,13 @@ def load_netem():
     sys.modules["netem"] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def dropping(profile, every_s: float):
+    """The link, or the same link with its connections reset every `every_s` seconds."""
+    if not every_s:
+        return profile
+    return dataclasses.replace(profile, name=f"{profile.name}-drop{every_s:g}s", drop_every_s=every_s)
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -59,10 +72,11 @@ def plot(rows: list[dict], out: Path) -> None:
 
     for clients in sorted({r["clients"] for r in rows}):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method in dict.fromkeys(r["method"] for r in rows):
+        for method, drop in dict.fromkeys((r["method"], r["drop_every_s"]) for r in rows):
             pts = sorted((r["rtt_ms"], r["tokens_per_s"]) for r in rows
-                         if r["method"] == method and r["clients"] == clients)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                         if (r["method"], r["drop_every_s"], r["clients"]) == (method, drop, clients))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if drop else "-",
+                    label=f"{method}, drops every {drop:g} s" if drop else method)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel("link RTT (ms, emulated)")
         ax.set_ylabel("tokens/s (all clients)")
@@ -97,6 +111,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4, help="how many of the fixed prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--tree-budget", type=int, default=32)
+    p.add_argument("--drop-every-s", nargs="+", type=float, default=[0.0],
+                   help="run each link with its connections reset this often (0 = never, as the profile)")
     p.add_argument("--server-args", default="--threads 1",
                    help="extra edge-server flags (default one torch thread: clients share this 2-core box)")
     p.add_argument("--no-pin", action="store_true",
@@ -105,10 +121,11 @@ def main() -> None:
     prompts = PROMPTS[: args.prompts]
     out = results_dir("network")
     rows, runs = [], []
-    combos = [(pr, m, c) for pr in args.profiles for c in args.clients for m in args.methods]
+    links = [dropping(netem.get_profile(name), every) for name in args.profiles for every in args.drop_every_s]
+    combos = [(link, m, c) for link in links for c in args.clients for m in args.methods]
     server_args, pinning = split_cores(args.server_args.split(), pin=not args.no_pin)
-    for profile_name, method, clients in tqdm(combos, desc="sweep", unit="run"):
-        profile = netem.get_profile(profile_name)
+    for profile, method, clients in tqdm(combos, desc="sweep", unit="run"):
+        profile_name = profile.name
         # a fresh server per run: the budgets it learns belong to this link and method only
         with ServerProcess(["--log-level", "WARNING", *server_args]) as server:
             host, port = server.address.rsplit(":", 1)
@@ -116,12 +133,13 @@ def main() -> None:
                 run_clients(server.address, method, [prompts[:1]], 8, args.tree_budget)  # first forwards are slow
                 with netem.run_proxy_in_thread(profile, upstream=(host, int(port)), seed=0) as (phost, pport):
                     run = run_clients(f"{phost}:{pport}", method, [prompts[i::clients] for i in range(clients)],
-                                      args.max_new_tokens, args.tree_budget)
+                                      args.max_new_tokens, args.tree_budget, reconnect_s=60 if profile.drop_every_s else 0)
             except (RuntimeError, SystemExit) as err:
                 tqdm.write(f"skipping {method} on {profile_name}: {err}")
                 continue
             runs.append(run)
-            row = {"profile": profile_name, "rtt_ms": profile.rtt_ms, "emulator": netem.EMULATOR, **run.row()}
+            row = {"profile": profile_name, "rtt_ms": profile.rtt_ms, "drop_every_s": profile.drop_every_s,
+                   "emulator": netem.EMULATOR, **run.row()}
             rows.append(row)
             tqdm.write(f"{profile_name:>10} {method:>9} x{clients}: {row['tokens_per_s']:.1f} tok/s, "
                        f"τ={row['tau']:.2f}, ITL p50 {row['itl_ms_p50']:.1f} ms")
