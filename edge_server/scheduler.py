@@ -36,8 +36,10 @@ Policy
 - A prompt is fed from the longest run of its whole chunks already computed: kept in the prompt
   cache (edge_server.prompt_cache) once an earlier prompt was in, or fed by a prompt still
   being fed ahead of it, which it then waits for instead of computing the same chunks beside
-  it (devices that ask about one document at the same moment). Kept prompts are dropped, least
-  recently used first, before a session would be refused for want of KV room.
+  it (devices that ask about one document at the same moment). A session that ends before it
+  finished (its stream broke) leaves its prompt and generated tokens there, so a resumption of it
+  (Start.resume_token_ids) copies them instead of feeding them again. Kept prompts are dropped,
+  least recently used first, before a session would be refused for want of KV room.
 - Backpressure happens at admission (the service refuses with RESOURCE_EXHAUSTED): every session
   has at most one item in flight, so the queue is bounded by the admitted sessions; queued
   prefill tokens are bounded too.
@@ -58,9 +60,9 @@ import numpy as np
 import torch
 
 from edge_server.budget import BudgetController
-from edge_server.kv_cache import KVBudgetError, KVPool, Row, Slot
+from edge_server.kv_cache import KVBudgetError, KVPool, Row
 from edge_server.metrics import ServerMetrics, StepRecord
-from edge_server.prompt_cache import PromptCache
+from edge_server.prompt_cache import Ahead, PromptCache
 from edge_server.session import RoundResult, Session
 from edge_server.verifier import TargetModel
 from shared.protocol import pb
@@ -155,10 +157,10 @@ class Scheduler:
         prompt cache holds, or a prompt ahead has fed or will feed, are not counted, so many
         devices sending one document are not refused for the copies they will not compute."""
         queue = [it.session for it in sorted((i for i in self._pending if i.prefill), key=lambda i: i.enqueued)]
-        ahead: list[tuple[np.ndarray, Slot | None, int]] = []
+        ahead: list[Ahead] = []
         total = 0
         for s in queue + ([session] if session is not None else []):
-            total += s.to_feed - self.prompts.held(s.prompt_array, s.prefilled, ahead)
+            total += s.to_feed - self.prompts.held(s.feed_array, s.prefilled, ahead, s.resumed)
             ahead.append((s.prompt_array, None, s.prefilled))
         return total
 
@@ -237,8 +239,10 @@ class Scheduler:
 
     def status(self) -> dict:
         with self._cv:
-            return dict(kv_used_tokens=self.pool.used_tokens, kv_budget_tokens=self.pool.budget_tokens,
-                        kv_slots=self.pool.slots, queued_prefill_tokens=self._queued_prefill(),
+            # the sessions' KV; what the prompt cache holds comes back whenever a session needs it
+            return dict(kv_used_tokens=self.pool.used_tokens - self.prompts.tokens,
+                        kv_budget_tokens=self.pool.budget_tokens,
+                        kv_slots=self.pool.slots - len(self.prompts), queued_prefill_tokens=self._queued_prefill(),
                         prompt_cache_tokens=self.prompts.tokens, prompt_cache_entries=len(self.prompts),
                         budget=self.budgets.as_dict())
 
@@ -256,6 +260,9 @@ class Scheduler:
             self._turnaround.pop(s.id, None)
             self._pipelined.discard(s.id)
             if s.slot is not None:
+                if s.finish in (pb.FINISH_NONE, pb.FINISH_CANCELLED) and not s.cancelled:  # the stream broke:
+                    # its device may come back to resume it
+                    self.prompts.keep(s.context, s.slot, s.committed, len(s.prompt_ids))
                 self.pool.free(s.slot)
             self.budgets.remove(s.id)
             self.metrics.session_close(s.id)
@@ -275,7 +282,7 @@ class Scheduler:
             tokens += len(it.tree)
         room = cfg.prefill_chunk if chosen else cfg.max_batch_tokens  # see the module docstring
         prefill_tokens = 0
-        ahead: list[tuple[np.ndarray, Slot, int]] = []  # prompts fed before the next one
+        ahead: list[Ahead] = []  # prompts fed before the next one
         for it in sorted((i for i in self._pending if i.prefill), key=lambda i: i.enqueued):
             if len(chosen) >= cfg.max_batch_size:
                 break
@@ -289,11 +296,11 @@ class Scheduler:
             prefill_tokens += row.n
         return chosen
 
-    def _fed_elsewhere(self, s: Session, ahead: list[tuple[np.ndarray, Slot, int]]) -> bool:
+    def _fed_elsewhere(self, s: Session, ahead: list[Ahead]) -> bool:
         """Takes what the prompt cache, or a prompt fed ahead of this one, already holds of the
         session's prompt; True while one of those prompts will feed the chunk this one would feed
         next (it waits rather than compute that chunk twice)."""
-        fed, wait = self.prompts.restore(s.prompt_array, s.slot, s.prefilled, ahead)
+        fed, wait = self.prompts.restore(s.feed_array, s.slot, s.prefilled, ahead, s.resumed)
         if fed > s.prefilled:
             if not s.prompt_cached:
                 self.metrics.count("prompt_cache_hits")

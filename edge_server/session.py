@@ -60,6 +60,7 @@ class Session:
     resumed: int = 0  # leading generated tokens from an earlier stream of this generation, fed with the prompt
     round: int = 0
     finish: int = pb.FINISH_NONE
+    cancelled: bool = False  # the device sent Cancel (it will not resume this generation)
     # batched path: a KV slot instead of a DynamicCache, the prompt fed in chunks
     slot: Slot | None = None
     prefilled: int = 0
@@ -78,6 +79,11 @@ class Session:
         """The prompt as an array, made once: the prompt cache compares it on every step the
         prompt waits in (edge_server.prompt_cache)."""
         return np.asarray(self.prompt_ids, dtype=np.int64)
+
+    @cached_property
+    def feed_array(self) -> np.ndarray:
+        """What is fed before the first verdict: the prompt, then the resumed tokens."""
+        return np.asarray(self.prompt_ids + self.generated[:self.resumed], dtype=np.int64)
 
     @property
     def bonus(self) -> int:

@@ -215,11 +215,21 @@ def test_cancel_and_disconnect_free_the_kv(client):
     assert stub.GetServerInfo(pb.ServerInfoRequest(), timeout=10).active_sessions == 0
 
     d = Stream(stub, _start(info, max_new=100))
-    next(d.replies)
+    received = list(next(d.replies).started.first.tokens)
     d.replies.cancel()  # the device goes away without a Cancel
     d.close()
     assert wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
     assert stub.GetServerInfo(pb.ServerInfoRequest(), timeout=10).active_sessions == 0
+    # it may come back: its prompt stayed in the prompt cache (given back whenever a session
+    # needs the room), and resuming it copies the prompt's positions, its partial chunk too
+    again = _start(info, max_new=100)
+    again.start.resume_token_ids.extend(received)
+    r = Stream(stub, again)
+    assert next(r.replies).started.cached_prompt_tokens == len(again.start.prompt_token_ids)
+    r.send(pb.ClientMessage(cancel=pb.Cancel()))
+    assert list(r.replies) == []
+    r.close()
+    assert wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
 
 
 @pytest.fixture(scope="module")

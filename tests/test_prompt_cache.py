@@ -28,12 +28,13 @@ def _pool(budget=64):
     return KVPool(num_layers=1, kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu", budget_tokens=budget)
 
 
-def _keep(cache, prompt, fed):
-    """Keeps `prompt` from a session slot whose position p holds p, as its prefill would have
-    left its K/V, and frees that slot as the session's end would."""
-    slot = cache.pool.allocate(len(prompt) + 4)
+def _keep(cache, tokens, fed, prompt=None):
+    """Keeps `tokens` from a session slot whose position p holds p, as its prefill (and steps,
+    for a generation of a `prompt`-token prompt) would have left its K/V, and frees that slot as
+    the session's end would."""
+    slot = cache.pool.allocate(len(tokens) + 4)
     slot.storage[:] = torch.arange(slot.capacity, dtype=torch.float32)[:, None]
-    cache.keep(prompt, slot, fed)
+    cache.keep(tokens, slot, fed, prompt)
     cache.pool.free(slot)
 
 
@@ -73,6 +74,40 @@ def test_a_longer_prefix_replaces_the_one_it_extends_and_old_entries_go_first():
     slot = pool.allocate(13)
     assert cache.restore(b + [1], slot, 0) == (12, False)
     assert cache.restore(a + [9] * 4 + [1], slot, 0) == (0, False)
+
+
+def test_an_unfinished_generation_is_kept_whole_for_its_resumption_only():
+    """Its prompt's partial chunk and its generated tokens' steps go to a resumption of it (the
+    same prompt, then those tokens as steps); any other prompt gets its whole chunks."""
+    pool = _pool(budget=100)
+    cache = PromptCache(pool, CHUNK, budget_tokens=48)
+    prompt, generated = list(range(100, 106)), list(range(500, 510))  # chunk 0-3 whole, 4-5 partial
+    _keep(cache, prompt, 4)  # its prompt's whole chunk, kept when the prompt was in
+    _keep(cache, prompt + generated, 15, prompt=6)  # released after 10 tokens (the last not in the KV)
+    assert (cache.tokens, len(cache)) == (15, 1)  # it holds the prompt's whole chunk too
+
+    def restored(ids, resumed=0):
+        slot = pool.allocate(len(ids) + 1)
+        n, wait = cache.restore(ids, slot, 0, resumed=resumed)
+        assert not wait and torch.equal(slot.storage[0, 0, 0, :n, 0], torch.arange(n, dtype=torch.float32))
+        pool.free(slot)
+        return n
+
+    assert restored(prompt + generated, resumed=10) == 15  # all but the last token, fed for its logits
+    assert restored(prompt + generated[:4], resumed=4) == 9
+    assert restored(prompt + generated + [7, 8], resumed=12) == 15  # it received more than was kept
+    assert restored(prompt + generated[:3] + [1, 2], resumed=5) == 9
+    assert restored(prompt[:5] + generated, resumed=10) == 4  # another prompt: whole chunks
+    assert restored(prompt + generated) == 4  # the same tokens as a prompt: only the whole chunk fed as one
+    assert restored(prompt) == 4  # the prompt alone: its partial chunk is fed as it was
+    _keep(cache, prompt + generated[:6], 11, prompt=6)  # inside the kept run: nothing new
+    _keep(cache, prompt + generated + [1, 2, 3], 18, prompt=6)  # broke again, later: replaces it
+    assert (cache.tokens, len(cache)) == (18, 1)
+    _keep(cache, prompt + generated + [1, 2, 3, 4, 5], 20)  # the same tokens as a prompt: its own entry
+    assert (cache.tokens, len(cache)) == (38, 2) and restored(prompt + generated + [1, 2, 3, 4], resumed=14) == 18
+    other = list(range(700, 706))
+    _keep(cache, other + [1], 6, prompt=6)  # gone after its first token: its prompt, partial chunk too
+    assert restored(other + [1], resumed=1) == 6 and restored(other) == 4
 
 
 def test_entries_make_room_for_sessions():

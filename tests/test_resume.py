@@ -66,3 +66,37 @@ def test_a_resumed_session_holds_the_first_streams_kv_and_goes_on_with_its_token
     _, naive_kv = _run(target, prompt, params, resumed=first[:CUT], as_prompt=True)
     assert not torch.equal(naive_kv[..., len(prompt):len(prompt) + CUT, :],
                            first_kv[..., len(prompt):len(prompt) + CUT, :])
+
+
+def test_a_resumption_copies_what_the_broken_session_left_in_the_prompt_cache(target, client):
+    """A session released before it finished leaves its prompt and tokens in the prompt cache;
+    resuming it feeds only its last token (whose logits give the next one)."""
+    prompt = client[2].chat_ids("Explain how a refrigerator works, step by step.")
+    alone, alone_kv = _run(target, prompt, Sampling())
+    pool = KVPool.for_model(target.model, 256)
+    sched = Scheduler(target, pool, SchedulerConfig(prefill_chunk=32, prompt_cache_mb=64), max_tree_nodes=8)
+
+    async def decode(s, until):
+        sched.admit(s, len(prompt) + N + 8)
+        await sched.prefill(s)
+        while s.finish == pb.FINISH_NONE and len(s.generated) < until:
+            await sched.verify(s, TokenTree.root_only(s.bonus))
+
+    async def main():
+        first = Session(list(prompt), Sampling(), N, frozenset(), False)
+        await decode(first, CUT)
+        sched.release(first)  # its stream broke
+        again = Session(list(prompt), Sampling(), N, frozenset(), False, generated=first.generated[:CUT], resumed=CUT)
+        await decode(again, N)
+        return again
+
+    try:
+        again = asyncio.run(main())
+    finally:
+        sched.stop()
+    assert again.prompt_cached == len(prompt) + CUT - 1 and again.generated == alone
+    kv = again.slot.storage[:, :, :, :len(prompt) + N - 1]
+    if exact_one_token_queries(target.dtype, target.device):
+        assert torch.equal(kv.view(torch.uint8), alone_kv.view(torch.uint8))
+    else:
+        torch.testing.assert_close(kv, alone_kv, rtol=1e-3, atol=1e-4)
