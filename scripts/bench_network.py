@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # this checkout's packages, not the ones .venv was installed from
 from bench_common import (METHODS, PROMPTS, lossless_problems, markdown_table, results_dir, run_clients,  # noqa: E402
                           save_json, split_cores)
 
@@ -110,6 +111,7 @@ def main() -> None:
     p.add_argument("--clients", nargs="+", type=int, default=[1, 4])
     p.add_argument("--prompts", type=int, default=4, help="how many of the fixed prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--ignore-eos", action="store_true", help="every answer exactly --max-new-tokens long")
     p.add_argument("--tree-budget", type=int, default=32)
     p.add_argument("--drop-every-s", nargs="+", type=float, default=[0.0],
                    help="run each link with its connections reset this often (0 = never, as the profile)")
@@ -133,7 +135,8 @@ def main() -> None:
                 run_clients(server.address, method, [prompts[:1]], 8, args.tree_budget)  # first forwards are slow
                 with netem.run_proxy_in_thread(profile, upstream=(host, int(port)), seed=0) as (phost, pport):
                     run = run_clients(f"{phost}:{pport}", method, [prompts[i::clients] for i in range(clients)],
-                                      args.max_new_tokens, args.tree_budget, reconnect_s=60 if profile.drop_every_s else 0)
+                                      args.max_new_tokens, args.tree_budget, ignore_eos=args.ignore_eos,
+                                      reconnect_s=60 if profile.drop_every_s else 0)
             except (RuntimeError, SystemExit) as err:
                 tqdm.write(f"skipping {method} on {profile_name}: {err}")
                 continue
