@@ -89,8 +89,12 @@ class PromptCache:
 
     def _covers(self, tokens: np.ndarray, chunked: int, other: np.ndarray, other_chunked: int) -> bool:
         """Whether an entry gives every position another would: it holds the other's tokens,
-        computed the same way (all as chunks, or as steps after the same prompt)."""
-        same_way = chunked == other_chunked if other_chunked < len(other) else chunked >= len(other)
+        computed the same way: as whole chunks where the other holds only whole chunks, else
+        after a prompt of the same length (a partial last chunk is that prompt's own)."""
+        if other_chunked == len(other) and len(other) % self.chunk == 0:
+            same_way = chunked >= len(other)
+        else:
+            same_way = chunked == other_chunked
         return same_way and self._common(tokens, other) == len(other)
 
     def restore(self, ids: Sequence[int], slot: Slot, fed: int, ahead: Sequence[Ahead] = (),

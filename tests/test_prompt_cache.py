@@ -79,8 +79,8 @@ def test_a_longer_prefix_replaces_the_one_it_extends_and_old_entries_go_first():
 def test_an_unfinished_generation_is_kept_whole_for_its_resumption_only():
     """Its prompt's partial chunk and its generated tokens' steps go to a resumption of it (the
     same prompt, then those tokens as steps); any other prompt gets its whole chunks."""
-    pool = _pool(budget=100)
-    cache = PromptCache(pool, CHUNK, budget_tokens=48)
+    pool = _pool(budget=120)
+    cache = PromptCache(pool, CHUNK, budget_tokens=64)
     prompt, generated = list(range(100, 106)), list(range(500, 510))  # chunk 0-3 whole, 4-5 partial
     _keep(cache, prompt, 4)  # its prompt's whole chunk, kept when the prompt was in
     _keep(cache, prompt + generated, 15, prompt=6)  # released after 10 tokens (the last not in the KV)
@@ -106,8 +106,9 @@ def test_an_unfinished_generation_is_kept_whole_for_its_resumption_only():
     _keep(cache, prompt + generated + [1, 2, 3, 4, 5], 20)  # the same tokens as a prompt: its own entry
     assert (cache.tokens, len(cache)) == (38, 2) and restored(prompt + generated + [1, 2, 3, 4], resumed=14) == 18
     other = list(range(700, 706))
+    _keep(cache, other + [5, 5], 8)  # a longer prompt's chunks hold other's partial chunk otherwise
     _keep(cache, other + [1], 6, prompt=6)  # gone after its first token: its prompt, partial chunk too
-    assert restored(other + [1], resumed=1) == 6 and restored(other) == 4
+    assert len(cache) == 4 and restored(other + [1], resumed=1) == 6 and restored(other) == 4
 
 
 def test_entries_make_room_for_sessions():
