@@ -189,7 +189,8 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         try:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("kind")
-                session.cancelled = kind == "cancel"
+                if kind == "cancel":
+                    session.cancelled = True  # done with it: nothing to keep for a resumption
                 if kind == "cancel" or session.finish != pb.FINISH_NONE:
                     break
                 _require(kind == "draft", grpc.StatusCode.FAILED_PRECONDITION,

@@ -17,7 +17,6 @@ results/<date>/network/{results.json, table.md, tokens_per_s_vs_rtt.png, bytes_p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import platform
 import sys
@@ -48,13 +47,6 @@ def load_netem():
     sys.modules["netem"] = mod
     spec.loader.exec_module(mod)
     return mod
-
-
-def dropping(profile, every_s: float):
-    """The link, or the same link with its connections reset every `every_s` seconds."""
-    if not every_s:
-        return profile
-    return dataclasses.replace(profile, name=f"{profile.name}-drop{every_s:g}s", drop_every_s=every_s)
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -123,7 +115,7 @@ def main() -> None:
     prompts = PROMPTS[: args.prompts]
     out = results_dir("network")
     rows, runs = [], []
-    links = [dropping(netem.get_profile(name), every) for name in args.profiles for every in args.drop_every_s]
+    links = [netem.with_drops(name, every) for name in args.profiles for every in args.drop_every_s]
     combos = [(link, m, c) for link in links for c in args.clients for m in args.methods]
     server_args, pinning = split_cores(args.server_args.split(), pin=not args.no_pin)
     for profile, method, clients in tqdm(combos, desc="sweep", unit="run"):

@@ -235,6 +235,15 @@ def get_profile(profile: str | Profile) -> Profile:
         raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}") from None
 
 
+def with_drops(profile: str | Profile, every_s: float) -> Profile:
+    """The profile, or (every_s > 0) the same link with every connection reset that often,
+    named PROFILE-dropSs."""
+    base = get_profile(profile)
+    if not every_s:
+        return base
+    return dataclasses.replace(base, name=f"{base.name}-drop{every_s:g}s", drop_every_s=every_s)
+
+
 # --------------------------------------------------------------------------- addresses
 
 
@@ -791,10 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.profile:
         ap.error("--profile is required")
     try:
-        if args.drop_every_s:
-            base = get_profile(args.profile)
-            args.profile = dataclasses.replace(base, name=f"{base.name}-drop{args.drop_every_s:g}s",
-                                               drop_every_s=args.drop_every_s)
+        args.profile = with_drops(args.profile, args.drop_every_s)
         if args.self_test:
             result = asyncio.run(self_test(args.profile, seed=1 if args.seed is None else args.seed))
             print(_summary_line(result))

@@ -1,6 +1,5 @@
 """A device client behind the emulated link still gets exactly the greedy reference, and one
 behind a link that keeps breaking gets every token once: the same ones."""
-import dataclasses
 import importlib.util
 import json
 import socket
@@ -65,7 +64,7 @@ def test_pipelined_client_through_4g_proxy_matches_greedy_reference(server, clie
 
 def _dropping(every_s: float):
     netem = _netem()
-    return netem, dataclasses.replace(netem.get_profile("lan"), name="lan-drops", drop_every_s=every_s)
+    return netem, netem.with_drops("lan", every_s)
 
 
 def _resumed(stub) -> int:
