@@ -20,7 +20,9 @@ from shared.protocol import pb, rpc
 DRAFTERS = ("auto", "none", "ngram", "heads")
 # The unary calls (server info, artifacts) are retried by gRPC itself when the server cannot be
 # reached for a moment; a broken Generate stream is resumed by device_client.session.generate.
-# A lost connection is re-dialled within 0.2-2 s, not gRPC's default of up to 120 s.
+# A lost connection is re-dialled within 0.2-2 s, not gRPC's default of up to 120 s; one that
+# went silent (the network changed, no reset reached us) is found by keepalive pings within
+# ~15 s, not by TCP after many minutes.
 CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 1),
     ("grpc.service_config", json.dumps({"methodConfig": [{
@@ -30,6 +32,10 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),  # what current gRPC waits for a ping's answer (default 60 s)
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 

@@ -18,6 +18,19 @@ if TYPE_CHECKING:
     from edge_server.metrics import ServerMetrics
 
 
+
+# A device that vanishes without closing its connection (its network changed under it) is
+# noticed by keepalive pings within ~30 s, which frees its session (and keeps it for a
+# resumption, edge_server.scheduler); devices ping every 10 s (device_client.cli), accepted here.
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),  # what current gRPC waits for a ping's answer (default 60 s)
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
 def _number(kind: type, minimum: float, above: bool = False):
     """An argparse type for a flag's number: `kind`, at least `minimum` (above it when `above`),
     so that a zero batch or chunk is refused at the command line, not met as a hang later."""
@@ -150,7 +163,7 @@ async def serve(args: argparse.Namespace) -> None:
                          "session; give it more") from None
     if args.metrics_port is not None:
         serve_metrics(service.metrics, args.host, args.metrics_port)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     rpc.add_EdgeSpecServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -22,7 +22,9 @@ the other socket:
 
 *Drops* (off in every profile; ``--drop-every-s``): every ``drop_every_s`` seconds every open
 connection is reset both ways, as when a device's network changes under it (Wi-Fi to cellular, a
-new address); new connections go through at once.
+new address); new connections go through at once. With ``drop_silently`` (``--drop-silently``)
+they are not reset but go quiet for good: nothing more is delivered either way and nothing is
+closed, as when the device's old address simply stops answering; only keepalives notice.
 
 Timing: release times are waited for with a helper-thread timer (~0.1 ms precision, see
 :class:`_PreciseTimer`) because asyncio's own timers run 0.1-2 ms late on epoll. Rates
@@ -133,6 +135,7 @@ class Profile:
     stall_every_s: float = 0.0  # 0 = no scheduled stalls
     stall_ms: float = 0.0
     drop_every_s: float = 0.0  # 0 = never; else every open connection is reset this often
+    drop_silently: bool = False  # drops leave connections open and silent instead of resetting them
     description: str = ""
     source: str = ""
 
@@ -235,13 +238,15 @@ def get_profile(profile: str | Profile) -> Profile:
         raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}") from None
 
 
-def with_drops(profile: str | Profile, every_s: float) -> Profile:
-    """The profile, or (every_s > 0) the same link with every connection reset that often,
-    named PROFILE-dropSs."""
+def with_drops(profile: str | Profile, every_s: float, silently: bool = False) -> Profile:
+    """The profile, or (every_s > 0) the same link with every connection reset (or silenced)
+    that often, named PROFILE-dropSs (PROFILE-silenceSs)."""
     base = get_profile(profile)
     if not every_s:
         return base
-    return dataclasses.replace(base, name=f"{base.name}-drop{every_s:g}s", drop_every_s=every_s)
+    kind = "silence" if silently else "drop"
+    return dataclasses.replace(base, name=f"{base.name}-{kind}{every_s:g}s", drop_every_s=every_s,
+                               drop_silently=silently)
 
 
 # --------------------------------------------------------------------------- addresses
@@ -450,6 +455,7 @@ class LinkProxy:
         self._conns: set[asyncio.Task[None]] = set()
         self._epoch = 0.0
         self._dropper: asyncio.Task[None] | None = None
+        self._silenced: set[asyncio.Task[None]] = set()  # connections a silent drop has cut
         self.stats = {"connections": 0, "active": 0, "bytes_up": 0, "bytes_down": 0,
                       "upstream_failures": 0, "dropped": 0}
 
@@ -476,7 +482,10 @@ class LinkProxy:
         for k in itertools.count(1):
             await _TIMER.sleep_until(self._epoch + k * self.profile.drop_every_s)
             for task in list(self._conns):
-                task.cancel()  # _relay aborts both sockets: each peer sees a reset
+                if self.profile.drop_silently:
+                    self._silenced.add(task)  # _deliver discards from now on
+                else:
+                    task.cancel()  # _relay aborts both sockets: each peer sees a reset
                 self.stats["dropped"] += 1
 
     async def close(self) -> None:
@@ -519,6 +528,7 @@ class LinkProxy:
         finally:
             self.stats["active"] -= 1
             self._conns.discard(task)
+            self._silenced.discard(task)
 
     async def _relay(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter,
                      u_reader: asyncio.StreamReader, u_writer: asyncio.StreamWriter) -> None:
@@ -531,9 +541,10 @@ class LinkProxy:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._ingest(c_reader, ch_up, up, loop))
-                tg.create_task(self._deliver(ch_up, u_writer, loop, "bytes_up"))
+                conn = asyncio.current_task()
+                tg.create_task(self._deliver(ch_up, u_writer, loop, "bytes_up", conn))
                 tg.create_task(self._ingest(u_reader, ch_down, down, loop))
-                tg.create_task(self._deliver(ch_down, c_writer, loop, "bytes_down"))
+                tg.create_task(self._deliver(ch_down, c_writer, loop, "bytes_down", conn))
             ok = True
         except* OSError:  # reset/broken pipe on either side: drop the whole connection
             pass
@@ -565,13 +576,18 @@ class LinkProxy:
                 ch.push(link.schedule(len(piece), loop.time()), piece)
 
     async def _deliver(self, ch: _Channel, writer: asyncio.StreamWriter,
-                       loop: asyncio.AbstractEventLoop, counter: str) -> None:
-        """Write each chunk at its release time (coalescing ready ones); forward EOF last."""
+                       loop: asyncio.AbstractEventLoop, counter: str, conn: asyncio.Task | None) -> None:
+        """Write each chunk at its release time (coalescing ready ones); forward EOF last. Once
+        a silent drop has cut `conn`, nothing more goes through, EOF included."""
         while True:
             release = await ch.head()
             if release > loop.time():
                 await _TIMER.sleep_until(release)
             chunks, eof = ch.pop_ready(loop.time())
+            if conn in self._silenced:
+                if eof:
+                    return  # this side gave up; the other must find out by itself
+                continue
             if chunks:
                 data = b"".join(chunks)
                 writer.write(data)
@@ -786,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop-every-s", type=float, default=0.0,
                     help="also reset every open connection this often (the profile is renamed "
                          "PROFILE-dropSs); 0 = never")
+    ap.add_argument("--drop-silently", action="store_true",
+                    help="drops leave the connections open but silent for good (PROFILE-silenceSs)")
     args = ap.parse_args(argv)
     if args.list_profiles:
         if args.json:
@@ -800,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.profile:
         ap.error("--profile is required")
     try:
-        args.profile = with_drops(args.profile, args.drop_every_s)
+        args.profile = with_drops(args.profile, args.drop_every_s, args.drop_silently)
         if args.self_test:
             result = asyncio.run(self_test(args.profile, seed=1 if args.seed is None else args.seed))
             print(_summary_line(result))

@@ -357,6 +357,24 @@ def test_drops_reset_open_connections_and_let_new_ones_through() -> None:
     assert statistics.median(rtts) < 10
 
 
+def test_silent_drops_leave_connections_open_and_mute() -> None:
+    async def main() -> tuple[list[float], list[float]]:
+        async with proxied(profile(1, drop_every_s=1.0, drop_silently=True), echo) as proxy:
+            r, w = await asyncio.open_connection(*proxy.address)
+            await asyncio.sleep(1.1)  # after the first drop, well before the next
+            w.write(b"x" * 32)
+            with pytest.raises(asyncio.TimeoutError):  # no answer, and no reset either
+                await asyncio.wait_for(r.readexactly(32), 0.3)
+            r2, w2 = await asyncio.open_connection(*proxy.address)
+            rtts = await ping_rtts(r2, w2, 3)
+            for writer in (w, w2):
+                writer.close()
+            return rtts, proxy.stats["dropped"]
+
+    rtts, dropped = arun(main())
+    assert dropped >= 1 and statistics.median(rtts) < 10
+
+
 def test_cli_drop_every_s_renames_the_profile() -> None:
     proc = subprocess.run([sys.executable, str(NETEM_PY), "--profile", "lan", "--drop-every-s", "-2",
                            "--upstream", "127.0.0.1:1"], capture_output=True, text=True, timeout=30)

@@ -119,3 +119,22 @@ def test_a_server_that_stays_away_fails_the_generation_after_the_reconnect_time(
             generate(rpc.EdgeSpecStub(channel), Request([1, 2, 3], max_new_tokens=4), NoDrafter(), "x",
                      timeout=60, reconnect_s=1.0)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and 1.0 <= time.perf_counter() - t0 < 10
+
+
+def test_a_connection_that_goes_silent_is_found_by_keepalive_and_resumed(server, client):
+    """A link whose connections go quiet for good every 2 s, without a reset (the device's old
+    address stops answering): keepalive pings find each dead connection (here every second, a
+    second's wait for the answer; 10 s and 5 s by default) and the client resumes as after a reset."""
+    stub, info, tokenizer = client
+    request = Request(tokenizer.chat_ids(PROMPTS[2]), max_new_tokens=128, ignore_eos=True, max_context=info.max_context)
+    drafter = make_drafter("heads", stub, info)
+    unbroken = generate(stub, request, drafter, info.tokenizer_fingerprint, timeout=120)
+    netem = _netem()
+    host, port = server.address.rsplit(":", 1)
+    fast_pings = dict(CHANNEL_OPTIONS, **{"grpc.keepalive_time_ms": 1000, "grpc.keepalive_timeout_ms": 1000,
+                                          "grpc.http2.ping_timeout_ms": 1000})
+    with netem.run_proxy_in_thread(netem.with_drops("lan", 2.0, silently=True), upstream=(host, int(port))) as (ph, pp):
+        with grpc.insecure_channel(f"{ph}:{pp}", options=list(fast_pings.items())) as channel:
+            rec = generate(rpc.EdgeSpecStub(channel), request, drafter, info.tokenizer_fingerprint,
+                           timeout=120, reconnect_s=30)
+    assert rec.token_ids == unbroken.token_ids and rec.reconnects >= 1
