@@ -145,7 +145,7 @@ class Session:
         max_tokens, logits only after the last position to feed."""
         prompt = len(self.prompt_ids)
         end = min(self.prefilled + max_tokens, prompt if self.prefilled < prompt else self.to_feed)
-        chunk = self.context[self.prefilled:end]
+        chunk = self.feed_array[self.prefilled:end].tolist()  # not a new prompt + generated list per chunk
         chain = self.prefilled >= prompt and len(chunk) > 1
         return Row(self.slot, self.prefilled, chunk, list(range(self.prefilled, end)),
                    np.tril(np.ones((len(chunk), len(chunk)), dtype=bool)) if chain else None,
