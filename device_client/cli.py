@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reconnect-s", type=float, default=30.0,
                    help="when the connection breaks mid-answer, keep trying this many seconds to resume it "
                         "where it stopped (the same tokens as without the break); 0: fail at once")
+    p.add_argument("--busy-wait-s", type=float, default=30.0,
+                   help="when the server is full and refuses the answer for now, wait as long as it suggests "
+                        "and ask again, for up to this many seconds; 0: fail at once")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with text and stats after the answer (after each, with --chat)")
     args = p.parse_args(argv)
@@ -99,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--timeout must be a number of seconds above 0")
     if not args.reconnect_s >= 0:
         p.error("--reconnect-s must be a number of seconds >= 0")
+    if not args.busy_wait_s >= 0:
+        p.error("--busy-wait-s must be a number of seconds >= 0")
     if args.seed is None:
         args.seed = secrets.randbits(63)
     elif not 0 <= args.seed < 2**64:
@@ -177,7 +182,8 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
                               args.seed, min(args.tree_budget, info.max_tree_nodes),
                               mode=args.mode, ignore_eos=args.ignore_eos, max_context=info.max_context)
             record = generate(stub, request, drafter, info.tokenizer_fingerprint, on_tokens=show,
-                              timeout=args.timeout, reconnect_s=args.reconnect_s)
+                              timeout=args.timeout, reconnect_s=args.reconnect_s,
+                              busy_wait_s=args.busy_wait_s)
             record.text = tokenizer.decode(record.token_ids)
             chat.add(message, record.text)
             sys.stdout.write("\n")

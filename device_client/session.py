@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import numpy as np
 from device_client.drafters.base import Drafter
 from device_client.tree_builders import within_depth
 from shared.metrics import GRPC_PREFIX_BYTES, GenerationRecord
-from shared.protocol import pb, rpc
+from shared.protocol import RETRY_AFTER_MS, pb, rpc
 
 FINISH_NAMES = {pb.FINISH_NONE: "none", pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length",
                 pb.FINISH_CONTEXT: "context", pb.FINISH_CANCELLED: "cancelled"}
@@ -115,20 +116,30 @@ class _Downlink:
 RESUMABLE = grpc.StatusCode.UNAVAILABLE  # the connection broke or the server went away: try again
 
 
+def busy_retry_after_s(err: grpc.RpcError) -> float | None:
+    """The wait a busy server asked for with its refusal (RESOURCE_EXHAUSTED carrying
+    RETRY_AFTER_MS), or None: any other error, which waiting will not cure."""
+    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    return next((int(value) / 1e3 for key, value in err.trailing_metadata() or () if key == RETRY_AFTER_MS), None)
+
+
 def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokenizer_fingerprint: str,
              on_tokens: Callable[[list[int]], None] | None = None,
-             timeout: float | None = None, reconnect_s: float = 0.0) -> GenerationRecord:
+             timeout: float | None = None, reconnect_s: float = 0.0, busy_wait_s: float = 0.0) -> GenerationRecord:
     """Runs one generation; on_tokens sees each verdict's new tokens as they arrive.
 
     A stream that breaks (UNAVAILABLE: a dropped connection, a restarted server) is resumed for
     up to `reconnect_s` seconds after the break: a new stream sends the tokens received so far
     (Start.resume_token_ids) and the server goes on exactly where the first left off, so a
-    flaky link costs time, never tokens (none lost, none repeated, the same ones)."""
+    flaky link costs time, never tokens (none lost, none repeated, the same ones). A busy server
+    that refuses the stream is asked again after the wait it suggests, for up to `busy_wait_s`
+    seconds after the refusal (a resumption refused so keeps its tokens too)."""
     if request.mode not in MODES:
         raise ValueError(f"mode {request.mode!r} is not one of {', '.join(MODES)}")
     run = _Generation(stub, request, drafter, tokenizer_fingerprint, on_tokens)
     deadline = None if timeout is None else run.t0 + timeout
-    broke, pause = None, 0.0  # when the stream broke (after its last progress) and the next wait
+    trouble, pause = None, 0.0  # when the stream broke or was refused (after its last progress); the next wait
     while True:
         streams = run.started
         try:
@@ -136,13 +147,23 @@ def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokeniz
             break
         except grpc.RpcError as err:
             now = time.perf_counter()
-            if broke is None or run.started > streams:  # a new break, not another failed attempt
-                broke, pause = now, 0.0
-            left = min(broke + reconnect_s, deadline or math.inf) - now
-            if err.code() != RESUMABLE or left <= 0:
+            if trouble is None or run.started > streams:  # new trouble, not another failed attempt
+                trouble, pause = now, 0.0
+            busy = busy_retry_after_s(err)
+            if busy is not None:
+                window, wait = busy_wait_s, busy * random.uniform(0.8, 1.2)  # refused devices spread out
+            elif err.code() == RESUMABLE:
+                window, wait = reconnect_s, pause
+                pause = min(2.0, max(0.1, 2 * pause))
+            else:
                 raise
-            time.sleep(min(pause, left))  # the last try comes when the time is up
-            pause = min(2.0, max(0.1, 2 * pause))
+            left = min(trouble + window, deadline or math.inf) - now
+            if left <= 0:
+                raise
+            if busy is not None:
+                run.rec.busy_refusals += 1
+                run.rec.busy_wait_ms += min(wait, left) * 1e3
+            time.sleep(min(wait, left))  # the last try comes when the time is up
     run.rec.total_ms = (time.perf_counter() - run.t0) * 1e3
     return run.rec
 
@@ -195,7 +216,6 @@ class _Generation:
         """One Generate stream, until the generation finishes (or the stream fails)."""
         rec, request = self.rec, self.request
         up = _Uplink()
-        sent = time.perf_counter()
         up.send(pb.ClientMessage(start=self._start()))
         responses = self.stub.Generate(iter(up), timeout=timeout)
         try:
@@ -203,7 +223,7 @@ class _Generation:
             (arrived, first), *rest = down.take()
             rec.bytes_down += _wire(first)
             if not self.started:
-                rec.ttft_ms = (arrived - sent) * 1e3
+                rec.ttft_ms = (arrived - self.t0) * 1e3  # refusals and failed attempts included
                 rec.cached_prompt_tokens = first.started.cached_prompt_tokens
                 self.last = arrived
             else:  # the tokens after a break: their latency spans it

@@ -124,6 +124,7 @@ class Scheduler:
         self._active: set[str] = set()
         self._stopping = False
         self.recent_step_ms = 0.0  # EMA of step compute, for the collection window and retry hints
+        self.recent_prefill_ms_per_token = 0.0  # EMA over steps that fed prompts, for retry hints
         self._last_step_end = time.perf_counter()
         self._sent: dict[str, dict[int, float]] = {}  # session -> round -> when its result was handed back
         self._turnaround: dict[str, tuple[float, float]] = {}  # session -> EMAs of the seconds from
@@ -402,6 +403,9 @@ class Scheduler:
         compute_ms = (ended - started) * 1e3
         self.recent_step_ms = 0.8 * self.recent_step_ms + 0.2 * compute_ms
         prefill_tokens = sum(row.n for (it, row) in batch if it.prefill)
+        if prefill_tokens:
+            per_token = compute_ms / sum(row.n for _, row in batch)
+            self.recent_prefill_ms_per_token = 0.8 * self.recent_prefill_ms_per_token + 0.2 * per_token
         queue = []
         with self._cv:
             rounds = [(res.tree_size, res.path) for (it, _), res in zip(batch, results) if not it.prefill]

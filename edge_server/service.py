@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -23,7 +22,7 @@ from edge_server.sampling import Sampling, check_sampling
 from edge_server.scheduler import Scheduler, SchedulerConfig, StepInfo
 from edge_server.session import RoundResult, Session
 from edge_server.verifier import TargetModel
-from shared.protocol import pb, rpc
+from shared.protocol import RETRY_AFTER_MS, pb, rpc
 from shared.tree import TokenTree, TreeError
 
 log = logging.getLogger(__name__)
@@ -48,10 +47,15 @@ class _Uplink:
 
 
 class BadRequest(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # a busy server: when trying again may succeed
+
+    @property
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        return () if self.retry_after_s is None else ((RETRY_AFTER_MS, str(round(self.retry_after_s * 1e3))),)
 
 
 def _require(ok: bool, code: grpc.StatusCode, message: str) -> None:
@@ -136,7 +140,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             async for msg in self._rounds(session, first.start.mode, verdict.next_tree_budget, request_iterator):
                 yield msg
         except BadRequest as bad:
-            await context.abort(bad.code, bad.message)
+            await context.abort(bad.code, bad.message, bad.trailers)
         finally:
             if session is not None:
                 self.sessions.pop(session.id, None)
@@ -241,7 +245,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
     def _open_session(self, start: pb.Start) -> Session:
         vocab, max_ctx = self.target.vocab_size, self.target.max_context
         if len(self.sessions) >= self.limits.max_sessions:
-            self._busy(f"server is full ({self.limits.max_sessions} sessions)")
+            self._busy(f"server is full ({self.limits.max_sessions} sessions)", self._soonest_end_s())
         _require(start.tokenizer_fingerprint == self.tokenizer_fingerprint,
                  grpc.StatusCode.FAILED_PRECONDITION,
                  f"tokenizer fingerprint {start.tokenizer_fingerprint or '(empty)'!r} is not this "
@@ -275,12 +279,19 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         )
         queued = self.scheduler.queued_prefill_tokens()
         if self.scheduler.queued_prefill_tokens(session) > self.scheduler.config.max_queued_prefill_tokens and queued:
-            self._busy(f"{queued} prompt tokens are waiting for prefill")
+            self._busy(f"{queued} prompt tokens are waiting for prefill",
+                       queued * self.scheduler.recent_prefill_ms_per_token / 1e3)
         capacity = min(len(ids) + start.max_new_tokens, max_ctx) + self.limits.max_tree_nodes
+        room = self.pool.budget_tokens - self.limits.max_tree_nodes - len(ids)
+        _require(capacity <= self.pool.budget_tokens, grpc.StatusCode.OUT_OF_RANGE,
+                 f"this session needs {capacity} KV positions (prompt {len(ids)} + max_new_tokens "
+                 f"{start.max_new_tokens} + a tree of {self.limits.max_tree_nodes}) but the server's whole KV "
+                 f"budget holds {self.pool.budget_tokens}, so it would never fit; "
+                 + (f"lower max_new_tokens to at most {room}" if room > 0 else "shorten the prompt"))
         try:
             self.scheduler.admit(session, capacity)
         except KVBudgetError as err:
-            self._busy(str(err))
+            self._busy(str(err), self._soonest_end_s())
         self.sessions[session.id] = session
         if resumed:
             self.metrics.count("sessions_resumed")
@@ -309,13 +320,21 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                              "finished there; resume only one that had not")
         return resumed
 
-    def _busy(self, why: str) -> None:
-        """Backpressure: RESOURCE_EXHAUSTED with a retry hint from the current load."""
+    RETRY_S = (0.2, 10.0)  # the retry hint's bounds: no tighter polling, no longer blind wait
+
+    def _busy(self, why: str, wait_s: float) -> None:
+        """Backpressure: RESOURCE_EXHAUSTED, with when to try again in the message for people and
+        in the trailing metadata (RETRY_AFTER_MS) for clients, which wait that long and retry."""
         self.metrics.count("sessions_rejected")
-        # a rough wait: one step per active session at the recent step cost
-        retry_s = max(1, math.ceil(len(self.sessions) * self.scheduler.recent_step_ms / 1e3))
-        raise BadRequest(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"{why}; retry in about {retry_s} s (retry-after-s={retry_s})")
+        wait_s = min(max(wait_s, self.RETRY_S[0]), self.RETRY_S[1])
+        raise BadRequest(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry in about {wait_s:.1f} s", wait_s)
+
+    def _soonest_end_s(self) -> float:
+        """When the first session would end if it runs to max_new_tokens at its acceptance so
+        far and the recent step time: its slot and KV come free then at the latest (a stop
+        token frees them sooner, so the hint is capped)."""
+        rounds = min((s.rounds_left for s in self.sessions.values()), default=0.0)
+        return rounds * self.scheduler.recent_step_ms / 1e3
 
     def _check_draft(self, session: Session, draft: pb.Draft, pipelined: bool = False) -> tuple[int, TokenTree]:
         """The draft's round and its tree, rooted at the last token of the verdict it was built on."""

@@ -86,6 +86,14 @@ class Session:
         return np.asarray(self.prompt_ids + self.generated[:self.resumed], dtype=np.int64)
 
     @property
+    def rounds_left(self) -> float:
+        """Rounds to max_new_tokens at this session's acceptance so far (a stop token or the
+        context may end it sooner): for the retry hint of a refused device."""
+        rounds = len(self.round_ends) - 1  # after the prefill's (which carries the resumed tokens)
+        per_round = (len(self.generated) - self.round_ends[0]) / rounds if rounds > 0 else 1.0
+        return (self.max_new_tokens - len(self.generated)) / max(1.0, per_round)
+
+    @property
     def bonus(self) -> int:
         """The last generated token: tree root, not yet in the KV cache."""
         return self.generated[-1]

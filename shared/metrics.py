@@ -35,6 +35,8 @@ class GenerationRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     reconnects: int = 0  # streams that resumed the generation after the one before broke
+    busy_refusals: int = 0  # streams a busy server refused, each tried again after the wait it asked for
+    busy_wait_ms: float = 0.0  # the time spent waiting so
 
     def summary(self) -> dict:
         """The record with derived statistics, as printed by --json."""
@@ -68,4 +70,6 @@ class GenerationRecord:
                 f"TTFT {self.ttft_ms:.0f} ms{self._cached()}, ITL p50/p95 {s['itl_ms_p50']:.1f}/{s['itl_ms_p95']:.1f} ms, "
                 f"server {s['server_ms_per_round']:.1f} ms/round, "
                 f"{self.bytes_up} B up / {self.bytes_down} B down, finish={self.finish_reason}"
-                + (f", resumed after {self.reconnects} broken stream(s)" if self.reconnects else ""))
+                + (f", resumed after {self.reconnects} broken stream(s)" if self.reconnects else "")
+                + (f", waited {self.busy_wait_ms / 1e3:.1f} s for a busy server ({self.busy_refusals} refusal(s))"
+                   if self.busy_refusals else ""))

@@ -3,6 +3,7 @@ import dataclasses
 import os
 import shlex
 import threading
+import time
 
 import grpc
 import pytest
@@ -11,13 +12,13 @@ import torch
 from device_client.cli import make_drafter
 from device_client.drafters.ngram import NgramDrafter
 from device_client.drafters.none import NoDrafter
-from device_client.session import Request, generate
+from device_client.session import Request, busy_retry_after_s, generate
 from edge_server.kv_cache import KVPool
 from edge_server.launcher import ServerProcess
 from edge_server.sampling import Sampling
 from edge_server.session import Session
 from edge_server.verifier import TargetModel
-from shared.protocol import pb, rpc
+from shared.protocol import RETRY_AFTER_MS, pb, rpc
 from shared.tree import TokenTree
 
 from conftest import PROMPTS, Served, Stream, wait_for
@@ -240,7 +241,7 @@ def small_server():
                          "--fixed-budget"])  # lock-step sessions wait for Drafts (the idle timeout)
     channel = grpc.insecure_channel(srv.address)
     stub = rpc.EdgeSpecStub(channel)
-    yield stub, stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+    yield stub, stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30), srv.address
     channel.close()
     srv.stop()
 
@@ -251,29 +252,81 @@ def _refused(stub, first):
     return err.value
 
 
-def test_backpressure_is_resource_exhausted_and_the_server_recovers(small_server):
-    stub, info = small_server
-    held = [Stream(stub, _start(info, max_new=20)) for _ in range(2)]
+def _retry_after_ms(err) -> int | None:
+    hint = dict(err.trailing_metadata() or ()).get(RETRY_AFTER_MS)
+    return None if hint is None else int(hint)
+
+
+def _hold(stub, info, n, max_new):
+    """n lock-step sessions the server keeps waiting for Drafts (until the idle timeout)."""
+    held = [Stream(stub, _start(info, max_new=max_new)) for _ in range(n)]
     for h in held:
         next(h.replies)
-    err = _refused(stub, _start(info))
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "server is full" in err.details() and "retry in" in err.details()
+    return held
+
+
+def _let_go(held):
     for h in held:
         h.send(pb.ClientMessage(cancel=pb.Cancel()))
         list(h.replies)
         h.close()
-    err = _refused(stub, _start(info, max_new=400))  # more KV than the whole budget
+
+
+def test_backpressure_is_resource_exhausted_and_the_server_recovers(small_server):
+    stub, info, _ = small_server
+    held = _hold(stub, info, 2, max_new=20)
+    err = _refused(stub, _start(info))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "server is full" in err.details() and "retry in" in err.details()
+    assert 200 <= _retry_after_ms(err) <= 10_000  # the hint a client acts on
+    _let_go(held)
+    held = _hold(stub, info, 1, max_new=150)  # 169 of the ~270 positions
+    err = _refused(stub, _start(info, max_new=150))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "KV budget exhausted" in err.details() and "retry in" in err.details()
+    assert 200 <= _retry_after_ms(err) <= 10_000
+    _let_go(held)
+    err = _refused(stub, _start(info, max_new=400))  # more KV than the whole budget: waiting will not help
+    assert err.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "never fit" in err.details() and "lower max_new_tokens to at most" in err.details()
+    assert _retry_after_ms(err) is None
     assert wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
     rec = generate(stub, Request([1, 9690, 198, 2683], max_new_tokens=4), NoDrafter(),
                    info.tokenizer_fingerprint, timeout=60)
     assert len(rec.token_ids) == 4
 
 
+def test_a_refused_device_waits_as_the_server_asks_and_gets_its_answer(small_server, loaded):
+    stub, info, _ = small_server
+    ids = [1, 9690, 198, 2683]
+    request = Request(ids, max_new_tokens=8, mode="server-ar")
+    held = _hold(stub, info, 2, max_new=20)
+    with pytest.raises(grpc.RpcError) as err:  # not waiting: refused at once
+        generate(stub, request, NoDrafter(), info.tokenizer_fingerprint, timeout=60, busy_wait_s=0)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    threading.Timer(1.0, _let_go, [held]).start()  # the server has room a second from now
+    rec = generate(stub, request, NoDrafter(), info.tokenizer_fingerprint, timeout=60, busy_wait_s=30)
+    assert rec.busy_refusals >= 1 and rec.busy_wait_ms > 0
+    assert rec.ttft_ms >= 900  # from the request, the waiting included
+    assert rec.token_ids == _greedy(loaded.model, ids, 8)
+    assert f"waited {rec.busy_wait_ms / 1e3:.1f} s for a busy server" in rec.summary_line()
+
+
+def test_a_refusal_waiting_will_not_cure_is_not_retried(small_server):
+    """gRPC's own RESOURCE_EXHAUSTED (a message over the size limit) carries no retry hint."""
+    _, info, address = small_server
+    with grpc.insecure_channel(address,
+                               options=[("grpc.max_send_message_length", 64)]) as channel:
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as err:
+            generate(rpc.EdgeSpecStub(channel), Request(list(range(1, 200)), max_new_tokens=4), NoDrafter(),
+                     info.tokenizer_fingerprint, timeout=60, busy_wait_s=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert busy_retry_after_s(err.value) is None and time.perf_counter() - t0 < 10
+
+
 def test_idle_session_times_out_and_frees_its_kv(small_server):
-    stub, info = small_server
+    stub, info, _ = small_server
     s = Stream(stub, _start(info, max_new=20))
     next(s.replies)
     assert stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens > 0

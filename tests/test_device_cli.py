@@ -14,6 +14,7 @@ from device_client.cli import parse_args
     ("--timeout", "nan", "--timeout must be a number of seconds above 0"),
     ("--reconnect-s", "-1", "--reconnect-s must be a number of seconds >= 0"),
     ("--reconnect-s", "nan", "--reconnect-s must be a number of seconds >= 0"),
+    ("--busy-wait-s", "-1", "--busy-wait-s must be a number of seconds >= 0"),
 ])
 def test_a_flag_out_of_range_is_refused_with_what_it_must_be(flag, value, says, capsys):
     with pytest.raises(SystemExit):

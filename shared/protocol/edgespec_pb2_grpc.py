@@ -62,6 +62,8 @@ class EdgeSpecServicer:
     def Generate(self, request_iterator, context):
         """Device <-> edge generation stream: Start, then Draft* (or Cancel) up;
         Started, then Verdict* down until a Verdict with finished=true.
+        A busy server refuses the Start with RESOURCE_EXHAUSTED and the trailing metadata
+        "retry-after-ms" (when trying again may succeed); a refusal without it will not pass.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
