@@ -29,6 +29,7 @@ SERVER_OPTIONS = [
     ("grpc.http2.ping_timeout_ms", 10_000),  # what current gRPC waits for a ping's answer (default 60 s)
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share its connections
 ]
 
 def _number(kind: type, minimum: float, above: bool = False):
@@ -137,7 +138,19 @@ async def serve(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     started = time.perf_counter()
-    loaded = load_model(args.model, dtype, device)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    try:  # before the model loads, so that a taken port fails at once
+        port = server.add_insecure_port(f"{args.host}:{args.port}")
+    except RuntimeError:  # what current gRPC raises where older versions returned 0
+        port = 0
+    if port == 0:
+        raise SystemExit(f"cannot listen on {args.host}:{args.port} (in use?); pick another --port")
+    try:
+        loaded = load_model(args.model, dtype, device)
+    except (OSError, ValueError) as err:  # transformers' words for a missing folder, name or file
+        raise SystemExit(f"cannot load --model {args.model!r}: {str(err).splitlines()[0]} Give a folder holding "
+                         "a HuggingFace causal LM (config.json, weights, tokenizer) or the name of one in the "
+                         "local cache; without --model the embedded default model is served") from None
     fingerprint = model_fingerprint(loaded.model)
     max_ctx = args.max_context or int(getattr(loaded.model.config, "max_position_embeddings", 2048))
     target = TargetModel(loaded.model, max_ctx)
@@ -163,16 +176,12 @@ async def serve(args: argparse.Namespace) -> None:
                          "session; give it more") from None
     if args.metrics_port is not None:
         serve_metrics(service.metrics, args.host, args.metrics_port)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
     rpc.add_EdgeSpecServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["EdgeSpec"].full_name, health.SERVICE_NAME,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    if port == 0:
-        raise SystemExit(f"cannot listen on {args.host}:{args.port} (in use?); pick another --port")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(health.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -105,6 +105,8 @@ def resolve_model_path(name: str) -> str:
     """Map `--model` to something from_pretrained loads: the embedded folder, a path or an id."""
     if name in ("", "default", DEFAULT_MODEL):
         return str(embedded_model_dir())
+    if name.startswith((os.sep, ".")) and not os.path.isdir(name):  # a path, not a hub name like org/model
+        raise OSError(f"there is no folder {name}.")
     return name
 
 

@@ -3,7 +3,9 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
 from edge_server.cli import parse_args, parse_cpus, pin_process
@@ -43,11 +45,42 @@ def test_cpus_says_what_is_wrong_with_a_bad_list():
 
 def test_a_kv_budget_too_small_for_any_session_stops_the_server_with_a_message():
     """The warm-up needs a slot; a budget that cannot hold one says so at start, not in a traceback."""
-    proc = subprocess.run([sys.executable, "-m", "edge_server.cli", "--port", "0", "--kv-budget-mb", "0.0001"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = _serve("--port", "0", "--kv-budget-mb", "0.0001")
     assert proc.returncode != 0
     assert "--kv-budget-mb 0.0001 holds 0 KV positions" in proc.stderr and "give it more" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _serve(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_server.cli", *flags], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def test_a_taken_port_stops_the_server_with_a_message():
+    """gRPC's default would bind a port another gRPC server holds (SO_REUSEPORT) and the two
+    would split the devices' connections; edge-server refuses it before loading the model."""
+    holder = grpc.server(ThreadPoolExecutor(1))
+    port = holder.add_insecure_port("127.0.0.1:0")
+    holder.start()
+    try:
+        proc = _serve("--port", str(port))
+    finally:
+        holder.stop(0)
+    assert proc.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port} (in use?); pick another --port" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("model, says", [("/no/such/model", "there is no folder /no/such/model."),
+                                         ("NO_WEIGHTS", "no file named")])
+def test_a_model_that_cannot_be_loaded_stops_the_server_with_a_message(model, says, tmp_path):
+    if model == "NO_WEIGHTS":  # a config, nothing else
+        (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+        model = str(tmp_path)
+    proc = _serve("--port", "0", "--model", model)
+    assert proc.returncode != 0
+    assert f"cannot load --model {model!r}: " in proc.stderr and says in proc.stderr
+    assert "Give a folder holding a HuggingFace causal LM" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("flag, value, says", [
