@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(summary), flush=True)
     except grpc.RpcError as err:
         raise SystemExit(f"device-client: server said {err.code().name}: {err.details()}") from None
+    except KeyboardInterrupt:  # Ctrl-C: the answer so far stays on screen; the server frees the session
+        print(file=sys.stdout, flush=True)
+        print("device-client: stopped", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

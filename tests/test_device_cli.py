@@ -1,7 +1,15 @@
-"""device-client's flags: a value the server would refuse, or that cannot work, is refused here first."""
+"""device-client as a person runs it: a flag value the server would refuse, or that cannot
+work, is refused here first; Ctrl-C stops an answer without a traceback or a leftover session."""
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from device_client.cli import parse_args
+from shared.protocol import pb
+
+from conftest import PROMPTS, ROOT, wait_for
 
 
 @pytest.mark.parametrize("flag, value, says", [
@@ -45,3 +53,19 @@ def test_a_prompt_is_needed_unless_chatting(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--chat", "--raw", "hello"])
     assert "leave out --raw" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_the_answer_cleanly_and_the_server_frees_the_session(client, server):
+    stub, _, _ = client
+    proc = subprocess.Popen([sys.executable, "-m", "device_client.cli", "--server", server.address, "--ignore-eos",
+                             "--max-new-tokens", "512", "--drafter", "none", PROMPTS[0]],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.read(1)  # the answer has begun
+        assert stub.GetServerInfo(pb.ServerInfoRequest(), timeout=10).active_sessions == 1
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "device-client: stopped" in err and "Traceback" not in err
+    assert wait_for(lambda: stub.GetServerInfo(pb.ServerInfoRequest(), timeout=10).active_sessions == 0)
