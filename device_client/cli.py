@@ -102,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--timeout must be a number of seconds above 0")
     if not args.reconnect_s >= 0:
         p.error("--reconnect-s must be a number of seconds >= 0")
+    if args.server.startswith(("http://", "https://")):
+        p.error(f"--server takes HOST:PORT, not a URL (gRPC): try {args.server.split('://', 1)[1].rstrip('/')}")
+    if ":" not in args.server:  # gRPC would dial port 443
+        p.error(f"--server needs the port: {args.server}:50051 if the server runs with its default --port")
     if not args.busy_wait_s >= 0:
         p.error("--busy-wait-s must be a number of seconds >= 0")
     if args.seed is None:
