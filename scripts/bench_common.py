@@ -113,6 +113,8 @@ class MethodRun:
             "rounds_per_token": rounds / tokens if tokens else 0.0,
             "ttft_ms_p50": statistics.median(r.ttft_ms for r in recs),
             "request_s_p50": statistics.median(r.total_ms for r in recs) / 1e3,  # TTFT + the answer
+            "request_s_p95": float(np.percentile([r.total_ms for r in recs], 95)) / 1e3,
+            "request_s_max": max(r.total_ms for r in recs) / 1e3,
             "prompt_tokens_mean": statistics.mean(len(r.prompt_token_ids) for r in recs),
             # ITL percentiles per client; the median client's p50 and the worst client's p95
             "itl_ms_p50": statistics.median(p50), "itl_ms_p95": max(p95),
@@ -123,6 +125,7 @@ class MethodRun:
             "draft_ms_per_round": sum(r.draft_ms for r in recs) / rounds if rounds else 0.0,
             "steady_tokens_per_s": self.steady_tokens_per_s(),
             "reconnects": sum(r.reconnects for r in recs),
+            "busy_refusals": sum(r.busy_refusals for r in recs),
         }
 
     def steady_tokens_per_s(self) -> float:
@@ -150,7 +153,8 @@ def run_clients(address: str, method: str, prompts: list[list[str]], max_new_tok
     and drafter, all starting together once every client has connected and loaded its
     drafter; each runs its prompts in order. `max_new_tokens`: one length for every request,
     or one per prompt (same shape). `reconnect_s`: how long a client resumes a broken stream
-    (0: a break fails the run).
+    (0: a break fails the run). A client the server refuses for want of room waits as it asks
+    and tries again (busy_refusals counts those), so more clients than --max-sessions queue.
 
     Processes, not threads: devices draft on their own hardware, in parallel; as threads of
     one process the clients' drafting and gRPC work also queued behind one GIL. They still
@@ -232,7 +236,7 @@ def _client(index: int, address: str, method: str, prompts: list[str], lengths: 
             for request in requests:
                 sent.append(time.perf_counter())
                 recs.append(generate(stub, request, drafter, info.tokenizer_fingerprint, timeout=timeout,
-                                     reconnect_s=reconnect_s))
+                                     reconnect_s=reconnect_s, busy_wait_s=timeout))  # a full server: wait
     except BaseException as err:  # reported by the parent, with the method named
         results.put(("done", index, recs, sent, f"client {index}: {err!r}\n{traceback.format_exc()}"))
         return

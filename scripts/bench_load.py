@@ -58,7 +58,7 @@ COLUMNS = [("clients", "N", "d"), ("method", "method", ""), ("tokens_per_s", "to
            ("request_s_p50", "request s p50", ".1f"),
            ("batch_size_mean", "batch rows", ".1f"), ("batch_tokens_mean", "batch tok", ".1f"),
            ("verify_ms_p50", "step ms p50", ".1f"), ("queue_ms_p50", "queue ms p50", ".1f"),
-           ("tree_mean", "tree nodes", ".1f")]
+           ("tree_mean", "tree nodes", ".1f"), ("busy_refusals", "refused", "g")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
