@@ -77,6 +77,7 @@ def _service(budgets) -> EdgeSpecService:
     svc.scheduler, svc.target = InstantScheduler(budgets), CountingTarget()
     svc.metrics, svc.sessions = ServerMetrics(), {}
     svc.limits, svc.tokenizer_fingerprint, svc.eos_ids = Limits(max_tree_nodes=16, idle_timeout_s=5.0), "tok", []
+    svc.pool = SimpleNamespace(budget_tokens=1 << 20)
     return svc
 
 
@@ -87,7 +88,7 @@ class Aborted(Exception):
 
 
 class Context:
-    async def abort(self, code, message):
+    async def abort(self, code, message, trailing_metadata=()):
         raise Aborted(code, message)
 
 
