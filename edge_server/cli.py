@@ -66,7 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-sessions", type=_number(int, 1), default=64)
     p.add_argument("--kv-budget-mb", type=_number(float, 0, above=True), default=2048.0,
                    help="KV cache memory for all sessions; a session reserves prompt + max_new_tokens + "
-                        "one tree at admission and is refused (RESOURCE_EXHAUSTED) when it does not fit")
+                        "one tree at admission, and waits in line while it does not fit")
+    p.add_argument("--max-waiting", type=_number(int, 0), default=256,
+                   help="streams that may wait in line, in arrival order, for a session slot or KV room; "
+                        "beyond it a stream is refused (RESOURCE_EXHAUSTED with a retry hint)")
+    p.add_argument("--admission-wait-s", type=_number(float, 0), default=30.0,
+                   help="how long a stream waits in that line before it is refused; 0: refuse at once")
     p.add_argument("--idle-timeout", type=_number(float, 0, above=True), default=120.0,
                    help="seconds a device may stay silent before its session and KV are freed")
     p.add_argument("--max-batch-size", type=_number(int, 1), default=32, help="most sessions in one batched forward")
@@ -162,7 +167,7 @@ async def serve(args: argparse.Namespace) -> None:
     service = EdgeSpecService(
         target, loaded.name, fingerprint, eos_ids, artifacts, tok_fp,
         Limits(args.max_tree_nodes, args.max_new_tokens, args.max_sessions, args.kv_budget_mb,
-               args.idle_timeout), __version__,
+               args.idle_timeout, args.max_waiting, args.admission_wait_s), __version__,
         SchedulerConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                         prefill_chunk=args.prefill_chunk,
                         window_ms=args.batch_window_ms, window_max_ms=args.batch_window_max_ms,

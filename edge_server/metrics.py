@@ -209,8 +209,8 @@ class _Live:
         for key, help_ in COUNTER_HELP.items():
             yield CounterMetricFamily(f"{PREFIX}_{key}", help_, value=totals[key])
         status = self.metrics.status()
-        for key in ("active_sessions", "kv_used_tokens", "kv_budget_tokens", "queued_prefill_tokens",
-                    "prompt_cache_tokens"):
+        for key in ("active_sessions", "waiting_sessions", "kv_used_tokens", "kv_budget_tokens",
+                    "queued_prefill_tokens", "prompt_cache_tokens"):
             if key in status:
                 yield GaugeMetricFamily(f"{PREFIX}_{key}", key.replace("_", " "), value=status[key])
         budget = status.get("budget")

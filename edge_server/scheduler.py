@@ -40,9 +40,10 @@ Policy
   finished (its stream broke) leaves its prompt and generated tokens there, so a resumption of it
   (Start.resume_token_ids) copies them instead of feeding them again. Kept prompts are dropped,
   least recently used first, before a session would be refused for want of KV room.
-- Backpressure happens at admission (the service refuses with RESOURCE_EXHAUSTED): every session
-  has at most one item in flight, so the queue is bounded by the admitted sessions; queued
-  prefill tokens are bounded too.
+- Backpressure happens at admission (streams wait in a bounded line for room,
+  edge_server.admission, and past it the service refuses with RESOURCE_EXHAUSTED): every
+  session has at most one item in flight, so the queue is bounded by the admitted sessions;
+  queued prefill tokens are bounded too.
 
 Load-aware speculation: `edge_server.budget.BudgetController` picks the tree budget the
 verdicts hand out, from the generated tokens/s it measures at each budget and load; every step
@@ -55,6 +56,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -125,6 +127,7 @@ class Scheduler:
         self._stopping = False
         self.recent_step_ms = 0.0  # EMA of step compute, for the collection window and retry hints
         self.recent_prefill_ms_per_token = 0.0  # EMA over steps that fed prompts, for retry hints
+        self.on_kv_freed: Callable[[], None] | None = None  # called on this thread: streams wait for room
         self._last_step_end = time.perf_counter()
         self._sent: dict[str, dict[int, float]] = {}  # session -> round -> when its result was handed back
         self._turnaround: dict[str, tuple[float, float]] = {}  # session -> EMAs of the seconds from
@@ -268,6 +271,8 @@ class Scheduler:
             self.budgets.remove(s.id)
             self.metrics.session_close(s.id)
         self._releases.clear()
+        if self.on_kv_freed is not None:
+            self.on_kv_freed()
 
     def _take(self) -> list[tuple[_Item, Row]]:
         cfg = self.config

@@ -15,6 +15,7 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 
+from edge_server.admission import AdmissionLine
 from edge_server.artifacts import ArtifactStore
 from edge_server.kv_cache import KVBudgetError, KVPool
 from edge_server.metrics import ServerMetrics
@@ -35,6 +36,8 @@ class Limits:
     max_sessions: int = 64
     kv_budget_mb: float = 2048.0
     idle_timeout_s: float = 120.0
+    max_waiting: int = 256  # streams waiting in line for room (edge_server.admission)
+    admission_wait_s: float = 30.0
 
 
 @dataclass
@@ -80,11 +83,13 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         self.scheduler = Scheduler(target, self.pool, scheduler_config or SchedulerConfig(),
                                    limits.max_tree_nodes, self.metrics)
         self.sessions: dict[str, Session] = {}
+        self.line = AdmissionLine(limits.max_waiting, limits.admission_wait_s)
+        self.scheduler.on_kv_freed = self.line.room_freed_threadsafe
         self.metrics.status = self.status
 
     def status(self) -> dict:
         """The live state the metrics report: sessions, KV use, queued prefill, the budget."""
-        return dict(active_sessions=len(self.sessions), **self.scheduler.status())
+        return dict(active_sessions=len(self.sessions), waiting_sessions=len(self.line), **self.scheduler.status())
 
     def shutdown(self) -> None:
         self.scheduler.stop()
@@ -132,7 +137,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             _require(first is not None and first.WhichOneof("kind") == "start",
                      grpc.StatusCode.FAILED_PRECONDITION,
                      "the stream must begin with Start; send Start before any Draft or Cancel")
-            session = self._open_session(first.start)
+            session = await self._open_session(first.start)
             result, step = await self.scheduler.prefill(session)
             verdict = self._verdict(session, result, step)
             yield pb.ServerMessage(started=pb.Started(session_id=session.id, first=verdict,
@@ -146,6 +151,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                 self.sessions.pop(session.id, None)
                 self.scheduler.release(session)
                 session.release()
+                self.line.room_freed()
 
     async def _rounds(self, session: Session, mode: int, budget: int,
                       request_iterator) -> AsyncIterator[pb.ServerMessage]:
@@ -242,10 +248,31 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         )
 
     # ---- validation --------------------------------------------------------------------
-    def _open_session(self, start: pb.Start) -> Session:
-        vocab, max_ctx = self.target.vocab_size, self.target.max_context
+    async def _open_session(self, start: pb.Start) -> Session:
+        """A validated session, admitted once there is room for it (waiting in line for it)."""
+        session, capacity = self._new_session(start)
+        why = await self.line.enter(lambda: self._admit(session, capacity))
+        if why is not None:
+            self._busy(why, self._soonest_end_s())
+        if session.resumed:
+            self.metrics.count("sessions_resumed")
+            self.metrics.count("resumed_tokens", session.resumed)
+        return session
+
+    def _admit(self, session: Session, capacity: int) -> str | None:
+        """Admits the session if a slot and its KV are free (None), else says which is not."""
         if len(self.sessions) >= self.limits.max_sessions:
-            self._busy(f"server is full ({self.limits.max_sessions} sessions)", self._soonest_end_s())
+            return f"server is full ({self.limits.max_sessions} sessions)"
+        try:
+            self.scheduler.admit(session, capacity)
+        except KVBudgetError as err:
+            return str(err)
+        self.sessions[session.id] = session
+        return None
+
+    def _new_session(self, start: pb.Start) -> tuple[Session, int]:
+        """The session a Start asks for and the KV positions it needs, or BadRequest."""
+        vocab, max_ctx = self.target.vocab_size, self.target.max_context
         _require(start.tokenizer_fingerprint == self.tokenizer_fingerprint,
                  grpc.StatusCode.FAILED_PRECONDITION,
                  f"tokenizer fingerprint {start.tokenizer_fingerprint or '(empty)'!r} is not this "
@@ -288,15 +315,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                  f"{start.max_new_tokens} + a tree of {self.limits.max_tree_nodes}) but the server's whole KV "
                  f"budget holds {self.pool.budget_tokens}, so it would never fit; "
                  + (f"lower max_new_tokens to at most {room}" if room > 0 else "shorten the prompt"))
-        try:
-            self.scheduler.admit(session, capacity)
-        except KVBudgetError as err:
-            self._busy(str(err), self._soonest_end_s())
-        self.sessions[session.id] = session
-        if resumed:
-            self.metrics.count("sessions_resumed")
-            self.metrics.count("resumed_tokens", len(resumed))
-        return session
+        return session, capacity
 
     def _check_resumed(self, start: pb.Start, stops: set[int]) -> list[int]:
         """The tokens a broken stream delivered, which this one resumes after: they must be

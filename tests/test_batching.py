@@ -233,11 +233,15 @@ def test_cancel_and_disconnect_free_the_kv(client):
     assert wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
 
 
+LINE_WAIT_S = 2
+
+
 @pytest.fixture(scope="module")
 def small_server():
     # 46,080 B per KV position in fp32: 12 MiB hold ~270 positions
     srv = ServerProcess(["--log-level", "WARNING", "--max-sessions", "2", "--max-tree-nodes", "16",
                          "--kv-budget-mb", "12", "--idle-timeout", "6", "--dtype", "float32",
+                         "--max-waiting", "1", "--admission-wait-s", str(LINE_WAIT_S),
                          "--fixed-budget"])  # lock-step sessions wait for Drafts (the idle timeout)
     channel = grpc.insecure_channel(srv.address)
     stub = rpc.EdgeSpecStub(channel)
@@ -272,13 +276,26 @@ def _let_go(held):
         h.close()
 
 
+def _waiting(stub) -> int:
+    return _metrics(stub)["waiting_sessions"]
+
+
 def test_backpressure_is_resource_exhausted_and_the_server_recovers(small_server):
     stub, info, _ = small_server
     held = _hold(stub, info, 2, max_new=20)
-    err = _refused(stub, _start(info))
+    in_line = []
+    waiter = threading.Thread(target=lambda: in_line.append(_refused(stub, _start(info))))
+    waiter.start()  # waits in line for a slot, LINE_WAIT_S at most
+    assert wait_for(lambda: _waiting(stub) == 1)
+    err = _refused(stub, _start(info))  # the line (one stream) is full: refused at once
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "server is full" in err.details() and "retry in" in err.details()
+    assert "1 streams are waiting for room ahead of this one" in err.details() and "retry in" in err.details()
     assert 200 <= _retry_after_ms(err) <= 10_000  # the hint a client acts on
+    waiter.join()
+    err = in_line[0]
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"server is full (2 sessions); waited {LINE_WAIT_S} s in line" in err.details()
+    assert 200 <= _retry_after_ms(err) <= 10_000
     _let_go(held)
     held = _hold(stub, info, 1, max_new=150)  # 169 of the ~270 positions
     err = _refused(stub, _start(info, max_new=150))
@@ -291,9 +308,24 @@ def test_backpressure_is_resource_exhausted_and_the_server_recovers(small_server
     assert "never fit" in err.details() and "lower max_new_tokens to at most" in err.details()
     assert _retry_after_ms(err) is None
     assert wait_for(lambda: stub.GetMetrics(pb.MetricsRequest(), timeout=10).kv_used_tokens == 0)
+    assert _waiting(stub) == 0
     rec = generate(stub, Request([1, 9690, 198, 2683], max_new_tokens=4), NoDrafter(),
                    info.tokenizer_fingerprint, timeout=60)
     assert len(rec.token_ids) == 4
+
+
+@pytest.mark.parametrize("room", ["a session slot", "KV"])
+def test_a_stream_waits_in_line_for_room_and_gets_its_answer(small_server, loaded, room):
+    """The server holds the Start until a session ends, instead of refusing it: no retry."""
+    stub, info, _ = small_server
+    held = _hold(stub, info, 2, max_new=20) if room == "a session slot" else _hold(stub, info, 1, max_new=150)
+    ids = [1, 9690, 198, 2683]
+    threading.Timer(LINE_WAIT_S / 2, _let_go, [held]).start()
+    n = 8 if room == "a session slot" else 150  # KV: needs more room than is free beside the held session
+    rec = generate(stub, Request(ids, max_new_tokens=n, mode="server-ar"), NoDrafter(),
+                   info.tokenizer_fingerprint, timeout=60)
+    assert rec.busy_refusals == 0 and rec.ttft_ms >= LINE_WAIT_S / 2 * 1e3 - 100
+    assert rec.token_ids == _greedy(loaded.model, ids, n)
 
 
 def test_a_refused_device_waits_as_the_server_asks_and_gets_its_answer(small_server, loaded):
@@ -301,13 +333,13 @@ def test_a_refused_device_waits_as_the_server_asks_and_gets_its_answer(small_ser
     ids = [1, 9690, 198, 2683]
     request = Request(ids, max_new_tokens=8, mode="server-ar")
     held = _hold(stub, info, 2, max_new=20)
-    with pytest.raises(grpc.RpcError) as err:  # not waiting: refused at once
+    with pytest.raises(grpc.RpcError) as err:  # the client does not wait: refused after the line's wait
         generate(stub, request, NoDrafter(), info.tokenizer_fingerprint, timeout=60, busy_wait_s=0)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    threading.Timer(1.0, _let_go, [held]).start()  # the server has room a second from now
+    threading.Timer(LINE_WAIT_S + 1, _let_go, [held]).start()  # room after one wait in line ran out
     rec = generate(stub, request, NoDrafter(), info.tokenizer_fingerprint, timeout=60, busy_wait_s=30)
     assert rec.busy_refusals >= 1 and rec.busy_wait_ms > 0
-    assert rec.ttft_ms >= 900  # from the request, the waiting included
+    assert rec.ttft_ms >= (LINE_WAIT_S + 1) * 1e3 - 100  # from the request, the waiting included
     assert rec.token_ids == _greedy(loaded.model, ids, 8)
     assert f"waited {rec.busy_wait_ms / 1e3:.1f} s for a busy server" in rec.summary_line()
 

@@ -14,6 +14,7 @@ import torch
 
 from edge_server.metrics import ServerMetrics
 from edge_server.scheduler import SchedulerConfig, StepInfo
+from edge_server.admission import AdmissionLine
 from edge_server.service import EdgeSpecService, Limits
 from shared.protocol import pb
 
@@ -77,7 +78,7 @@ def _service(budgets) -> EdgeSpecService:
     svc.scheduler, svc.target = InstantScheduler(budgets), CountingTarget()
     svc.metrics, svc.sessions = ServerMetrics(), {}
     svc.limits, svc.tokenizer_fingerprint, svc.eos_ids = Limits(max_tree_nodes=16, idle_timeout_s=5.0), "tok", []
-    svc.pool = SimpleNamespace(budget_tokens=1 << 20)
+    svc.pool, svc.line = SimpleNamespace(budget_tokens=1 << 20), AdmissionLine(max_waiting=0, wait_s=0)
     return svc
 
 
