@@ -137,7 +137,8 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             _require(first is not None and first.WhichOneof("kind") == "start",
                      grpc.StatusCode.FAILED_PRECONDITION,
                      "the stream must begin with Start; send Start before any Draft or Cancel")
-            session = await self._open_session(first.start)
+            session, capacity = self._new_session(first.start)
+            await self._admit_in_line(session, capacity)
             result, step = await self.scheduler.prefill(session)
             verdict = self._verdict(session, result, step)
             yield pb.ServerMessage(started=pb.Started(session_id=session.id, first=verdict,
@@ -146,9 +147,8 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                 yield msg
         except BadRequest as bad:
             await context.abort(bad.code, bad.message, bad.trailers)
-        finally:
-            if session is not None:
-                self.sessions.pop(session.id, None)
+        finally:  # an admitted session, also one whose device left while it was being admitted
+            if session is not None and self.sessions.pop(session.id, None) is not None:
                 self.scheduler.release(session)
                 session.release()
                 self.line.room_freed()
@@ -248,16 +248,14 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         )
 
     # ---- validation --------------------------------------------------------------------
-    async def _open_session(self, start: pb.Start) -> Session:
-        """A validated session, admitted once there is room for it (waiting in line for it)."""
-        session, capacity = self._new_session(start)
+    async def _admit_in_line(self, session: Session, capacity: int) -> None:
+        """Admits the session once there is room for it, waiting in line for it, or refuses it."""
         why = await self.line.enter(lambda: self._admit(session, capacity))
         if why is not None:
             self._busy(why, self._soonest_end_s())
         if session.resumed:
             self.metrics.count("sessions_resumed")
             self.metrics.count("resumed_tokens", session.resumed)
-        return session
 
     def _admit(self, session: Session, capacity: int) -> str | None:
         """Admits the session if a slot and its KV are free (None), else says which is not."""
@@ -304,10 +302,6 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             tree_cap=min(start.tree_budget or self.limits.max_tree_nodes, self.limits.max_tree_nodes),
             generated=resumed, resumed=len(resumed),
         )
-        queued = self.scheduler.queued_prefill_tokens()
-        if self.scheduler.queued_prefill_tokens(session) > self.scheduler.config.max_queued_prefill_tokens and queued:
-            self._busy(f"{queued} prompt tokens are waiting for prefill",
-                       queued * self.scheduler.recent_prefill_ms_per_token / 1e3)
         capacity = min(len(ids) + start.max_new_tokens, max_ctx) + self.limits.max_tree_nodes
         room = self.pool.budget_tokens - self.limits.max_tree_nodes - len(ids)
         _require(capacity <= self.pool.budget_tokens, grpc.StatusCode.OUT_OF_RANGE,
@@ -315,6 +309,10 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                  f"{start.max_new_tokens} + a tree of {self.limits.max_tree_nodes}) but the server's whole KV "
                  f"budget holds {self.pool.budget_tokens}, so it would never fit; "
                  + (f"lower max_new_tokens to at most {room}" if room > 0 else "shorten the prompt"))
+        queued = self.scheduler.queued_prefill_tokens()
+        if self.scheduler.queued_prefill_tokens(session) > self.scheduler.config.max_queued_prefill_tokens and queued:
+            self._busy(f"{queued} prompt tokens are waiting for prefill",
+                       queued * self.scheduler.recent_prefill_ms_per_token / 1e3)
         return session, capacity
 
     def _check_resumed(self, start: pb.Start, stops: set[int]) -> list[int]:
