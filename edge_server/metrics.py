@@ -90,6 +90,9 @@ class ServerMetrics:
         self._device_wait_seconds = histogram(
             "device_wait_seconds", "a lock-step verdict sent -> that device's next draft in (link + drafting)",
             _SECONDS)
+        self._admission_wait_seconds = histogram(
+            "admission_wait_seconds", "a stream's Start in -> its session admitted (waiting in line for room)",
+            (0.001, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0))
 
     def step(self, rec: StepRecord) -> None:
         with self._lock:
@@ -106,6 +109,9 @@ class ServerMetrics:
             self.device_waits.append(ms)
             self._add(device_wait_ms=ms, device_waits=1)
         self._device_wait_seconds.observe(ms / 1e3)
+
+    def admitted(self, waited_s: float) -> None:
+        self._admission_wait_seconds.observe(waited_s)
 
     def session_open(self, sid: str, mode: str) -> None:
         with self._lock:

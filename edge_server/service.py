@@ -250,9 +250,11 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
     # ---- validation --------------------------------------------------------------------
     async def _admit_in_line(self, session: Session, capacity: int) -> None:
         """Admits the session once there is room for it, waiting in line for it, or refuses it."""
+        entered = time.perf_counter()
         why = await self.line.enter(lambda: self._admit(session, capacity))
         if why is not None:
             self._busy(why, self._soonest_end_s())
+        self.metrics.admitted(time.perf_counter() - entered)
         if session.resumed:
             self.metrics.count("sessions_resumed")
             self.metrics.count("resumed_tokens", session.resumed)

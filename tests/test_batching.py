@@ -276,6 +276,14 @@ def _let_go(held):
         h.close()
 
 
+def _admission_waits(stub) -> dict[str, float]:
+    """The admission wait histogram's samples: 'count', 'sum', 'bucket{le="0.5"}', ..."""
+    prefix = "edgespec_admission_wait_seconds_"
+    return {name[len(prefix):]: float(value) for name, value in
+            (line.rsplit(" ", 1) for line in stub.GetMetrics(pb.MetricsRequest(), timeout=10).prometheus.splitlines()
+             if line.startswith(prefix))}
+
+
 def _waiting(stub) -> int:
     return _metrics(stub)["waiting_sessions"]
 
@@ -326,6 +334,8 @@ def test_a_stream_waits_in_line_for_room_and_gets_its_answer(small_server, loade
                    info.tokenizer_fingerprint, timeout=60)
     assert rec.busy_refusals == 0 and rec.ttft_ms >= LINE_WAIT_S / 2 * 1e3 - 100
     assert rec.token_ids == _greedy(loaded.model, ids, n)
+    waits = _admission_waits(stub)
+    assert waits['bucket{le="0.5"}'] < waits["count"]  # this stream waited longer
 
 
 def test_a_refused_device_waits_as_the_server_asks_and_gets_its_answer(small_server, loaded):
