@@ -92,6 +92,15 @@ class _Downlink:
             self.inbox.put((time.perf_counter(), err))
         self.inbox.put((time.perf_counter(), None))
 
+    def wait_end(self, timeout: float) -> None:
+        """Waits up to `timeout` for the end of the stream (the server's answer to a Cancel)."""
+        deadline = time.perf_counter() + timeout
+        try:
+            while self.inbox.get(timeout=max(0.0, deadline - time.perf_counter()))[1] is not None:
+                pass
+        except queue.Empty:
+            pass
+
     def take(self) -> list[tuple[float, pb.ServerMessage]]:
         """Blocks for the next message, then adds every one already waiting. The end of the
         stream is an error only where a message was still due."""
@@ -218,8 +227,8 @@ class _Generation:
         up = _Uplink()
         up.send(pb.ClientMessage(start=self._start()))
         responses = self.stub.Generate(iter(up), timeout=timeout)
+        down = _Downlink(responses)
         try:
-            down = _Downlink(responses)
             (arrived, first), *rest = down.take()
             rec.bytes_down += _wire(first)
             if not self.started:
@@ -247,6 +256,13 @@ class _Generation:
                 if request.drafts and budget > 1:
                     up.send(pb.ClientMessage(draft=self._draft(verdict, budget)))
                 verdicts = self._unpack(down.take())
+        except grpc.RpcError:
+            raise
+        except BaseException:  # the device gives the answer up (Ctrl-C, a drafter that failed): a Cancel
+            up.send(pb.ClientMessage(cancel=pb.Cancel()))  # frees it at once, and no resumption is kept
+            up.close()
+            down.wait_end(1.0)
+            raise
         finally:
             up.close()
             rec.bytes_up += up.bytes

@@ -1,5 +1,6 @@
 """device-client as a person runs it: a flag value the server would refuse, or that cannot
 work, is refused here first; Ctrl-C stops an answer without a traceback or a leftover session."""
+import json
 import signal
 import subprocess
 import sys
@@ -57,8 +58,14 @@ def test_a_prompt_is_needed_unless_chatting(capsys):
     assert "leave out --raw" in capsys.readouterr().err
 
 
+def _cache_entries(stub) -> int:
+    return json.loads(stub.GetMetrics(pb.MetricsRequest(), timeout=10).json)["prompt_cache_entries"]
+
+
 def test_ctrl_c_stops_the_answer_cleanly_and_the_server_frees_the_session(client, server):
+    """The client cancels: the server frees the session and keeps nothing for a resumption."""
     stub, _, _ = client
+    entries = _cache_entries(stub)
     proc = subprocess.Popen([sys.executable, "-m", "device_client.cli", "--server", server.address, "--ignore-eos",
                              "--max-new-tokens", "512", "--drafter", "none", PROMPTS[0]],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -71,3 +78,4 @@ def test_ctrl_c_stops_the_answer_cleanly_and_the_server_frees_the_session(client
         proc.kill()
     assert proc.returncode == 130 and "device-client: stopped" in err and "Traceback" not in err
     assert wait_for(lambda: stub.GetServerInfo(pb.ServerInfoRequest(), timeout=10).active_sessions == 0)
+    assert _cache_entries(stub) == entries  # a broken stream's session would have been kept
