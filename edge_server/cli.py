@@ -203,6 +203,7 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
+    service.close_streams()
     await server.stop(grace=2.0)
     service.shutdown()
 

@@ -83,6 +83,8 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         self.scheduler = Scheduler(target, self.pool, scheduler_config or SchedulerConfig(),
                                    limits.max_tree_nodes, self.metrics)
         self.sessions: dict[str, Session] = {}
+        self._streams: set[asyncio.Task] = set()  # every Generate running, admitted or in line
+        self.closing = False
         self.line = AdmissionLine(limits.max_waiting, limits.admission_wait_s)
         self.scheduler.on_kv_freed = self.line.room_freed_threadsafe
         self.metrics.status = self.status
@@ -90,6 +92,14 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
     def status(self) -> dict:
         """The live state the metrics report: sessions, KV use, queued prefill, the budget."""
         return dict(active_sessions=len(self.sessions), waiting_sessions=len(self.line), **self.scheduler.status())
+
+    def close_streams(self) -> None:
+        """Ends every stream with UNAVAILABLE, saying why: on shutdown, before gRPC would cancel
+        them (which it logs as an error) and leave the devices guessing. They resume the
+        generation elsewhere or once the server is back."""
+        self.closing = True
+        for task in self._streams:
+            task.cancel()
 
     def shutdown(self) -> None:
         self.scheduler.stop()
@@ -132,6 +142,8 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
     # ---- the generation stream ---------------------------------------------------------
     async def Generate(self, request_iterator, context) -> AsyncIterator[pb.ServerMessage]:
         session: Session | None = None
+        task = asyncio.current_task()
+        self._streams.add(task)
         try:
             first = await anext(aiter(request_iterator), None)
             _require(first is not None and first.WhichOneof("kind") == "start",
@@ -147,7 +159,13 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                 yield msg
         except BadRequest as bad:
             await context.abort(bad.code, bad.message, bad.trailers)
+        except asyncio.CancelledError:
+            if not self.closing:
+                raise  # the device went away
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the edge server is shutting down; resume the "
+                                "generation (Start.resume_token_ids) once it is back or on another server")
         finally:  # an admitted session, also one whose device left while it was being admitted
+            self._streams.discard(task)
             if session is not None and self.sessions.pop(session.id, None) is not None:
                 self.scheduler.release(session)
                 session.release()

@@ -8,7 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from device_client.drafters.none import NoDrafter
+from device_client.session import Request, generate
 from edge_server.cli import parse_args, parse_cpus, pin_process
+from edge_server.launcher import ServerProcess
+from shared.protocol import pb, rpc
 
 from conftest import ROOT
 
@@ -81,6 +85,35 @@ def test_a_model_that_cannot_be_loaded_stops_the_server_with_a_message(model, sa
     assert proc.returncode != 0
     assert f"cannot load --model {model!r}: " in proc.stderr and says in proc.stderr
     assert "Give a folder holding a HuggingFace causal LM" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shutdown_ends_every_stream_with_unavailable_and_why():
+    """SIGTERM: a device mid-answer is told to resume elsewhere or later (and its client would
+    resume by itself); the server exits 0 without gRPC's cancellation tracebacks."""
+    srv = ServerProcess(["--log-level", "WARNING", "--threads", "1"])
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = rpc.EdgeSpecStub(channel)
+            info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+            flowing, failed = threading.Event(), []
+
+            def device():
+                try:
+                    generate(stub, Request([1, 9690, 198, 2683], max_new_tokens=2000, ignore_eos=True,
+                                           mode="server-ar"), NoDrafter(), info.tokenizer_fingerprint,
+                             on_tokens=lambda _: flowing.set(), timeout=120)
+                except grpc.RpcError as err:
+                    failed.append(err)
+            thread = threading.Thread(target=device)
+            thread.start()
+            assert flowing.wait(60)
+            srv.stop()
+            thread.join(30)
+    finally:
+        srv.stop()
+    assert failed and failed[0].code() == grpc.StatusCode.UNAVAILABLE
+    assert "the edge server is shutting down; resume the generation" in failed[0].details()
+    assert srv.proc.returncode == 0 and "Traceback" not in "".join(srv.log), "".join(srv.log)
 
 
 @pytest.mark.parametrize("flag, value, says", [
