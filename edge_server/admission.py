@@ -3,8 +3,8 @@
 Refusing a stream that does not fit and letting the device ask again is not first come, first
 served: a device whose answer had just ended asked again at once and took the room that devices
 sleeping on their retry hints had waited for, and a slot stayed empty from a session's end to
-the next retry. So a stream that does not fit waits here, in arrival order, and is admitted as
-soon as the room it needs comes free. The line is bounded twice, so it cannot grow without
+the next retry. So a stream that does not fit waits here, in arrival order (resumptions of
+broken-off answers first), and is admitted as soon as the room it needs comes free. The line is bounded twice, so it cannot grow without
 limit: at most `max_waiting` streams, each for at most `wait_s`; past either the device gets
 RESOURCE_EXHAUSTED with a retry hint, as before (edge_server.service).
 
@@ -17,26 +17,40 @@ import asyncio
 from typing import Callable
 
 
+class _Waiting:
+    def __init__(self, resumed: bool):
+        self.resumed = resumed
+
+
 class AdmissionLine:
     def __init__(self, max_waiting: int, wait_s: float):
         self.max_waiting, self.wait_s = max_waiting, wait_s
-        self._line: list[object] = []  # one token per waiting stream, in arrival order
+        self._line: list[_Waiting] = []  # resumptions first, each kind in arrival order
         self._changed = asyncio.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self._line)
 
-    async def enter(self, admit: Callable[[], str | None]) -> str | None:
+    @property
+    def _resumptions(self) -> int:
+        return sum(w.resumed for w in self._line)
+
+    async def enter(self, admit: Callable[[], str | None], resumed: bool = False) -> str | None:
         """Calls `admit` (None once it admitted the stream, else why it could not) now if no one
         waits, and then whenever room may have come free while this stream is first in line.
-        Returns None once admitted, else why not when the line is full or the wait ran out."""
+        Returns None once admitted, else why not when the line is full or the wait ran out.
+
+        A resumption (a device whose answer broke off mid-way) goes ahead of the new streams,
+        behind the other resumptions: its user is watching a stalled answer, and the prompt
+        cache entry that makes it cheap may be dropped to make room for others while it waits."""
         self._loop = asyncio.get_running_loop()
-        why = admit() if not self._line else f"{len(self._line)} streams are waiting for room ahead of this one"
+        ahead = self._resumptions if resumed else len(self._line)
+        why = admit() if not ahead else f"{ahead} streams are waiting for room ahead of this one"
         if why is None or len(self._line) >= self.max_waiting or self.wait_s <= 0:
             return why
-        me, last = object(), [why]
-        self._line.append(me)
+        me, last = _Waiting(resumed), [why]
+        self._line.insert(ahead, me)
 
         def admitted() -> bool:
             if self._line[0] is not me:

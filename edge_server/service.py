@@ -269,7 +269,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
     async def _admit_in_line(self, session: Session, capacity: int) -> None:
         """Admits the session once there is room for it, waiting in line for it, or refuses it."""
         entered = time.perf_counter()
-        why = await self.line.enter(lambda: self._admit(session, capacity))
+        why = await self.line.enter(lambda: self._admit(session, capacity), resumed=session.resumed > 0)
         if why is not None:
             self._busy(why, self._soonest_end_s())
         self.metrics.admitted(time.perf_counter() - entered)

@@ -24,9 +24,10 @@ class Room:
 
 
 async def _enter_in_order(line: AdmissionLine, room: Room, names) -> list[asyncio.Task]:
+    """Names starting with "r" are resumptions."""
     tasks = []
     for name in names:
-        tasks.append(asyncio.create_task(line.enter(room.admit(name))))
+        tasks.append(asyncio.create_task(line.enter(room.admit(name), resumed=name.startswith("r"))))
         await asyncio.sleep(0.01)  # each is in line before the next arrives
     return tasks
 
@@ -83,4 +84,27 @@ def test_a_stream_that_goes_away_leaves_the_line_and_the_next_moves_up():
         threading.Timer(0.05, line.room_freed_threadsafe).start()  # KV freed on the model thread
         assert await asyncio.wait_for(b, 5) is None
         assert room.admitted == ["b"] and len(line) == 0
+    asyncio.run(scenario())
+
+
+def test_resumptions_go_ahead_of_new_streams_in_their_own_arrival_order():
+    async def scenario():
+        line, room = AdmissionLine(max_waiting=8, wait_s=10), Room(0)
+        tasks = await _enter_in_order(line, room, ["a", "r1", "b", "r2"])
+        room.free = 4
+        line.room_freed()
+        await _settle()
+        assert room.admitted == ["r1", "r2", "a", "b"]
+        assert await asyncio.gather(*tasks) == [None] * 4
+    asyncio.run(scenario())
+
+
+def test_a_resumption_is_admitted_at_once_when_only_new_streams_wait():
+    async def scenario():
+        line, room = AdmissionLine(max_waiting=8, wait_s=10), Room(0)
+        tasks = await _enter_in_order(line, room, ["a"])
+        room.free = 1  # room for one: the resumption takes it, "a" waits on
+        assert await line.enter(room.admit("r"), resumed=True) is None
+        assert room.admitted == ["r"] and len(line) == 1
+        tasks[0].cancel()
     asyncio.run(scenario())
