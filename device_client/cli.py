@@ -15,6 +15,7 @@ from device_client.chat import Conversation
 from device_client.drafters.base import Drafter
 from device_client.session import MODES, Request, generate
 from device_client.text import DeviceTokenizer, TextStream
+from shared.cli_help import HelpWithDefaults
 from shared.protocol import pb, rpc
 
 DRAFTERS = ("auto", "none", "ngram", "heads")
@@ -40,7 +41,7 @@ CHANNEL_OPTIONS = [
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="device-client", description=__doc__)
+    p = argparse.ArgumentParser(prog="device-client", description=__doc__, formatter_class=HelpWithDefaults)
     p.add_argument("prompt", nargs="?", default=None,
                    help="the user message (or raw text with --raw); with --chat the first one (optional)")
     p.add_argument("--chat", action="store_true",
@@ -64,10 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "server decodes without waiting and verifies the latest draft when it arrives "
                         "(best on slow links); server-ar: the server decodes alone (baseline, no drafting)")
     p.add_argument("--tree-budget", type=int, default=16, help="most tree nodes per round, root included")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens of the answer")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, the target's own argmax")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1: off")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: off")
     p.add_argument("--seed", type=int, default=None,
                    help="sampling seed: one seed gives one answer, with or without speculation (default: a "
                         "random one, reported in --json as `seed`)")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from edge_server.hardware import DTYPES, keep_freed_memory, pick_device, pick_dtype
+from shared.cli_help import HelpWithDefaults
 
 if TYPE_CHECKING:
     from edge_server.metrics import ServerMetrics
@@ -49,7 +50,7 @@ def _number(kind: type, minimum: float, above: bool = False):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="edge-server", description=__doc__)
+    p = argparse.ArgumentParser(prog="edge-server", description=__doc__, formatter_class=HelpWithDefaults)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed at start)")
     p.add_argument("--model", default="default",
@@ -61,9 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus", default="",
                    help="pin the server to these CPU cores, e.g. '0' or '0-3,6' (Linux; default: no pinning)")
     p.add_argument("--max-context", type=_number(int, 0), default=0, help="0 = the model's max positions")
-    p.add_argument("--max-tree-nodes", type=_number(int, 1), default=128)
-    p.add_argument("--max-new-tokens", type=_number(int, 1), default=4096)
-    p.add_argument("--max-sessions", type=_number(int, 1), default=64)
+    p.add_argument("--max-tree-nodes", type=_number(int, 1), default=128,
+                   help="most nodes in a device's tree, root included")
+    p.add_argument("--max-new-tokens", type=_number(int, 1), default=4096, help="most tokens one answer may ask for")
+    p.add_argument("--max-sessions", type=_number(int, 1), default=64, help="sessions served at once")
     p.add_argument("--kv-budget-mb", type=_number(float, 0, above=True), default=2048.0,
                    help="KV cache memory for all sessions; a session reserves prompt + max_new_tokens + "
                         "one tree at admission, and waits in line while it does not fit")
@@ -91,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics over HTTP on --host at this port (0 picks a free one, "
                         "printed at start; default: off, GetMetrics still has them)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p.parse_args(argv)
 
 
