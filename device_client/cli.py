@@ -17,6 +17,7 @@ from device_client.session import MODES, Request, generate
 from device_client.text import DeviceTokenizer, TextStream
 from shared.cli_help import HelpWithDefaults
 from shared.protocol import pb, rpc
+from shared.tls import read_pem
 
 DRAFTERS = ("auto", "none", "ngram", "heads")
 # The unary calls (server info, artifacts) are retried by gRPC itself when the server cannot be
@@ -84,7 +85,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and ask again, for up to this many seconds; 0: fail at once")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with text and stats after the answer (after each, with --chat)")
+    p.add_argument("--tls", action="store_true",
+                   help="connect over TLS, trusting the system's CA certificates (implied by the --tls-* files)")
+    p.add_argument("--tls-ca", help="PEM CA certificate(s) to trust for the server's certificate instead, e.g. "
+                                    "a self-signed one")
+    p.add_argument("--tls-cert", help="PEM certificate of this device, for a server that requires one "
+                                      "(edge-server --tls-client-ca), with --tls-key")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = p.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together")
     if args.prompt is None and not args.chat:
         p.error("give the prompt, or --chat to read the messages from stdin")
     if args.chat and args.raw:
@@ -161,11 +171,37 @@ def user_messages(args: argparse.Namespace) -> Iterator[str]:
             yield line.strip()
 
 
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plaintext, or TLS when any --tls flag is given (see edge-server --tls-cert)."""
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return grpc.insecure_channel(args.server, options=CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read_pem(args.tls_ca, "--tls-ca") if args.tls_ca else None,
+        private_key=read_pem(args.tls_key, "--tls-key") if args.tls_key else None,
+        certificate_chain=read_pem(args.tls_cert, "--tls-cert") if args.tls_cert else None)
+    return grpc.secure_channel(args.server, credentials, options=CHANNEL_OPTIONS)
+
+
+def server_info(stub: rpc.EdgeSpecStub, args: argparse.Namespace) -> pb.ServerInfo:
+    """The server's info; a server that cannot be reached is an error that says what to check."""
+    try:
+        return stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        tls = ("if it serves plaintext, leave out the --tls flags; if TLS, --tls-ca must hold the CA that signed "
+               "its certificate, and a server started with --tls-client-ca wants --tls-cert and --tls-key"
+               if args.tls or args.tls_ca or args.tls_cert else
+               "if it serves TLS (edge-server --tls-cert), add --tls-ca with its CA certificate, or --tls")
+        raise SystemExit(f"device-client: no edge server answered at {args.server} ({err.details()}). "
+                         f"Is one running there? {tls[0].upper()}{tls[1:]}.") from None
+
+
 def run(args: argparse.Namespace) -> Iterator[dict]:
     """Streams each answer to stdout and yields its record's summary (one, or one a turn)."""
-    with grpc.insecure_channel(args.server, options=CHANNEL_OPTIONS) as channel:
+    with open_channel(args) as channel:
         stub = rpc.EdgeSpecStub(channel)
-        info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+        info = server_info(stub, args)
         tokenizer = load_tokenizer(stub, info)
         drafter = make_drafter(args.drafter, stub, info, args.heads_tree, args.heads_ngram == "on",
                                args.draft_threads)

@@ -14,8 +14,11 @@ import torch
 
 from edge_server.hardware import DTYPES, keep_freed_memory, pick_device, pick_dtype
 from shared.cli_help import HelpWithDefaults
+from shared.tls import read_pem
 
 if TYPE_CHECKING:
+    import grpc
+
     from edge_server.metrics import ServerMetrics
 
 
@@ -94,7 +97,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="serve Prometheus metrics over HTTP on --host at this port (0 picks a free one, "
                         "printed at start; default: off, GetMetrics still has them)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    return p.parse_args(argv)
+    p.add_argument("--tls-cert", help="PEM certificate (chain) to serve over TLS, with --tls-key; without it the "
+                                      "server speaks plaintext, for loopback or a network you trust")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA certificate(s): only devices presenting a certificate they "
+                                           "signed may connect (mutual TLS)")
+    args = p.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        p.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    return args
 
 
 def parse_cpus(spec: str) -> set[int]:
@@ -146,8 +159,10 @@ async def serve(args: argparse.Namespace) -> None:
     dtype = pick_dtype(args.dtype, device)
     started = time.perf_counter()
     server = grpc.aio.server(options=SERVER_OPTIONS)
+    address, credentials = f"{args.host}:{args.port}", server_credentials(args)
     try:  # before the model loads, so that a taken port fails at once
-        port = server.add_insecure_port(f"{args.host}:{args.port}")
+        port = (server.add_secure_port(address, credentials) if credentials else
+                server.add_insecure_port(address))
     except RuntimeError:  # what current gRPC raises where older versions returned 0
         port = 0
     if port == 0:
@@ -197,7 +212,7 @@ async def serve(args: argparse.Namespace) -> None:
              service.pool.budget_tokens, min(service.scheduler.prompts.budget_tokens, service.pool.budget_tokens),
              "lean Llama-family forward" if target.llama_rows else "the model's own layers", time.perf_counter() - started)
     # the line tests and scripts wait for; keep its shape
-    print(f"edge-server listening on {args.host}:{port}", flush=True)
+    print(f"edge-server listening on {args.host}:{port}" + (" (TLS)" if credentials else ""), flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -208,6 +223,18 @@ async def serve(args: argparse.Namespace) -> None:
     service.close_streams()
     await server.stop(grace=2.0)
     service.shutdown()
+
+
+def server_credentials(args: argparse.Namespace) -> "grpc.ServerCredentials | None":
+    """TLS from --tls-cert/--tls-key (requiring device certificates with --tls-client-ca), or
+    None for plaintext."""
+    import grpc
+
+    if not args.tls_cert:
+        return None
+    pair = (read_pem(args.tls_key, "--tls-key"), read_pem(args.tls_cert, "--tls-cert"))
+    ca = read_pem(args.tls_client_ca, "--tls-client-ca") if args.tls_client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
 def serve_metrics(metrics: ServerMetrics, host: str, port: int) -> None:

@@ -25,6 +25,7 @@ from conftest import PROMPTS, ROOT, wait_for
     ("--reconnect-s", "nan", "--reconnect-s must be a number of seconds >= 0"),
     ("--busy-wait-s", "-1", "--busy-wait-s must be a number of seconds >= 0"),
     ("--server", "edge.local", "--server needs the port: edge.local:50051"),
+    ("--tls-cert", "device.pem", "--tls-cert and --tls-key go together"),
     ("--server", "http://edge.local:50051/", "--server takes HOST:PORT, not a URL (gRPC): try edge.local:50051"),
 ])
 def test_a_flag_out_of_range_is_refused_with_what_it_must_be(flag, value, says, capsys):
