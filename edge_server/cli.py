@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import math
 import os
 import signal
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -207,6 +209,10 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(health.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    if not credentials and not is_loopback(args.host):
+        log.warning("serving plaintext on %s: prompts and answers cross the network readable by anyone on the "
+                    "way, and any device that reaches the port may use it; add --tls-cert and --tls-key "
+                    "(and --tls-client-ca to admit only your devices)", args.host)
     log.info("serving %s (%s, %s, context %d, heads %s, KV budget %d positions, prompt cache up to %d of them, "
              "%s) in %.1fs", loaded.name, dtype, device, max_ctx, "yes" if heads else "no",
              service.pool.budget_tokens, min(service.scheduler.prompts.budget_tokens, service.pool.budget_tokens),
@@ -223,6 +229,17 @@ async def serve(args: argparse.Namespace) -> None:
     service.close_streams()
     await server.stop(grace=2.0)
     service.shutdown()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether --host keeps the server on this machine (where plaintext is fine)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False
 
 
 def server_credentials(args: argparse.Namespace) -> "grpc.ServerCredentials | None":

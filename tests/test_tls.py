@@ -87,3 +87,11 @@ def test_a_tls_file_that_is_missing_or_not_pem_is_named(tmp_path):
     (tmp_path / "key.txt").write_text("not a key")
     with pytest.raises(SystemExit, match="not a PEM file"):
         read_pem(str(tmp_path / "key.txt"), "--tls-key")
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("::1", True), ("localhost", True),
+                                            ("0.0.0.0", False), ("192.168.1.20", False), ("::", False)])
+def test_plaintext_is_warned_about_beyond_loopback(host, loopback):
+    from edge_server.cli import is_loopback
+
+    assert is_loopback(host) is loopback
