@@ -82,6 +82,7 @@ class _Downlink:
     def __init__(self, responses) -> None:
         self.inbox: queue.Queue = queue.Queue()
         self.responses = responses
+        self.ended = threading.Event()
         threading.Thread(target=self._pump, name="edgespec-downlink", daemon=True).start()
 
     def _pump(self) -> None:
@@ -91,15 +92,11 @@ class _Downlink:
         except grpc.RpcError as err:
             self.inbox.put((time.perf_counter(), err))
         self.inbox.put((time.perf_counter(), None))
+        self.ended.set()
 
     def wait_end(self, timeout: float) -> None:
         """Waits up to `timeout` for the end of the stream (the server's answer to a Cancel)."""
-        deadline = time.perf_counter() + timeout
-        try:
-            while self.inbox.get(timeout=max(0.0, deadline - time.perf_counter()))[1] is not None:
-                pass
-        except queue.Empty:
-            pass
+        self.ended.wait(timeout)
 
     def take(self) -> list[tuple[float, pb.ServerMessage]]:
         """Blocks for the next message, then adds every one already waiting. The end of the
