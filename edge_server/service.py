@@ -66,6 +66,18 @@ def _require(ok: bool, code: grpc.StatusCode, message: str) -> None:
         raise BadRequest(code, message)
 
 
+def _log_end(session: Session, peer: str, seconds: float) -> None:
+    """One line a session, for an operator following who got what (finish NONE: the device
+    left, or its stream broke, before the answer was done)."""
+    rounds = len(session.round_ends) - 1
+    fresh = len(session.generated) - session.resumed
+    log.info("session %s from %s: %s, prompt %d tokens (%d from the cache)%s, %d tokens in %d rounds "
+             "after the first, finish %s, %.2f s", session.id, peer,
+             "speculative" if session.speculative else "server-ar", len(session.prompt_ids), session.prompt_cached,
+             f", resumed after {session.resumed}" if session.resumed else "", fresh, rounds,
+             pb.FinishReason.Name(session.finish).removeprefix("FINISH_"), seconds)
+
+
 class EdgeSpecService(rpc.EdgeSpecServicer):
     def __init__(self, target: TargetModel, model_name: str, model_fingerprint: str,
                  eos_ids: list[int], artifacts: ArtifactStore, tokenizer_fingerprint: str,
@@ -142,7 +154,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
     # ---- the generation stream ---------------------------------------------------------
     async def Generate(self, request_iterator, context) -> AsyncIterator[pb.ServerMessage]:
         session: Session | None = None
-        task = asyncio.current_task()
+        task, opened = asyncio.current_task(), time.perf_counter()
         self._streams.add(task)
         try:
             first = await anext(aiter(request_iterator), None)
@@ -158,6 +170,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             async for msg in self._rounds(session, first.start.mode, verdict.next_tree_budget, request_iterator):
                 yield msg
         except BadRequest as bad:
+            log.info("refused a stream from %s: %s: %s", context.peer(), bad.code.name, bad.message)
             await context.abort(bad.code, bad.message, bad.trailers)
         except asyncio.CancelledError:
             if not self.closing:
@@ -167,6 +180,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         finally:  # an admitted session, also one whose device left while it was being admitted
             self._streams.discard(task)
             if session is not None and self.sessions.pop(session.id, None) is not None:
+                _log_end(session, context.peer(), time.perf_counter() - opened)
                 self.scheduler.release(session)
                 session.release()
                 self.line.room_freed()

@@ -1,5 +1,6 @@
 """edge-server's own flags that no end-to-end test exercises."""
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -90,7 +91,7 @@ def test_a_model_that_cannot_be_loaded_stops_the_server_with_a_message(model, sa
 def test_shutdown_ends_every_stream_with_unavailable_and_why():
     """SIGTERM: a device mid-answer is told to resume elsewhere or later (and its client would
     resume by itself); the server exits 0 without gRPC's cancellation tracebacks."""
-    srv = ServerProcess(["--log-level", "WARNING", "--threads", "1"])
+    srv = ServerProcess(["--log-level", "INFO", "--threads", "1"])
     try:
         with grpc.insecure_channel(srv.address) as channel:
             stub = rpc.EdgeSpecStub(channel)
@@ -113,7 +114,11 @@ def test_shutdown_ends_every_stream_with_unavailable_and_why():
         srv.stop()
     assert failed and failed[0].code() == grpc.StatusCode.UNAVAILABLE
     assert "the edge server is shutting down; resume the generation" in failed[0].details()
-    assert srv.proc.returncode == 0 and "Traceback" not in "".join(srv.log), "".join(srv.log)
+    log = "".join(srv.log)
+    assert srv.proc.returncode == 0 and "Traceback" not in log, log
+    # the operator's line for the session, which ended unfinished
+    assert re.search(r"session \w+ from ipv4:127\.0\.0\.1:\d+: server-ar, prompt 4 tokens \(0 from the cache\), "
+                     r"\d+ tokens in \d+ rounds after the first, finish NONE", log), log
 
 
 @pytest.mark.parametrize("flag, value, says", [

@@ -90,6 +90,9 @@ class Aborted(Exception):
 
 
 class Context:
+    def peer(self):
+        return "ipv4:127.0.0.1:1"
+
     async def abort(self, code, message, trailing_metadata=()):
         raise Aborted(code, message)
 
