@@ -154,7 +154,8 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
     # ---- the generation stream ---------------------------------------------------------
     async def Generate(self, request_iterator, context) -> AsyncIterator[pb.ServerMessage]:
         session: Session | None = None
-        task, opened = asyncio.current_task(), time.perf_counter()
+        # the peer now: asked once the call is over (a device gone), gRPC dereferences a freed call
+        task, opened, peer = asyncio.current_task(), time.perf_counter(), context.peer()
         self._streams.add(task)
         try:
             first = await anext(aiter(request_iterator), None)
@@ -170,7 +171,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             async for msg in self._rounds(session, first.start.mode, verdict.next_tree_budget, request_iterator):
                 yield msg
         except BadRequest as bad:
-            log.info("refused a stream from %s: %s: %s", context.peer(), bad.code.name, bad.message)
+            log.info("refused a stream from %s: %s: %s", peer, bad.code.name, bad.message)
             await context.abort(bad.code, bad.message, bad.trailers)
         except asyncio.CancelledError:
             if not self.closing:
@@ -180,7 +181,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         finally:  # an admitted session, also one whose device left while it was being admitted
             self._streams.discard(task)
             if session is not None and self.sessions.pop(session.id, None) is not None:
-                _log_end(session, context.peer(), time.perf_counter() - opened)
+                _log_end(session, peer, time.perf_counter() - opened)
                 self.scheduler.release(session)
                 session.release()
                 self.line.room_freed()

@@ -92,6 +92,31 @@ def test_a_generation_over_a_link_that_keeps_breaking_gets_every_token_once(serv
     assert wait_for(lambda: stub.GetServerInfo(pb.ServerInfoRequest(), timeout=10).active_sessions == 0)
 
 
+def test_a_server_logging_every_session_survives_connections_cut_mid_stream(client):
+    """At INFO the server logs each session's peer as it ends; asked for it after a cut
+    connection's call was gone, gRPC dereferenced the freed call and the server died (SIGSEGV,
+    found by the fresh-clone run). Cuts every 0.3 s, both modes; the answers are the unbroken ones."""
+    from edge_server.launcher import ServerProcess
+
+    _, _, tokenizer = client
+    with ServerProcess(["--log-level", "INFO", "--threads", "1"]) as srv:
+        stub = rpc.EdgeSpecStub(grpc.insecure_channel(srv.address))
+        info = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+        drafter = make_drafter("heads", stub, info)
+        netem, link = _dropping(0.3)
+        host, port = srv.address.rsplit(":", 1)
+        for mode, temperature in (("speculative", 0.0), ("pipelined", 0.8)):
+            request = Request(tokenizer.chat_ids(PROMPTS[3]), max_new_tokens=96, temperature=temperature, seed=5,
+                              ignore_eos=True, mode=mode, max_context=info.max_context)
+            unbroken = generate(stub, request, drafter, info.tokenizer_fingerprint, timeout=120)
+            with netem.run_proxy_in_thread(link, upstream=(host, int(port))) as (phost, pport):
+                with grpc.insecure_channel(f"{phost}:{pport}", options=CHANNEL_OPTIONS) as channel:
+                    rec = generate(rpc.EdgeSpecStub(channel), request, drafter, info.tokenizer_fingerprint,
+                                   timeout=120, reconnect_s=30)
+            assert srv.alive() and rec.token_ids == unbroken.token_ids and rec.reconnects >= 2
+        assert "finish NONE" in "".join(srv.log)  # the cut sessions were logged
+
+
 def test_device_client_resumes_over_a_breaking_link(server, client):
     """The command line: --json reports the reconnects, the answer is the one without breaks."""
     stub, info, tokenizer = client
