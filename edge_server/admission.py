@@ -4,9 +4,10 @@ Refusing a stream that does not fit and letting the device ask again is not firs
 served: a device whose answer had just ended asked again at once and took the room that devices
 sleeping on their retry hints had waited for, and a slot stayed empty from a session's end to
 the next retry. So a stream that does not fit waits here, in arrival order (resumptions of
-broken-off answers first), and is admitted as soon as the room it needs comes free. The line is bounded twice, so it cannot grow without
-limit: at most `max_waiting` streams, each for at most `wait_s`; past either the device gets
-RESOURCE_EXHAUSTED with a retry hint, as before (edge_server.service).
+broken-off answers first), and is admitted as soon as the room it needs comes free. The line
+is bounded twice, so it cannot grow without limit: at most `max_waiting` streams, each for at
+most `wait_s`; past either the device gets RESOURCE_EXHAUSTED with a retry hint, as before
+(edge_server.service).
 
 Everything runs on the event loop except `room_freed_threadsafe`, which the model thread calls
 once it has freed KV.
@@ -18,6 +19,8 @@ from typing import Callable
 
 
 class _Waiting:
+    """One stream in line (compared by identity)."""
+
     def __init__(self, resumed: bool):
         self.resumed = resumed
 

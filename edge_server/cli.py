@@ -161,14 +161,8 @@ async def serve(args: argparse.Namespace) -> None:
     dtype = pick_dtype(args.dtype, device)
     started = time.perf_counter()
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    address, credentials = f"{args.host}:{args.port}", server_credentials(args)
-    try:  # before the model loads, so that a taken port fails at once
-        port = (server.add_secure_port(address, credentials) if credentials else
-                server.add_insecure_port(address))
-    except RuntimeError:  # what current gRPC raises where older versions returned 0
-        port = 0
-    if port == 0:
-        raise SystemExit(f"cannot listen on {args.host}:{args.port} (in use?); pick another --port")
+    credentials = server_credentials(args)
+    port = listen(server, args.host, args.port, credentials)  # before the model: a taken port fails at once
     try:
         loaded = load_model(args.model, dtype, device)
     except (OSError, ValueError) as err:  # transformers' words for a missing folder, name or file
@@ -229,6 +223,18 @@ async def serve(args: argparse.Namespace) -> None:
     service.close_streams()
     await server.stop(grace=2.0)
     service.shutdown()
+
+
+def listen(server: "grpc.aio.Server", host: str, port: int, credentials: "grpc.ServerCredentials | None") -> int:
+    """Binds the port (TLS with credentials), or SystemExit when it is taken."""
+    try:
+        bound = (server.add_secure_port(f"{host}:{port}", credentials) if credentials else
+                 server.add_insecure_port(f"{host}:{port}"))
+    except RuntimeError:  # what current gRPC raises where older versions returned 0
+        bound = 0
+    if bound == 0:
+        raise SystemExit(f"cannot listen on {host}:{port} (in use?); pick another --port")
+    return bound
 
 
 def is_loopback(host: str) -> bool:
