@@ -181,10 +181,10 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         finally:  # an admitted session, also one whose device left while it was being admitted
             self._streams.discard(task)
             if session is not None and self.sessions.pop(session.id, None) is not None:
-                _log_end(session, peer, time.perf_counter() - opened)
                 self.scheduler.release(session)
                 session.release()
                 self.line.room_freed()
+                _log_end(session, peer, time.perf_counter() - opened)
 
     async def _rounds(self, session: Session, mode: int, budget: int,
                       request_iterator) -> AsyncIterator[pb.ServerMessage]:
