@@ -409,7 +409,7 @@ class Scheduler:
         self.recent_step_ms = 0.8 * self.recent_step_ms + 0.2 * compute_ms
         prefill_tokens = sum(row.n for (it, row) in batch if it.prefill)
         if prefill_tokens:
-            per_token = compute_ms / sum(row.n for _, row in batch)
+            per_token = compute_ms / n_tokens
             self.recent_prefill_ms_per_token = 0.8 * self.recent_prefill_ms_per_token + 0.2 * per_token
         queue = []
         with self._cv:

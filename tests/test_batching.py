@@ -170,26 +170,28 @@ def test_prometheus_scrape_counts_what_the_server_did(server, client):
     import re
     import urllib.request
 
-    from prometheus_client.parser import text_string_to_metric_families
-
-    def samples(text: str) -> dict:
-        return {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
-
     url = next(m.group(1) for line in server.log if (m := re.search(r"metrics on (http://\S+)", line)))
     stub, info, tok = client
     rec = generate(stub, Request(tok.chat_ids(PROMPTS[0]), max_new_tokens=8), NoDrafter(), info.tokenizer_fingerprint)
-    before = samples(urllib.request.urlopen(url, timeout=10).read().decode())
+    before = _samples(urllib.request.urlopen(url, timeout=10).read().decode())
     reply = stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=10)
     counters = json.loads(reply.json)["counters"]  # since the server started: nothing reset them before
     assert before["edgespec_generated_tokens_total"] == counters["generated_tokens"] >= len(rec.token_ids)
     assert before["edgespec_steps_total"] == before["edgespec_step_seconds_count"] == counters["steps"]
     assert before["edgespec_step_tokens_sum"] == counters["batch_tokens"]
-    assert samples(reply.prometheus)["edgespec_generated_tokens_total"] == counters["generated_tokens"]
-    after = samples(urllib.request.urlopen(url, timeout=10).read().decode())
+    assert _samples(reply.prometheus)["edgespec_generated_tokens_total"] == counters["generated_tokens"]
+    after = _samples(urllib.request.urlopen(url, timeout=10).read().decode())
     assert after["edgespec_generated_tokens_total"] == before["edgespec_generated_tokens_total"]
     assert json.loads(stub.GetMetrics(pb.MetricsRequest(), timeout=10).json)["counters"]["generated_tokens"] == 0
     assert after["edgespec_kv_budget_tokens"] > 0 and after["edgespec_tree_budget"] == info.max_tree_nodes
+
+
+def _samples(text: str) -> dict:
+    """Prometheus text as {name{label=value}: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def _metrics(stub):
@@ -277,11 +279,10 @@ def _let_go(held):
 
 
 def _admission_waits(stub) -> dict[str, float]:
-    """The admission wait histogram's samples: 'count', 'sum', 'bucket{le="0.5"}', ..."""
+    """The admission wait histogram's samples: 'count', 'sum', 'bucket{le=0.5}', ..."""
     prefix = "edgespec_admission_wait_seconds_"
-    return {name[len(prefix):]: float(value) for name, value in
-            (line.rsplit(" ", 1) for line in stub.GetMetrics(pb.MetricsRequest(), timeout=10).prometheus.splitlines()
-             if line.startswith(prefix))}
+    return {name[len(prefix):]: value for name, value in
+            _samples(stub.GetMetrics(pb.MetricsRequest(), timeout=10).prometheus).items() if name.startswith(prefix)}
 
 
 def _waiting(stub) -> int:
@@ -335,7 +336,7 @@ def test_a_stream_waits_in_line_for_room_and_gets_its_answer(small_server, loade
     assert rec.busy_refusals == 0 and rec.ttft_ms >= LINE_WAIT_S / 2 * 1e3 - 100
     assert rec.token_ids == _greedy(loaded.model, ids, n)
     waits = _admission_waits(stub)
-    assert waits['bucket{le="0.5"}'] < waits["count"]  # this stream waited longer
+    assert waits["bucket{le=0.5}"] < waits["count"]  # this stream waited longer
 
 
 def test_a_refused_device_waits_as_the_server_asks_and_gets_its_answer(small_server, loaded):
