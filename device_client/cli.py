@@ -171,9 +171,13 @@ def user_messages(args: argparse.Namespace) -> Iterator[str]:
             yield line.strip()
 
 
+def _wants_tls(args: argparse.Namespace) -> bool:
+    return bool(args.tls or args.tls_ca or args.tls_cert)
+
+
 def open_channel(args: argparse.Namespace) -> grpc.Channel:
     """Plaintext, or TLS when any --tls flag is given (see edge-server --tls-cert)."""
-    if not (args.tls or args.tls_ca or args.tls_cert):
+    if not _wants_tls(args):
         return grpc.insecure_channel(args.server, options=CHANNEL_OPTIONS)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=read_pem(args.tls_ca, "--tls-ca") if args.tls_ca else None,
@@ -189,12 +193,12 @@ def server_info(stub: rpc.EdgeSpecStub, args: argparse.Namespace) -> pb.ServerIn
     except grpc.RpcError as err:
         if err.code() != grpc.StatusCode.UNAVAILABLE:
             raise
-        tls = ("if it serves plaintext, leave out the --tls flags; if TLS, --tls-ca must hold the CA that signed "
+        tls = ("If it serves plaintext, leave out the --tls flags; if TLS, --tls-ca must hold the CA that signed "
                "its certificate, and a server started with --tls-client-ca wants --tls-cert and --tls-key"
-               if args.tls or args.tls_ca or args.tls_cert else
-               "if it serves TLS (edge-server --tls-cert), add --tls-ca with its CA certificate, or --tls")
+               if _wants_tls(args) else
+               "If it serves TLS (edge-server --tls-cert), add --tls-ca with its CA certificate, or --tls")
         raise SystemExit(f"device-client: no edge server answered at {args.server} ({err.details()}). "
-                         f"Is one running there? {tls[0].upper()}{tls[1:]}.") from None
+                         f"Is one running there? {tls}.") from None
 
 
 def run(args: argparse.Namespace) -> Iterator[dict]:
