@@ -6,13 +6,15 @@ concurrent clients, and records TTFT, ITL p50/p95, tokens/s, τ, rounds per toke
 token and server busy ms per token. Every run gets a fresh server (warmed by a few tokens), so
 the tree budgets its controller learns belong to that link and method. With
 --drop-every-s, each link also runs as one whose connections break that often (scripts/netem.py
-drops; the profile is named LINK-dropSs): the clients resume every broken stream, the table counts
-the breaks ("resumed") and the lossless check covers the resumed answers too. Writes
+drops; the profile is named LINK-dropSs, or LINK-silenceSs with --drop-silently): the clients
+resume every broken stream, the table counts the breaks ("resumed") and the lossless check covers
+the resumed answers too. Writes
 results/<date>/network/{results.json, table.md, tokens_per_s_vs_rtt.png, bytes_per_token.png}.
 
     .venv/bin/python scripts/bench_network.py                        # the default sweep
     .venv/bin/python scripts/bench_network.py --profiles lan 4g --clients 1 --prompts 2
     .venv/bin/python scripts/bench_network.py --profiles lan 4g --drop-every-s 0 1 --max-new-tokens 256
+    .venv/bin/python scripts/bench_network.py --profiles 4g --drop-every-s 0 5 --drop-silently --ignore-eos
 """
 from __future__ import annotations
 
@@ -65,11 +67,11 @@ def plot(rows: list[dict], out: Path) -> None:
 
     for clients in sorted({r["clients"] for r in rows}):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, drop in dict.fromkeys((r["method"], r["drop_every_s"]) for r in rows):
+        for method, drop, silent in dict.fromkeys((r["method"], r["drop_every_s"], r["drop_silently"]) for r in rows):
             pts = sorted((r["rtt_ms"], r["tokens_per_s"]) for r in rows
                          if (r["method"], r["drop_every_s"], r["clients"]) == (method, drop, clients))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if drop else "-",
-                    label=f"{method}, drops every {drop:g} s" if drop else method)
+                    label=f"{method}, {'silenced' if silent else 'drops'} every {drop:g} s" if drop else method)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel("link RTT (ms, emulated)")
         ax.set_ylabel("tokens/s (all clients)")
@@ -107,6 +109,9 @@ def main() -> None:
     p.add_argument("--tree-budget", type=int, default=32)
     p.add_argument("--drop-every-s", nargs="+", type=float, default=[0.0],
                    help="run each link with its connections reset this often (0 = never, as the profile)")
+    p.add_argument("--drop-silently", action="store_true",
+                   help="the dropped connections go quiet instead of being reset (no FIN or RST reaches "
+                        "either side, as when a device's network changes): only keepalive pings find them")
     p.add_argument("--server-args", default="--threads 1",
                    help="extra edge-server flags (default one torch thread: clients share this 2-core box)")
     p.add_argument("--no-pin", action="store_true",
@@ -115,7 +120,7 @@ def main() -> None:
     prompts = PROMPTS[: args.prompts]
     out = results_dir("network")
     rows, runs = [], []
-    links = [netem.with_drops(name, every) for name in args.profiles for every in args.drop_every_s]
+    links = [netem.with_drops(name, every, args.drop_silently) for name in args.profiles for every in args.drop_every_s]
     combos = [(link, m, c) for link in links for c in args.clients for m in args.methods]
     server_args, pinning = split_cores(args.server_args.split(), pin=not args.no_pin)
     for profile, method, clients in tqdm(combos, desc="sweep", unit="run"):
@@ -134,6 +139,7 @@ def main() -> None:
                 continue
             runs.append(run)
             row = {"profile": profile_name, "rtt_ms": profile.rtt_ms, "drop_every_s": profile.drop_every_s,
+                   "drop_silently": profile.drop_silently,
                    "emulator": netem.EMULATOR, **run.row()}
             rows.append(row)
             tqdm.write(f"{profile_name:>10} {method:>9} x{clients}: {row['tokens_per_s']:.1f} tok/s, "
