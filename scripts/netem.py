@@ -24,7 +24,8 @@ the other socket:
 connection is reset both ways, as when a device's network changes under it (Wi-Fi to cellular, a
 new address); new connections go through at once. With ``drop_silently`` (``--drop-silently``)
 they are not reset but go quiet for good: nothing more is delivered either way and nothing is
-closed, as when the device's old address simply stops answering; only keepalives notice.
+closed, as when the device's old address simply stops answering; only keepalives notice, and
+a side that gives such a connection up (closes or resets it) goes unheard by the other.
 
 Timing: release times are waited for with a helper-thread timer (~0.1 ms precision, see
 :class:`_PreciseTimer`) because asyncio's own timers run 0.1-2 ms late on epoll. Rates
@@ -540,10 +541,10 @@ class LinkProxy:
         ok = False
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._ingest(c_reader, ch_up, up, loop))
                 conn = asyncio.current_task()
+                tg.create_task(self._ingest(c_reader, ch_up, up, loop, conn))
                 tg.create_task(self._deliver(ch_up, u_writer, loop, "bytes_up", conn))
-                tg.create_task(self._ingest(u_reader, ch_down, down, loop))
+                tg.create_task(self._ingest(u_reader, ch_down, down, loop, conn))
                 tg.create_task(self._deliver(ch_down, c_writer, loop, "bytes_down", conn))
             ok = True
         except* OSError:  # reset/broken pipe on either side: drop the whole connection
@@ -560,13 +561,19 @@ class LinkProxy:
                 with contextlib.suppress(OSError, TimeoutError):
                     await asyncio.wait_for(w.wait_closed(), 1.0)
 
-    @staticmethod
-    async def _ingest(reader: asyncio.StreamReader, ch: _Channel, link: LinkModel,
-                      loop: asyncio.AbstractEventLoop) -> None:
-        """Read from one socket and time-stamp quanta onto the link; then EOF."""
+    async def _ingest(self, reader: asyncio.StreamReader, ch: _Channel, link: LinkModel,
+                      loop: asyncio.AbstractEventLoop, conn: asyncio.Task | None) -> None:
+        """Read from one socket and time-stamp quanta onto the link; then EOF. Once a silent
+        drop has cut `conn`, a reset from this side ends only this side: the other never hears
+        of it (the connection stays open there until that side gives up too)."""
         q = link.quantum
         while True:
-            data = await reader.read(READ_SIZE)
+            try:
+                data = await reader.read(READ_SIZE)
+            except OSError:
+                if conn not in self._silenced:
+                    raise
+                data = b""
             if not data:
                 ch.push(link.schedule_eof(loop.time()), None)
                 return

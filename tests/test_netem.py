@@ -375,6 +375,33 @@ def test_silent_drops_leave_connections_open_and_mute() -> None:
     assert dropped >= 1 and statistics.median(rtts) < 10
 
 
+def test_a_side_giving_up_a_silenced_connection_goes_unnoticed_by_the_other() -> None:
+    """The device that finds its connection dead closes it, reset and all; on the real link
+    that reaches no one, so the server must find out by itself (its keepalives)."""
+    ended = asyncio.Event()
+
+    @handler
+    async def upstream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            await r.read()
+        ended.set()
+
+    async def run() -> tuple[bool, bool]:
+        async with proxied(profile(1, drop_every_s=0.5, drop_silently=True), upstream) as proxy:
+            r, w = await asyncio.open_connection(*proxy.address)
+            await asyncio.sleep(0.6)  # after the first drop
+            sock = w.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()  # with linger 0 a reset, not a FIN
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ended.wait(), 1.0)
+            heard_while_silenced = ended.is_set()
+        return heard_while_silenced, proxy.stats["dropped"] >= 1
+
+    heard, dropped = arun(run())
+    assert dropped and not heard
+
+
 def test_cli_drop_every_s_renames_the_profile() -> None:
     proc = subprocess.run([sys.executable, str(NETEM_PY), "--profile", "lan", "--drop-every-s", "-2",
                            "--upstream", "127.0.0.1:1"], capture_output=True, text=True, timeout=30)
