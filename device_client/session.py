@@ -213,9 +213,12 @@ class _Generation:
         return out
 
     def _arrived(self, arrived: float, n: int) -> None:
-        """Inter-token latency: n tokens share the time since the previous ones came."""
+        """Inter-token latency: n tokens share the time since the previous ones came, which is
+        also how long the answer stood still."""
         if n:
-            self.rec.itl_ms.extend([(arrived - self.last) * 1e3 / n] * n)
+            waited = (arrived - self.last) * 1e3
+            self.rec.itl_ms.extend([waited / n] * n)
+            self.rec.longest_pause_ms = max(self.rec.longest_pause_ms, waited)
         self.last = arrived
 
     def stream(self, timeout: float | None) -> None:

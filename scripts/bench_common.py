@@ -125,6 +125,7 @@ class MethodRun:
             "draft_ms_per_round": sum(r.draft_ms for r in recs) / rounds if rounds else 0.0,
             "steady_tokens_per_s": self.steady_tokens_per_s(),
             "reconnects": sum(r.reconnects for r in recs),
+            "longest_pause_ms": max(r.longest_pause_ms for r in recs),
             "busy_refusals": sum(r.busy_refusals for r in recs),
         }
 

@@ -40,7 +40,7 @@ COLUMNS = [("profile", "link", ""), ("rtt_ms", "RTT ms", ".0f"), ("method", "met
            ("itl_ms_p50", "ITL p50", ".1f"), ("itl_ms_p95", "ITL p95", ".1f"),
            ("rounds_per_token", "rounds/tok", ".2f"), ("bytes_up_per_token", "B up/tok", ".0f"),
            ("bytes_down_per_token", "B down/tok", ".0f"), ("server_ms_per_token", "server ms/tok", ".1f"),
-           ("reconnects", "resumed", "d")]
+           ("reconnects", "resumed", "d"), ("longest_pause_ms", "longest pause ms", ".0f")]
 
 
 def load_netem():

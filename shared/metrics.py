@@ -29,6 +29,7 @@ class GenerationRecord:
     cached_prompt_tokens: int = 0  # leading prompt tokens the server had kept from an earlier prompt
     total_ms: float = 0.0
     itl_ms: list[float] = field(default_factory=list)
+    longest_pause_ms: float = 0.0  # the longest wait for tokens after the first (a broken stream's included)
     server_compute_ms: float = 0.0
     server_queue_ms: float = 0.0
     draft_ms: float = 0.0
