@@ -187,6 +187,7 @@ class _Generation:
         self.t0 = time.perf_counter()
         self.last = self.t0
         self.started = 0  # streams that got their Started
+        self.session_id = ""  # the latest Started's: a resumption names it (Start.resume_session_id)
 
     def _start(self) -> pb.Start:
         request = self.request
@@ -198,7 +199,7 @@ class _Generation:
             tokenizer_fingerprint=self.fingerprint, ignore_eos=request.ignore_eos,
             mode=MODES[request.mode], want_hidden_state=self.drafter.needs_hidden_state and request.drafts,
             tree_budget=request.tree_budget if request.drafts else 0,
-            resume_token_ids=self.rec.token_ids,
+            resume_token_ids=self.rec.token_ids, resume_session_id=self.session_id,
         )
 
     def _unpack(self, arrivals) -> list[pb.Verdict]:
@@ -239,6 +240,7 @@ class _Generation:
                 rec.reconnects += 1
                 self._arrived(arrived, len(first.started.first.tokens))
             self.started += 1
+            self.session_id = first.started.session_id
             verdicts = [first.started.first, *self._unpack(rest)]
             while True:
                 for verdict in verdicts:

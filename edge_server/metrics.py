@@ -38,6 +38,8 @@ COUNTER_HELP = dict(
                       "same chunks being fed for another session)",
     prompt_tokens_from_cache="prompt tokens whose K/V were copied instead of computed (prompt cache)",
     sessions_resumed="sessions that resumed a generation whose stream broke (Start.resume_token_ids)",
+    sessions_taken_over="sessions ended by their own resumption before the server noticed their stream "
+                        "had broken (Start.resume_session_id)",
     resumed_tokens="tokens such sessions fed again after their prompts")
 _COUNTERS = (*COUNTER_HELP, "verify_ms", "device_wait_ms", "device_waits")
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)

@@ -95,8 +95,9 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         self.scheduler = Scheduler(target, self.pool, scheduler_config or SchedulerConfig(),
                                    limits.max_tree_nodes, self.metrics)
         self.sessions: dict[str, Session] = {}
-        self._streams: set[asyncio.Task] = set()  # every Generate running, admitted or in line
-        self.closing = False
+        # every Generate running, admitted or in line, and why the server ended it (None: it did not)
+        self._streams: dict[asyncio.Task, tuple[grpc.StatusCode, str] | None] = {}
+        self._stream_of: dict[str, asyncio.Task] = {}  # an admitted session's Generate
         self.line = AdmissionLine(limits.max_waiting, limits.admission_wait_s)
         self.scheduler.on_kv_freed = self.line.room_freed_threadsafe
         self.metrics.status = self.status
@@ -109,9 +110,14 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         """Ends every stream with UNAVAILABLE, saying why: on shutdown, before gRPC would cancel
         them (which it logs as an error) and leave the devices guessing. They resume the
         generation elsewhere or once the server is back."""
-        self.closing = True
         for task in self._streams:
-            task.cancel()
+            self._end_stream(task, grpc.StatusCode.UNAVAILABLE, "the edge server is shutting down; resume the "
+                             "generation (Start.resume_token_ids) once it is back or on another server")
+
+    def _end_stream(self, task: asyncio.Task, code: grpc.StatusCode, message: str) -> None:
+        """Cancels a Generate, which then ends its stream with this status (edge_server.service.Generate)."""
+        self._streams[task] = (code, message)
+        task.cancel()
 
     def shutdown(self) -> None:
         self.scheduler.stop()
@@ -156,14 +162,16 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         session: Session | None = None
         # the peer now: asked once the call is over (a device gone), gRPC dereferences a freed call
         task, opened, peer = asyncio.current_task(), time.perf_counter(), context.peer()
-        self._streams.add(task)
+        self._streams[task] = None
         try:
             first = await anext(aiter(request_iterator), None)
             _require(first is not None and first.WhichOneof("kind") == "start",
                      grpc.StatusCode.FAILED_PRECONDITION,
                      "the stream must begin with Start; send Start before any Draft or Cancel")
             session, capacity = self._new_session(first.start)
+            await self._end_broken(session, first.start.resume_session_id)
             await self._admit_in_line(session, capacity)
+            self._stream_of[session.id] = task
             result, step = await self.scheduler.prefill(session)
             verdict = self._verdict(session, result, step)
             yield pb.ServerMessage(started=pb.Started(session_id=session.id, first=verdict,
@@ -174,13 +182,13 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
             log.info("refused a stream from %s: %s: %s", peer, bad.code.name, bad.message)
             await context.abort(bad.code, bad.message, bad.trailers)
         except asyncio.CancelledError:
-            if not self.closing:
+            if self._streams[task] is None:
                 raise  # the device went away
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the edge server is shutting down; resume the "
-                                "generation (Start.resume_token_ids) once it is back or on another server")
+            await context.abort(*self._streams[task])
         finally:  # an admitted session, also one whose device left while it was being admitted
-            self._streams.discard(task)
+            del self._streams[task]
             if session is not None and self.sessions.pop(session.id, None) is not None:
+                self._stream_of.pop(session.id, None)
                 self.scheduler.release(session)
                 session.release()
                 self.line.room_freed()
@@ -279,6 +287,27 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                                      batch_size=step.batch_size, batch_tokens=step.batch_tokens),
             next_tree_budget=budget, node_prices=prices,
         )
+
+    async def _end_broken(self, resuming: Session, broken_id: str) -> None:
+        """Ends the session a resumption names if it still runs: its device's connection went
+        quiet without a reset (a changed network), which keepalive pings tell the server only
+        seconds later, and meanwhile it would hold a slot and KV (a full server would make the
+        resumption wait for its own old session) and, pipelined or server-only, decode into the
+        void. Ended like a broken stream, it leaves what it computed in the prompt cache, which
+        the resumption then copies."""
+        task = self._stream_of.get(broken_id)
+        if task is None:
+            return
+        broken = self.sessions[broken_id]
+        _require(broken.prompt_ids == resuming.prompt_ids
+                 and broken.generated[:resuming.resumed] == resuming.generated[:resuming.resumed],
+                 grpc.StatusCode.INVALID_ARGUMENT,
+                 f"resume_session_id {broken_id} names a session with another prompt or other tokens; "
+                 "send the session_id of the stream this one resumes, with its prompt and the tokens it delivered")
+        self._end_stream(task, grpc.StatusCode.ABORTED, "a resumption of this generation (resume_session_id) "
+                         "took it over")
+        await asyncio.wait([task])  # its clean-up has released the session (edge_server.scheduler keeps its KV)
+        self.metrics.count("sessions_taken_over")
 
     # ---- validation --------------------------------------------------------------------
     async def _admit_in_line(self, session: Session, capacity: int) -> None:

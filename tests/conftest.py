@@ -38,6 +38,14 @@ class Stream:
         self.q.put(None)
 
 
+def prometheus_samples(text: str) -> dict:
+    """Prometheus text as {name{label=value}: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def wait_for(pred, timeout=30.0) -> bool:
     """Polls `pred` until it holds (True) or `timeout` seconds pass (False)."""
     end = time.time() + timeout

@@ -21,7 +21,7 @@ from edge_server.verifier import TargetModel
 from shared.protocol import RETRY_AFTER_MS, pb, rpc
 from shared.tree import TokenTree
 
-from conftest import PROMPTS, Served, Stream, wait_for
+from conftest import PROMPTS, Served, Stream, prometheus_samples, wait_for
 
 MAX_NEW = 24
 
@@ -173,25 +173,17 @@ def test_prometheus_scrape_counts_what_the_server_did(server, client):
     url = next(m.group(1) for line in server.log if (m := re.search(r"metrics on (http://\S+)", line)))
     stub, info, tok = client
     rec = generate(stub, Request(tok.chat_ids(PROMPTS[0]), max_new_tokens=8), NoDrafter(), info.tokenizer_fingerprint)
-    before = _samples(urllib.request.urlopen(url, timeout=10).read().decode())
+    before = prometheus_samples(urllib.request.urlopen(url, timeout=10).read().decode())
     reply = stub.GetMetrics(pb.MetricsRequest(reset=True), timeout=10)
     counters = json.loads(reply.json)["counters"]  # since the server started: nothing reset them before
     assert before["edgespec_generated_tokens_total"] == counters["generated_tokens"] >= len(rec.token_ids)
     assert before["edgespec_steps_total"] == before["edgespec_step_seconds_count"] == counters["steps"]
     assert before["edgespec_step_tokens_sum"] == counters["batch_tokens"]
-    assert _samples(reply.prometheus)["edgespec_generated_tokens_total"] == counters["generated_tokens"]
-    after = _samples(urllib.request.urlopen(url, timeout=10).read().decode())
+    assert prometheus_samples(reply.prometheus)["edgespec_generated_tokens_total"] == counters["generated_tokens"]
+    after = prometheus_samples(urllib.request.urlopen(url, timeout=10).read().decode())
     assert after["edgespec_generated_tokens_total"] == before["edgespec_generated_tokens_total"]
     assert json.loads(stub.GetMetrics(pb.MetricsRequest(), timeout=10).json)["counters"]["generated_tokens"] == 0
     assert after["edgespec_kv_budget_tokens"] > 0 and after["edgespec_tree_budget"] == info.max_tree_nodes
-
-
-def _samples(text: str) -> dict:
-    """Prometheus text as {name{label=value}: value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def _metrics(stub):
@@ -281,8 +273,8 @@ def _let_go(held):
 def _admission_waits(stub) -> dict[str, float]:
     """The admission wait histogram's samples: 'count', 'sum', 'bucket{le=0.5}', ..."""
     prefix = "edgespec_admission_wait_seconds_"
-    return {name[len(prefix):]: value for name, value in
-            _samples(stub.GetMetrics(pb.MetricsRequest(), timeout=10).prometheus).items() if name.startswith(prefix)}
+    samples = prometheus_samples(stub.GetMetrics(pb.MetricsRequest(), timeout=10).prometheus)
+    return {name[len(prefix):]: value for name, value in samples.items() if name.startswith(prefix)}
 
 
 def _waiting(stub) -> int:
@@ -366,6 +358,53 @@ def test_a_refusal_waiting_will_not_cure_is_not_retried(small_server):
                      info.tokenizer_fingerprint, timeout=60, busy_wait_s=30)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert busy_retry_after_s(err.value) is None and time.perf_counter() - t0 < 10
+
+
+def _tokens_until_finish(stream) -> list[int]:
+    """The tokens of the verdicts after Started."""
+    tokens = []
+    for msg in stream.replies:
+        tokens += msg.verdict.tokens
+        if msg.verdict.finish_reason != pb.FINISH_NONE:
+            return tokens
+    raise AssertionError("the stream ended before the generation finished")
+
+
+def test_a_resumption_ends_the_broken_session_the_server_still_runs(small_server, loaded):
+    """A connection gone quiet leaves its session running (here a lock-step one waiting for its
+    Draft) until keepalive pings notice. The device's resumption names it (resume_session_id):
+    it ends at once, though the server is full, and the resumption copies its prompt and goes
+    on with its tokens. One naming a session with another prompt is refused, and that session
+    lives on."""
+    stub, info, _ = small_server
+    ids, n = [1, 9690, 198, 2683], 12
+    quiet = Stream(stub, _start(info, max_new=n, prompt=ids))
+    started = next(quiet.replies).started
+    other = _hold(stub, info, 1, max_new=20)  # the server is full now
+
+    def resumption(prompt):
+        msg = _start(info, max_new=n, prompt=prompt)
+        msg.start.mode = pb.MODE_SERVER_AR
+        msg.start.resume_token_ids.extend(started.first.tokens)
+        msg.start.resume_session_id = started.session_id
+        return msg
+
+    err = _refused(stub, resumption(ids[:-1]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "another prompt or other tokens" in err.details()
+    assert _metrics(stub)["active_sessions"] == 2
+    again = Stream(stub, resumption(ids))
+    resumed = next(again.replies).started
+    tokens = [*started.first.tokens, *resumed.first.tokens, *_tokens_until_finish(again)]
+    again.close()
+    assert tokens == _greedy(loaded.model, ids, n)
+    assert resumed.cached_prompt_tokens == len(ids)  # copied from the session it ended, not fed again
+    with pytest.raises(grpc.RpcError) as err:
+        list(quiet.replies)
+    quiet.close()
+    assert err.value.code() == grpc.StatusCode.ABORTED and "took it over" in err.value.details()
+    taken_over = prometheus_samples(stub.GetMetrics(pb.MetricsRequest(), timeout=10).prometheus)
+    assert taken_over["edgespec_sessions_taken_over_total"] == 1
+    _let_go(other)
 
 
 def test_idle_session_times_out_and_frees_its_kv(small_server):

@@ -42,7 +42,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("prompt_token_ids", "sampling", "max_new_tokens", "stop_token_ids", "tokenizer_fingerprint", "mode", "want_hidden_state", "ignore_eos", "tree_budget", "resume_token_ids")
+    __slots__ = ("prompt_token_ids", "sampling", "max_new_tokens", "stop_token_ids", "tokenizer_fingerprint", "mode", "want_hidden_state", "ignore_eos", "tree_budget", "resume_token_ids", "resume_session_id")
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class Start(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     TREE_BUDGET_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     max_new_tokens: int
@@ -63,7 +64,8 @@ class Start(_message.Message):
     ignore_eos: bool
     tree_budget: int
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., want_hidden_state: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ..., tree_budget: _Optional[int] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    resume_session_id: str
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., want_hidden_state: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ..., tree_budget: _Optional[int] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., resume_session_id: _Optional[str] = ...) -> None: ...
 
 class Draft(_message.Message):
     __slots__ = ("round", "tokens", "parents")
