@@ -26,13 +26,14 @@ if TYPE_CHECKING:
 
 
 # A device that vanishes without closing its connection (its network changed under it) is
-# noticed by keepalive pings within ~30 s, which frees its session (and keeps it for a
-# resumption, edge_server.scheduler); devices ping every 10 s (device_client.cli), accepted here.
+# noticed by keepalive pings within 5-10 s, which frees its session (and keeps it for a
+# resumption, edge_server.scheduler); one that comes back sooner names its old session, which
+# ends then (Start.resume_session_id). Devices ping every second (device_client.cli), accepted here.
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 16 << 20),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.ping_timeout_ms", 10_000),  # what current gRPC waits for a ping's answer (default 60 s)
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),  # what current gRPC waits for a ping's answer (default 60 s)
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share its connections
