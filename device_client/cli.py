@@ -202,6 +202,20 @@ def server_info(stub: rpc.EdgeSpecStub, args: argparse.Namespace) -> pb.ServerIn
                          f"Is one running there? {tls}.") from None
 
 
+class WaitingNotice:
+    """Tells the user why nothing comes yet when the server is full: once on joining its line,
+    once more when next (the places in between would flood the terminal)."""
+
+    def __init__(self) -> None:
+        self.told: int | None = None
+
+    def __call__(self, ahead: int) -> None:
+        if self.told is None or (ahead == 0 < self.told):
+            where = "next in line" if ahead == 0 else f"{ahead} ahead"
+            print(f"device-client: the server is full; waiting for room ({where})", file=sys.stderr, flush=True)
+            self.told = ahead
+
+
 def run(args: argparse.Namespace) -> Iterator[dict]:
     """Streams each answer to stdout and yields its record's summary (one, or one a turn)."""
     with open_channel(args) as channel:
@@ -229,7 +243,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
                               mode=args.mode, ignore_eos=args.ignore_eos, max_context=info.max_context)
             record = generate(stub, request, drafter, info.tokenizer_fingerprint, on_tokens=show,
                               timeout=args.timeout, reconnect_s=args.reconnect_s,
-                              busy_wait_s=args.busy_wait_s)
+                              busy_wait_s=args.busy_wait_s, on_waiting=WaitingNotice())
             record.text = tokenizer.decode(record.token_ids)
             chat.add(message, record.text)
             sys.stdout.write("\n")

@@ -132,8 +132,10 @@ def busy_retry_after_s(err: grpc.RpcError) -> float | None:
 
 def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokenizer_fingerprint: str,
              on_tokens: Callable[[list[int]], None] | None = None,
-             timeout: float | None = None, reconnect_s: float = 0.0, busy_wait_s: float = 0.0) -> GenerationRecord:
-    """Runs one generation; on_tokens sees each verdict's new tokens as they arrive.
+             timeout: float | None = None, reconnect_s: float = 0.0, busy_wait_s: float = 0.0,
+             on_waiting: Callable[[int], None] | None = None) -> GenerationRecord:
+    """Runs one generation; on_tokens sees each verdict's new tokens as they arrive, and
+    on_waiting how many streams wait ahead of this one in a full server's admission line.
 
     A stream that breaks (UNAVAILABLE: a dropped connection, a restarted server) is resumed for
     up to `reconnect_s` seconds after the break: a new stream sends the tokens received so far
@@ -143,7 +145,7 @@ def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokeniz
     seconds after the refusal (a resumption refused so keeps its tokens too)."""
     if request.mode not in MODES:
         raise ValueError(f"mode {request.mode!r} is not one of {', '.join(MODES)}")
-    run = _Generation(stub, request, drafter, tokenizer_fingerprint, on_tokens)
+    run = _Generation(stub, request, drafter, tokenizer_fingerprint, on_tokens, on_waiting)
     deadline = None if timeout is None else run.t0 + timeout
     trouble, pause = None, 0.0  # when the stream broke or was refused (after its last progress); the next wait
     while True:
@@ -179,8 +181,9 @@ class _Generation:
     tokens arrived (inter-token latency spans a reconnect)."""
 
     def __init__(self, stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokenizer_fingerprint: str,
-                 on_tokens: Callable[[list[int]], None] | None):
+                 on_tokens: Callable[[list[int]], None] | None, on_waiting: Callable[[int], None] | None):
         self.stub, self.request, self.drafter, self.on_tokens = stub, request, drafter, on_tokens
+        self.on_waiting = on_waiting
         self.fingerprint = tokenizer_fingerprint
         self.rec = GenerationRecord(prompt_token_ids=list(request.prompt_ids),
                                     drafter=drafter.name if request.drafts else "server-ar", mode=request.mode)
@@ -199,7 +202,7 @@ class _Generation:
             tokenizer_fingerprint=self.fingerprint, ignore_eos=request.ignore_eos,
             mode=MODES[request.mode], want_hidden_state=self.drafter.needs_hidden_state and request.drafts,
             tree_budget=request.tree_budget if request.drafts else 0,
-            resume_token_ids=self.rec.token_ids, resume_session_id=self.session_id,
+            resume_token_ids=self.rec.token_ids, resume_session_id=self.session_id, report_waiting=True,
         )
 
     def _unpack(self, arrivals) -> list[pb.Verdict]:
@@ -230,7 +233,7 @@ class _Generation:
         responses = self.stub.Generate(iter(up), timeout=timeout)
         down = _Downlink(responses)
         try:
-            (arrived, first), *rest = down.take()
+            (arrived, first), *rest = self._wait_in_line(down)
             rec.bytes_down += _wire(first)
             if not self.started:
                 rec.ttft_ms = (arrived - self.t0) * 1e3  # refusals and failed attempts included
@@ -270,6 +273,21 @@ class _Generation:
             rec.bytes_up += up.bytes
             if isinstance(responses, grpc.Future):
                 responses.cancel()
+
+    def _wait_in_line(self, down: _Downlink) -> list[tuple[float, pb.ServerMessage]]:
+        """The messages from Started on. Before it, a full server's Waiting messages tell the
+        stream's place in its admission line."""
+        arrivals, since = down.take(), None
+        while arrivals[0][1].HasField("waiting"):
+            arrived, msg = arrivals.pop(0)
+            since = since or arrived
+            self.rec.bytes_down += _wire(msg)
+            if self.on_waiting:
+                self.on_waiting(msg.waiting.ahead)
+            arrivals = arrivals or down.take()
+        if since is not None:
+            self.rec.line_wait_ms += (arrivals[0][0] - since) * 1e3
+        return arrivals
 
     def _draft(self, verdict: pb.Verdict, budget: int) -> pb.Draft:
         """The tree for the round after `verdict`, built on its hidden state."""

@@ -21,8 +21,9 @@ from typing import Callable
 class _Waiting:
     """One stream in line (compared by identity)."""
 
-    def __init__(self, resumed: bool):
-        self.resumed = resumed
+    def __init__(self, resumed: bool, moved: Callable[[int], None] | None):
+        self.resumed, self.moved = resumed, moved
+        self.told: int | None = None  # the place in line `moved` last heard
 
 
 class AdmissionLine:
@@ -39,10 +40,12 @@ class AdmissionLine:
     def _resumptions(self) -> int:
         return sum(w.resumed for w in self._line)
 
-    async def enter(self, admit: Callable[[], str | None], resumed: bool = False) -> str | None:
+    async def enter(self, admit: Callable[[], str | None], resumed: bool = False,
+                    moved: Callable[[int], None] | None = None) -> str | None:
         """Calls `admit` (None once it admitted the stream, else why it could not) now if no one
         waits, and then whenever room may have come free while this stream is first in line.
         Returns None once admitted, else why not when the line is full or the wait ran out.
+        While the stream waits, `moved` hears how many wait ahead of it whenever that changes.
 
         A resumption (a device whose answer broke off mid-way) goes ahead of the new streams,
         behind the other resumptions: its user is watching a stalled answer, and the prompt
@@ -52,8 +55,9 @@ class AdmissionLine:
         why = admit() if not ahead else f"{ahead} streams are waiting for room ahead of this one"
         if why is None or len(self._line) >= self.max_waiting or self.wait_s <= 0:
             return why
-        me, last = _Waiting(resumed), [why]
+        me, last = _Waiting(resumed, moved), [why]
         self._line.insert(ahead, me)
+        self._tell_places()
 
         def admitted() -> bool:
             if self._line[0] is not me:
@@ -69,7 +73,14 @@ class AdmissionLine:
             return f"{last[0]}; waited {self.wait_s:g} s in line"
         finally:  # admitted, out of time, or the device went away
             self._line.remove(me)
+            self._tell_places()
             self.room_freed()  # whoever is first in line now may fit
+
+    def _tell_places(self) -> None:
+        for ahead, waiting in enumerate(self._line):
+            if waiting.moved is not None and waiting.told != ahead:
+                waiting.told = ahead
+                waiting.moved(ahead)
 
     def room_freed(self) -> None:
         """A session ended or KV came free: the first in line tries again."""

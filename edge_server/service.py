@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -170,7 +171,10 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                      "the stream must begin with Start; send Start before any Draft or Cancel")
             session, capacity = self._new_session(first.start)
             await self._end_broken(session, first.start.resume_session_id)
-            await self._admit_in_line(session, capacity)
+            async with aclosing(self._admit_in_line(session, capacity)) as places:
+                async for ahead in places:
+                    if first.start.report_waiting:
+                        yield pb.ServerMessage(waiting=pb.Waiting(ahead=ahead))
             self._stream_of[session.id] = task
             result, step = await self.scheduler.prefill(session)
             verdict = self._verdict(session, result, step)
@@ -310,10 +314,20 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         self.metrics.count("sessions_taken_over")
 
     # ---- validation --------------------------------------------------------------------
-    async def _admit_in_line(self, session: Session, capacity: int) -> None:
-        """Admits the session once there is room for it, waiting in line for it, or refuses it."""
+    async def _admit_in_line(self, session: Session, capacity: int) -> AsyncIterator[int]:
+        """Admits the session once there is room for it, waiting in line for it, or refuses it;
+        while it waits, yields how many streams wait ahead of it whenever that changes."""
         entered = time.perf_counter()
-        why = await self.line.enter(lambda: self._admit(session, capacity), resumed=session.resumed > 0)
+        places: asyncio.Queue[int | None] = asyncio.Queue()
+        entering = asyncio.ensure_future(self.line.enter(lambda: self._admit(session, capacity),
+                                                         resumed=session.resumed > 0, moved=places.put_nowait))
+        entering.add_done_callback(lambda _: places.put_nowait(None))
+        try:
+            while (ahead := await places.get()) is not None:
+                yield ahead
+            why = entering.result()
+        finally:
+            entering.cancel()  # the device went away while it waited: it leaves the line
         if why is not None:
             self._busy(why, self._soonest_end_s())
         self.metrics.admitted(time.perf_counter() - entered)

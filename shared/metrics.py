@@ -38,6 +38,7 @@ class GenerationRecord:
     reconnects: int = 0  # streams that resumed the generation after the one before broke
     busy_refusals: int = 0  # streams a busy server refused, each tried again after the wait it asked for
     busy_wait_ms: float = 0.0  # the time spent waiting so
+    line_wait_ms: float = 0.0  # time spent in a full server's admission line (its Waiting messages)
 
     def summary(self) -> dict:
         """The record with derived statistics, as printed by --json."""
@@ -72,5 +73,6 @@ class GenerationRecord:
                 f"server {s['server_ms_per_round']:.1f} ms/round, "
                 f"{self.bytes_up} B up / {self.bytes_down} B down, finish={self.finish_reason}"
                 + (f", resumed after {self.reconnects} broken stream(s)" if self.reconnects else "")
+                + (f", waited {self.line_wait_ms / 1e3:.1f} s in the server's line" if self.line_wait_ms else "")
                 + (f", waited {self.busy_wait_ms / 1e3:.1f} s for a busy server ({self.busy_refusals} refusal(s))"
                    if self.busy_refusals else ""))

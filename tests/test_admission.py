@@ -23,11 +23,12 @@ class Room:
         return attempt
 
 
-async def _enter_in_order(line: AdmissionLine, room: Room, names) -> list[asyncio.Task]:
-    """Names starting with "r" are resumptions."""
+async def _enter_in_order(line: AdmissionLine, room: Room, names, places: dict | None = None) -> list[asyncio.Task]:
+    """Names starting with "r" are resumptions; `places` gets what each hears of its place in line."""
     tasks = []
     for name in names:
-        tasks.append(asyncio.create_task(line.enter(room.admit(name), resumed=name.startswith("r"))))
+        moved = None if places is None else places.setdefault(name, []).append
+        tasks.append(asyncio.create_task(line.enter(room.admit(name), resumed=name.startswith("r"), moved=moved)))
         await asyncio.sleep(0.01)  # each is in line before the next arrives
     return tasks
 
@@ -107,4 +108,20 @@ def test_a_resumption_is_admitted_at_once_when_only_new_streams_wait():
         assert await line.enter(room.admit("r"), resumed=True) is None
         assert room.admitted == ["r"] and len(line) == 1
         tasks[0].cancel()
+    asyncio.run(scenario())
+
+
+def test_each_waiting_stream_hears_how_many_are_ahead_of_it_whenever_that_changes():
+    async def scenario():
+        line, room, places = AdmissionLine(max_waiting=8, wait_s=10), Room(0), {}
+        tasks = await _enter_in_order(line, room, ["a", "b", "r"], places)
+        assert places == {"a": [0, 1], "b": [1, 2], "r": [0]}  # the resumption went ahead of both
+        room.free = 1
+        line.room_freed()
+        await _settle()
+        assert room.admitted == ["r"] and places == {"a": [0, 1, 0], "b": [1, 2, 1], "r": [0]}
+        tasks[0].cancel()  # "a" leaves: "b" is next
+        await _settle()
+        assert places["b"] == [1, 2, 1, 0]
+        tasks[1].cancel()
     asyncio.run(scenario())

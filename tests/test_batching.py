@@ -323,9 +323,11 @@ def test_a_stream_waits_in_line_for_room_and_gets_its_answer(small_server, loade
     ids = [1, 9690, 198, 2683]
     threading.Timer(LINE_WAIT_S / 2, _let_go, [held]).start()
     n = 8 if room == "a session slot" else 150  # KV: needs more room than is free beside the held session
+    places = []
     rec = generate(stub, Request(ids, max_new_tokens=n, mode="server-ar"), NoDrafter(),
-                   info.tokenizer_fingerprint, timeout=60)
+                   info.tokenizer_fingerprint, timeout=60, on_waiting=places.append)
     assert rec.busy_refusals == 0 and rec.ttft_ms >= LINE_WAIT_S / 2 * 1e3 - 100
+    assert places == [0] and LINE_WAIT_S / 2 * 1e3 - 100 <= rec.line_wait_ms <= rec.ttft_ms  # told it was next
     assert rec.token_ids == _greedy(loaded.model, ids, n)
     waits = _admission_waits(stub)
     assert waits["bucket{le=0.5}"] < waits["count"]  # this stream waited longer

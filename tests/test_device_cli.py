@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from device_client.cli import parse_args
+from device_client.cli import WaitingNotice, parse_args
 from shared.protocol import pb
 
 from conftest import PROMPTS, ROOT, wait_for
@@ -47,6 +47,15 @@ def test_a_seed_is_drawn_unless_given(capsys):
 def test_the_defaults_parse():
     args = parse_args(["hello"])
     assert args.timeout > 0 and args.tree_budget >= 1 and args.prompt == "hello"
+
+
+def test_a_full_servers_line_is_reported_on_joining_and_when_next(capsys):
+    notice = WaitingNotice()
+    for ahead in (3, 2, 1, 0, 1, 0):  # a resumption went ahead once
+        notice(ahead)
+    assert capsys.readouterr().err.splitlines() == [
+        "device-client: the server is full; waiting for room (3 ahead)",
+        "device-client: the server is full; waiting for room (next in line)"]
 
 
 def test_a_prompt_is_needed_unless_chatting(capsys):

@@ -24,49 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x65\x64gespec.proto\x12\x0b\x65\x64gespec.v1\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xb9\x02\n\x05Start\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.edgespec.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x1f\n\x04mode\x18\x06 \x01(\x0e\x32\x11.edgespec.v1.Mode\x12\x19\n\x11want_hidden_state\x18\x07 \x01(\x08\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x13\n\x0btree_budget\x18\t \x01(\r\x12\x18\n\x10resume_token_ids\x18\n \x03(\r\x12\x19\n\x11resume_session_id\x18\x0b \x01(\t\"7\n\x05\x44raft\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x0f\n\x07parents\x18\x03 \x03(\r\"\x08\n\x06\x43\x61ncel\"\x88\x01\n\rClientMessage\x12#\n\x05start\x18\x01 \x01(\x0b\x32\x12.edgespec.v1.StartH\x00\x12#\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x12.edgespec.v1.DraftH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.edgespec.v1.CancelH\x00\x42\x06\n\x04kind\"_\n\rServerTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x14\n\x0c\x62\x61tch_tokens\x18\x04 \x01(\r\"`\n\x07Started\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x05\x66irst\x18\x02 \x01(\x0b\x32\x14.edgespec.v1.Verdict\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xe8\x01\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x14\n\x0chidden_state\x18\x03 \x01(\x0c\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.edgespec.v1.FinishReason\x12+\n\x07timings\x18\x05 \x01(\x0b\x32\x1a.edgespec.v1.ServerTimings\x12\x18\n\x10next_tree_budget\x18\x06 \x01(\r\x12\x13\n\x0bnode_prices\x18\x08 \x03(\x02J\x04\x08\x07\x10\x08R\x14min_node_probability\"i\n\rServerMessage\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.edgespec.v1.StartedH\x00\x12\'\n\x07verdict\x18\x02 \x01(\x0b\x32\x14.edgespec.v1.VerdictH\x00\x42\x06\n\x04kind\"\x13\n\x11ServerInfoRequest\":\n\x0c\x41rtifactInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\xdd\x02\n\nServerInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x16\n\x0emax_tree_nodes\x18\x06 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\t \x01(\t\x12,\n\tartifacts\x18\n \x03(\x0b\x32\x19.edgespec.v1.ArtifactInfo\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x16\n\x0eserver_version\x18\r \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0e \x01(\r\"/\n\x0f\x41rtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"Q\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x1f\n\x0eMetricsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"|\n\rServerMetrics\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x12\n\nprometheus\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x03 \x01(\r\x12\x16\n\x0ekv_used_tokens\x18\x04 \x01(\x04\x12\x18\n\x10kv_budget_tokens\x18\x05 \x01(\x04*D\n\x04Mode\x12\x14\n\x10MODE_SPECULATIVE\x10\x00\x12\x12\n\x0eMODE_SERVER_AR\x10\x01\x12\x12\n\x0eMODE_PIPELINED\x10\x02*m\n\x0c\x46inishReason\x12\x0f\n\x0b\x46INISH_NONE\x10\x00\x12\x0f\n\x0b\x46INISH_STOP\x10\x01\x12\x11\n\rFINISH_LENGTH\x10\x02\x12\x12\n\x0e\x46INISH_CONTEXT\x10\x03\x12\x14\n\x10\x46INISH_CANCELLED\x10\x04\x32\xb0\x02\n\x08\x45\x64geSpec\x12\x46\n\x08Generate\x12\x1a.edgespec.v1.ClientMessage\x1a\x1a.edgespec.v1.ServerMessage(\x01\x30\x01\x12H\n\rGetServerInfo\x12\x1e.edgespec.v1.ServerInfoRequest\x1a\x17.edgespec.v1.ServerInfo\x12K\n\rFetchArtifact\x12\x1c.edgespec.v1.ArtifactRequest\x1a\x1a.edgespec.v1.ArtifactChunk0\x01\x12\x45\n\nGetMetrics\x12\x1b.edgespec.v1.MetricsRequest\x1a\x1a.edgespec.v1.ServerMetricsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x65\x64gespec.proto\x12\x0b\x65\x64gespec.v1\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xd1\x02\n\x05Start\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.edgespec.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x1f\n\x04mode\x18\x06 \x01(\x0e\x32\x11.edgespec.v1.Mode\x12\x19\n\x11want_hidden_state\x18\x07 \x01(\x08\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x13\n\x0btree_budget\x18\t \x01(\r\x12\x18\n\x10resume_token_ids\x18\n \x03(\r\x12\x19\n\x11resume_session_id\x18\x0b \x01(\t\x12\x16\n\x0ereport_waiting\x18\x0c \x01(\x08\"7\n\x05\x44raft\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x0f\n\x07parents\x18\x03 \x03(\r\"\x08\n\x06\x43\x61ncel\"\x88\x01\n\rClientMessage\x12#\n\x05start\x18\x01 \x01(\x0b\x32\x12.edgespec.v1.StartH\x00\x12#\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x12.edgespec.v1.DraftH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.edgespec.v1.CancelH\x00\x42\x06\n\x04kind\"_\n\rServerTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x14\n\x0c\x62\x61tch_tokens\x18\x04 \x01(\r\"`\n\x07Started\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x05\x66irst\x18\x02 \x01(\x0b\x32\x14.edgespec.v1.Verdict\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xe8\x01\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x14\n\x0chidden_state\x18\x03 \x01(\x0c\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.edgespec.v1.FinishReason\x12+\n\x07timings\x18\x05 \x01(\x0b\x32\x1a.edgespec.v1.ServerTimings\x12\x18\n\x10next_tree_budget\x18\x06 \x01(\r\x12\x13\n\x0bnode_prices\x18\x08 \x03(\x02J\x04\x08\x07\x10\x08R\x14min_node_probability\"\x18\n\x07Waiting\x12\r\n\x05\x61head\x18\x01 \x01(\r\"\x92\x01\n\rServerMessage\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.edgespec.v1.StartedH\x00\x12\'\n\x07verdict\x18\x02 \x01(\x0b\x32\x14.edgespec.v1.VerdictH\x00\x12\'\n\x07waiting\x18\x03 \x01(\x0b\x32\x14.edgespec.v1.WaitingH\x00\x42\x06\n\x04kind\"\x13\n\x11ServerInfoRequest\":\n\x0c\x41rtifactInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\xdd\x02\n\nServerInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x16\n\x0emax_tree_nodes\x18\x06 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\t \x01(\t\x12,\n\tartifacts\x18\n \x03(\x0b\x32\x19.edgespec.v1.ArtifactInfo\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x16\n\x0eserver_version\x18\r \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0e \x01(\r\"/\n\x0f\x41rtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"Q\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x1f\n\x0eMetricsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"|\n\rServerMetrics\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x12\n\nprometheus\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x03 \x01(\r\x12\x16\n\x0ekv_used_tokens\x18\x04 \x01(\x04\x12\x18\n\x10kv_budget_tokens\x18\x05 \x01(\x04*D\n\x04Mode\x12\x14\n\x10MODE_SPECULATIVE\x10\x00\x12\x12\n\x0eMODE_SERVER_AR\x10\x01\x12\x12\n\x0eMODE_PIPELINED\x10\x02*m\n\x0c\x46inishReason\x12\x0f\n\x0b\x46INISH_NONE\x10\x00\x12\x0f\n\x0b\x46INISH_STOP\x10\x01\x12\x11\n\rFINISH_LENGTH\x10\x02\x12\x12\n\x0e\x46INISH_CONTEXT\x10\x03\x12\x14\n\x10\x46INISH_CANCELLED\x10\x04\x32\xb0\x02\n\x08\x45\x64geSpec\x12\x46\n\x08Generate\x12\x1a.edgespec.v1.ClientMessage\x1a\x1a.edgespec.v1.ServerMessage(\x01\x30\x01\x12H\n\rGetServerInfo\x12\x1e.edgespec.v1.ServerInfoRequest\x1a\x17.edgespec.v1.ServerInfo\x12K\n\rFetchArtifact\x12\x1c.edgespec.v1.ArtifactRequest\x1a\x1a.edgespec.v1.ArtifactChunk0\x01\x12\x45\n\nGetMetrics\x12\x1b.edgespec.v1.MetricsRequest\x1a\x1a.edgespec.v1.ServerMetricsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgespec_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=1897
-  _globals['_MODE']._serialized_end=1965
-  _globals['_FINISHREASON']._serialized_start=1967
-  _globals['_FINISHREASON']._serialized_end=2076
+  _globals['_MODE']._serialized_start=1989
+  _globals['_MODE']._serialized_end=2057
+  _globals['_FINISHREASON']._serialized_start=2059
+  _globals['_FINISHREASON']._serialized_end=2168
   _globals['_SAMPLINGPARAMS']._serialized_start=31
   _globals['_SAMPLINGPARAMS']._serialized_end=112
   _globals['_START']._serialized_start=115
-  _globals['_START']._serialized_end=428
-  _globals['_DRAFT']._serialized_start=430
-  _globals['_DRAFT']._serialized_end=485
-  _globals['_CANCEL']._serialized_start=487
-  _globals['_CANCEL']._serialized_end=495
-  _globals['_CLIENTMESSAGE']._serialized_start=498
-  _globals['_CLIENTMESSAGE']._serialized_end=634
-  _globals['_SERVERTIMINGS']._serialized_start=636
-  _globals['_SERVERTIMINGS']._serialized_end=731
-  _globals['_STARTED']._serialized_start=733
-  _globals['_STARTED']._serialized_end=829
-  _globals['_VERDICT']._serialized_start=832
-  _globals['_VERDICT']._serialized_end=1064
-  _globals['_SERVERMESSAGE']._serialized_start=1066
-  _globals['_SERVERMESSAGE']._serialized_end=1171
-  _globals['_SERVERINFOREQUEST']._serialized_start=1173
-  _globals['_SERVERINFOREQUEST']._serialized_end=1192
-  _globals['_ARTIFACTINFO']._serialized_start=1194
-  _globals['_ARTIFACTINFO']._serialized_end=1252
-  _globals['_SERVERINFO']._serialized_start=1255
-  _globals['_SERVERINFO']._serialized_end=1604
-  _globals['_ARTIFACTREQUEST']._serialized_start=1606
-  _globals['_ARTIFACTREQUEST']._serialized_end=1653
-  _globals['_ARTIFACTCHUNK']._serialized_start=1655
-  _globals['_ARTIFACTCHUNK']._serialized_end=1736
-  _globals['_METRICSREQUEST']._serialized_start=1738
-  _globals['_METRICSREQUEST']._serialized_end=1769
-  _globals['_SERVERMETRICS']._serialized_start=1771
-  _globals['_SERVERMETRICS']._serialized_end=1895
-  _globals['_EDGESPEC']._serialized_start=2079
-  _globals['_EDGESPEC']._serialized_end=2383
+  _globals['_START']._serialized_end=452
+  _globals['_DRAFT']._serialized_start=454
+  _globals['_DRAFT']._serialized_end=509
+  _globals['_CANCEL']._serialized_start=511
+  _globals['_CANCEL']._serialized_end=519
+  _globals['_CLIENTMESSAGE']._serialized_start=522
+  _globals['_CLIENTMESSAGE']._serialized_end=658
+  _globals['_SERVERTIMINGS']._serialized_start=660
+  _globals['_SERVERTIMINGS']._serialized_end=755
+  _globals['_STARTED']._serialized_start=757
+  _globals['_STARTED']._serialized_end=853
+  _globals['_VERDICT']._serialized_start=856
+  _globals['_VERDICT']._serialized_end=1088
+  _globals['_WAITING']._serialized_start=1090
+  _globals['_WAITING']._serialized_end=1114
+  _globals['_SERVERMESSAGE']._serialized_start=1117
+  _globals['_SERVERMESSAGE']._serialized_end=1263
+  _globals['_SERVERINFOREQUEST']._serialized_start=1265
+  _globals['_SERVERINFOREQUEST']._serialized_end=1284
+  _globals['_ARTIFACTINFO']._serialized_start=1286
+  _globals['_ARTIFACTINFO']._serialized_end=1344
+  _globals['_SERVERINFO']._serialized_start=1347
+  _globals['_SERVERINFO']._serialized_end=1696
+  _globals['_ARTIFACTREQUEST']._serialized_start=1698
+  _globals['_ARTIFACTREQUEST']._serialized_end=1745
+  _globals['_ARTIFACTCHUNK']._serialized_start=1747
+  _globals['_ARTIFACTCHUNK']._serialized_end=1828
+  _globals['_METRICSREQUEST']._serialized_start=1830
+  _globals['_METRICSREQUEST']._serialized_end=1861
+  _globals['_SERVERMETRICS']._serialized_start=1863
+  _globals['_SERVERMETRICS']._serialized_end=1987
+  _globals['_EDGESPEC']._serialized_start=2171
+  _globals['_EDGESPEC']._serialized_end=2475
 # @@protoc_insertion_point(module_scope)

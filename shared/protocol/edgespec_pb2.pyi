@@ -42,7 +42,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("prompt_token_ids", "sampling", "max_new_tokens", "stop_token_ids", "tokenizer_fingerprint", "mode", "want_hidden_state", "ignore_eos", "tree_budget", "resume_token_ids", "resume_session_id")
+    __slots__ = ("prompt_token_ids", "sampling", "max_new_tokens", "stop_token_ids", "tokenizer_fingerprint", "mode", "want_hidden_state", "ignore_eos", "tree_budget", "resume_token_ids", "resume_session_id", "report_waiting")
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class Start(_message.Message):
     TREE_BUDGET_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORT_WAITING_FIELD_NUMBER: _ClassVar[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     max_new_tokens: int
@@ -65,7 +66,8 @@ class Start(_message.Message):
     tree_budget: int
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     resume_session_id: str
-    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., want_hidden_state: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ..., tree_budget: _Optional[int] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., resume_session_id: _Optional[str] = ...) -> None: ...
+    report_waiting: bool
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., want_hidden_state: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ..., tree_budget: _Optional[int] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., resume_session_id: _Optional[str] = ..., report_waiting: _Optional[bool] = ...) -> None: ...
 
 class Draft(_message.Message):
     __slots__ = ("round", "tokens", "parents")
@@ -131,13 +133,21 @@ class Verdict(_message.Message):
     node_prices: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, round: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden_state: _Optional[bytes] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., next_tree_budget: _Optional[int] = ..., node_prices: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class Waiting(_message.Message):
+    __slots__ = ("ahead",)
+    AHEAD_FIELD_NUMBER: _ClassVar[int]
+    ahead: int
+    def __init__(self, ahead: _Optional[int] = ...) -> None: ...
+
 class ServerMessage(_message.Message):
-    __slots__ = ("started", "verdict")
+    __slots__ = ("started", "verdict", "waiting")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     started: Started
     verdict: Verdict
-    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+    waiting: Waiting
+    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., waiting: _Optional[_Union[Waiting, _Mapping]] = ...) -> None: ...
 
 class ServerInfoRequest(_message.Message):
     __slots__ = ()
