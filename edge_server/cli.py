@@ -16,7 +16,6 @@ import torch
 
 from edge_server.hardware import DTYPES, keep_freed_memory, pick_device, pick_dtype
 from shared.cli_help import HelpWithDefaults
-from shared.tls import read_pem
 
 if TYPE_CHECKING:
     import grpc
@@ -101,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "printed at start; default: off, GetMetrics still has them)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--tls-cert", help="PEM certificate (chain) to serve over TLS, with --tls-key; without it the "
-                                      "server speaks plaintext, for loopback or a network you trust")
+                                      "server speaks plaintext, for loopback or a network you trust. Replace the "
+                                      "files to renew it: new connections get the new one, no restart")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="PEM CA certificate(s): only devices presenting a certificate they "
                                            "signed may connect (mutual TLS)")
@@ -250,15 +250,13 @@ def is_loopback(host: str) -> bool:
 
 
 def server_credentials(args: argparse.Namespace) -> "grpc.ServerCredentials | None":
-    """TLS from --tls-cert/--tls-key (requiring device certificates with --tls-client-ca), or
-    None for plaintext."""
-    import grpc
-
+    """TLS from --tls-cert/--tls-key (requiring device certificates with --tls-client-ca), read
+    again whenever the files change (edge_server.tls_files), or None for plaintext."""
     if not args.tls_cert:
         return None
-    pair = (read_pem(args.tls_key, "--tls-key"), read_pem(args.tls_cert, "--tls-cert"))
-    ca = read_pem(args.tls_client_ca, "--tls-client-ca") if args.tls_client_ca else None
-    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+    from edge_server.tls_files import CertificateFiles
+
+    return CertificateFiles(args.tls_cert, args.tls_key, args.tls_client_ca).credentials()
 
 
 def serve_metrics(metrics: ServerMetrics, host: str, port: int) -> None:

@@ -4,12 +4,19 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def pem_bytes(path: str) -> bytes:
+    """The file's bytes: OSError when it cannot be read, ValueError when it is not PEM."""
+    data = Path(path).read_bytes()
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{path}: not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
 def read_pem(path: str, flag: str) -> bytes:
     """The file's bytes, or SystemExit saying which flag named a file that is missing or not PEM."""
     try:
-        data = Path(path).read_bytes()
+        return pem_bytes(path)
     except OSError as err:
         raise SystemExit(f"{flag} {path}: {err.strerror}") from None
-    if b"-----BEGIN " not in data:
-        raise SystemExit(f"{flag} {path}: not a PEM file (no '-----BEGIN' line)")
-    return data
+    except ValueError as err:
+        raise SystemExit(f"{flag} {err}") from None

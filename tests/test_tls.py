@@ -2,6 +2,7 @@
 throw-away CA (trustme), on loopback. The answer over TLS is the target's own greedy text; a
 device without the right certificate, or without TLS, is told what to add."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -65,6 +66,41 @@ def test_mutual_tls_admits_only_devices_with_a_certificate_from_its_ca(pki, load
                        "--tls-key", pki["device_key"]), loaded)
         anonymous = _device(srv.address, "--tls-ca", pki["ca"])
         assert anonymous.returncode != 0 and "wants --tls-cert and --tls-key" in anonymous.stderr
+
+
+def test_renewed_certificate_files_serve_new_connections_without_a_restart(pki, tmp_path, loaded):
+    """The files are replaced by a certificate from another CA: devices trusting the new CA get
+    in and those trusting only the old no longer do. Half done (the new certificate beside the
+    old key) the renewal is skipped and the old certificate serves on."""
+    import trustme
+
+    cert, key, new_ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "new_ca.pem"
+    shutil.copy(pki["server_cert"], cert)
+    shutil.copy(pki["server_key"], key)
+    new_ca = trustme.CA()
+    new_ca.cert_pem.write_to_path(str(new_ca_file))
+    renewed = new_ca.issue_cert("localhost", "127.0.0.1")
+    with ServerProcess(["--log-level", "INFO", "--dtype", "float32", "--threads", "1",
+                        "--tls-cert", str(cert), "--tls-key", str(key)]) as srv:
+        renewed.cert_chain_pems[0].write_to_path(str(cert))  # the key is not renewed yet
+        _exact(_device(srv.address, "--tls-ca", pki["ca"]), loaded)
+        assert "the TLS files changed but do not load" in "".join(srv.log)
+        renewed.private_key_pem.write_to_path(str(key))
+        _exact(_device(srv.address, "--tls-ca", str(new_ca_file)), loaded)
+        old = _device(srv.address, "--tls-ca", pki["ca"])
+        assert old.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in old.stderr
+        assert "the TLS files changed: new connections get the certificate" in "".join(srv.log)
+
+
+def test_a_key_that_is_not_the_certificates_is_refused_at_start(pki, tmp_path):
+    import trustme
+
+    other_key = tmp_path / "other.key"
+    trustme.CA().issue_cert("localhost").private_key_pem.write_to_path(str(other_key))
+    proc = subprocess.run([sys.executable, "-m", "edge_server.cli", "--tls-cert", pki["server_cert"],
+                           "--tls-key", str(other_key), "--port", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "do not load together" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("flags, says", [
