@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import grpc
 
     from edge_server.metrics import ServerMetrics
+    from edge_server.service import EdgeSpecService
 
 
 
@@ -79,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "beyond it a stream is refused (RESOURCE_EXHAUSTED with a retry hint)")
     p.add_argument("--admission-wait-s", type=_number(float, 0), default=30.0,
                    help="how long a stream waits in that line before it is refused; 0: refuse at once")
+    p.add_argument("--drain-s", type=_number(float, 0), default=10.0,
+                   help="on SIGTERM or Ctrl-C, how long running answers may go on to their end while new "
+                        "streams are turned away (a second signal stops at once); then the rest are told "
+                        "to resume elsewhere")
     p.add_argument("--idle-timeout", type=_number(float, 0, above=True), default=120.0,
                    help="seconds a device may stay silent before its session and KV are freed")
     p.add_argument("--max-batch-size", type=_number(int, 1), default=32, help="most sessions in one batched forward")
@@ -215,15 +220,29 @@ async def serve(args: argparse.Namespace) -> None:
     # the line tests and scripts wait for; keep its shape
     print(f"edge-server listening on {args.host}:{port}" + (" (TLS)" if credentials else ""), flush=True)
 
-    stop = asyncio.Event()
+    stopping, now = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, lambda: (now if stopping.is_set() else stopping).set())
+    await stopping.wait()
     await health_servicer.enter_graceful_shutdown()
+    await drain(service, args.drain_s, now, log)
     service.close_streams()
     await server.stop(grace=2.0)
     service.shutdown()
+
+
+async def drain(service: "EdgeSpecService", seconds: float, now: asyncio.Event, log: logging.Logger) -> None:
+    """Lets the running answers finish, for up to `seconds` or until `now` (a second signal),
+    while new streams are turned away: a rolling restart then breaks no answer that ends in time,
+    and the devices it turns away go to another server."""
+    service.drain()
+    if service.sessions and seconds > 0:
+        log.info("stopping: %d answers may finish within %g s (signal again to stop now)",
+                 len(service.sessions), seconds)
+    end = time.perf_counter() + seconds
+    while service.sessions and not now.is_set() and time.perf_counter() < end:
+        await asyncio.sleep(0.05)
 
 
 def listen(server: "grpc.aio.Server", host: str, port: int, credentials: "grpc.ServerCredentials | None") -> int:

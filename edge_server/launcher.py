@@ -20,7 +20,8 @@ class ServerProcess:
     """A running edge-server; `address` is HOST:PORT, `log` collects its output."""
 
     def __init__(self, args: list[str] = (), echo: bool = False):
-        cmd = [sys.executable, "-m", "edge_server.cli", "--port", "0", *args]
+        # stop() ends it at once (no drain); a test of the drain gives its own --drain-s
+        cmd = [sys.executable, "-m", "edge_server.cli", "--port", "0", "--drain-s", "0", *args]
         self.echo = echo
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

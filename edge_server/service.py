@@ -99,6 +99,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         # every Generate running, admitted or in line, and why the server ended it (None: it did not)
         self._streams: dict[asyncio.Task, tuple[grpc.StatusCode, str] | None] = {}
         self._stream_of: dict[str, asyncio.Task] = {}  # an admitted session's Generate
+        self.draining = False  # stopping: no new streams (edge_server.cli.drain)
         self.line = AdmissionLine(limits.max_waiting, limits.admission_wait_s)
         self.scheduler.on_kv_freed = self.line.room_freed_threadsafe
         self.metrics.status = self.status
@@ -114,6 +115,18 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         for task in self._streams:
             self._end_stream(task, grpc.StatusCode.UNAVAILABLE, "the edge server is shutting down; resume the "
                              "generation (Start.resume_token_ids) once it is back or on another server")
+
+    GOING_AWAY = ("the edge server is shutting down; start the generation on another server, or on this one "
+                  "once it is back")
+
+    def drain(self) -> None:
+        """Stopping: new streams are turned away and those not admitted yet (waiting in line) are
+        ended, while the running sessions go on."""
+        self.draining = True
+        admitted = set(self._stream_of.values())
+        for task in self._streams:
+            if task not in admitted:
+                self._end_stream(task, grpc.StatusCode.UNAVAILABLE, self.GOING_AWAY)
 
     def _end_stream(self, task: asyncio.Task, code: grpc.StatusCode, message: str) -> None:
         """Cancels a Generate, which then ends its stream with this status (edge_server.service.Generate)."""
@@ -165,6 +178,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         task, opened, peer = asyncio.current_task(), time.perf_counter(), context.peer()
         self._streams[task] = None
         try:
+            _require(not self.draining, grpc.StatusCode.UNAVAILABLE, self.GOING_AWAY)
             first = await anext(aiter(request_iterator), None)
             _require(first is not None and first.WhichOneof("kind") == "start",
                      grpc.StatusCode.FAILED_PRECONDITION,

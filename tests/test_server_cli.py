@@ -1,6 +1,7 @@
 """edge-server's own flags that no end-to-end test exercises."""
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ from edge_server.cli import parse_args, parse_cpus, pin_process
 from edge_server.launcher import ServerProcess
 from shared.protocol import pb, rpc
 
-from conftest import ROOT
+from conftest import ROOT, wait_for
 
 
 def test_cpus_pins_threads_started_before_the_flags_were_read():
@@ -119,6 +120,36 @@ def test_shutdown_ends_every_stream_with_unavailable_and_why():
     # the operator's line for the session, which ended unfinished
     assert re.search(r"session \w+ from ipv4:127\.0\.0\.1:\d+: server-ar, prompt 4 tokens \(0 from the cache\), "
                      r"\d+ tokens in \d+ rounds after the first, finish NONE", log), log
+
+
+def test_a_stopping_server_lets_the_running_answer_finish_and_turns_new_streams_away():
+    """SIGTERM with --drain-s: the answer under way runs to its end, exact, while a new stream is
+    told to go elsewhere; the server exits once the answer is done, long before the drain ends."""
+    srv = ServerProcess(["--log-level", "INFO", "--threads", "1", "--drain-s", "120"])
+    done = []
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = rpc.EdgeSpecStub(channel)
+            fingerprint = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30).tokenizer_fingerprint
+            request = Request([1, 9690, 198, 2683], max_new_tokens=240, ignore_eos=True, mode="server-ar")
+            reference = generate(stub, request, NoDrafter(), fingerprint, timeout=120).token_ids
+            flowing = threading.Event()
+            thread = threading.Thread(target=lambda: done.append(generate(
+                stub, request, NoDrafter(), fingerprint, on_tokens=lambda _: flowing.set(), timeout=120)))
+            thread.start()
+            assert flowing.wait(60)
+            srv.proc.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: "stopping: 1 answers may finish within 120 s" in "".join(srv.log))
+            with pytest.raises(grpc.RpcError) as turned_away:
+                generate(stub, Request([1, 2, 3], max_new_tokens=4), NoDrafter(), fingerprint, timeout=30)
+            thread.join(60)
+            srv.proc.wait(60)
+    finally:
+        srv.stop()
+    assert done and done[0].token_ids == reference
+    assert turned_away.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "start the generation on another server" in turned_away.value.details()
+    assert srv.proc.returncode == 0 and "Traceback" not in "".join(srv.log)
 
 
 @pytest.mark.parametrize("flag, value, says", [

@@ -79,7 +79,7 @@ def _service(budgets) -> EdgeSpecService:
     svc.metrics, svc.sessions = ServerMetrics(), {}
     svc.limits, svc.tokenizer_fingerprint, svc.eos_ids = Limits(max_tree_nodes=16, idle_timeout_s=5.0), "tok", []
     svc.pool, svc.line = SimpleNamespace(budget_tokens=1 << 20), AdmissionLine(max_waiting=0, wait_s=0)
-    svc._streams, svc._stream_of = {}, {}
+    svc._streams, svc._stream_of, svc.draining = {}, {}, False
     return svc
 
 
