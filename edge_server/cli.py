@@ -101,8 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fixed-budget", action="store_true",
                    help="always offer --max-tree-nodes as next_tree_budget (no load-aware speculation)")
     p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics over HTTP on --host at this port (0 picks a free one, "
-                        "printed at start; default: off, GetMetrics still has them)")
+                   help="serve Prometheus metrics over HTTP on --metrics-host at this port (0 picks a free "
+                        "one, printed at start; default: off, GetMetrics still has them)")
+    p.add_argument("--metrics-host", default=None,
+                   help="address of the metrics endpoint (plain HTTP); default: --host. 127.0.0.1 keeps it "
+                        "on this machine while devices reach --host")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--tls-cert", help="PEM certificate (chain) to serve over TLS, with --tls-key; without it the "
                                       "server speaks plaintext, for loopback or a network you trust. Replace the "
@@ -199,7 +202,7 @@ async def serve(args: argparse.Namespace) -> None:
                          f"{loaded.name} ({service.pool.bytes_per_token / 1024:.0f} KiB each), too few for any "
                          "session; give it more") from None
     if args.metrics_port is not None:
-        serve_metrics(service.metrics, args.host, args.metrics_port)
+        serve_metrics(service.metrics, args.metrics_host or args.host, args.metrics_port)
     rpc.add_EdgeSpecServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -152,6 +152,16 @@ def test_a_stopping_server_lets_the_running_answer_finish_and_turns_new_streams_
     assert srv.proc.returncode == 0 and "Traceback" not in "".join(srv.log)
 
 
+def test_the_metrics_endpoint_may_listen_apart_from_the_devices():
+    import urllib.request
+
+    with ServerProcess(["--log-level", "WARNING", "--threads", "1", "--metrics-port", "0",
+                        "--metrics-host", "127.0.0.2"]) as srv:
+        url = next(m.group(1) for line in srv.log if (m := re.search(r"metrics on (http://\S+)", line)))
+        assert srv.address.startswith("127.0.0.1:") and url.startswith("http://127.0.0.2:")
+        assert "edgespec_kv_budget_tokens" in urllib.request.urlopen(url, timeout=10).read().decode()
+
+
 @pytest.mark.parametrize("flag, value, says", [
     ("--max-batch-size", "0", "0 must be at least 1"), ("--max-batch-tokens", "0", "0 must be at least 1"),
     ("--prefill-chunk", "0", "0 must be at least 1"), ("--max-tree-nodes", "0", "0 must be at least 1"),
