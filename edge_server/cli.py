@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-tokens", type=_number(int, 1), default=512, help="most tokens in one batched forward")
     p.add_argument("--prefill-chunk", type=_number(int, 1), default=128,
                    help="most prompt tokens of one session per step (long prompts are interleaved)")
+    p.add_argument("--max-queued-prefill-tokens", type=_number(int, 1), default=16384,
+                   help="prompt tokens admitted sessions may have waiting to be fed; a stream whose prompt "
+                        "would pass it waits in line (a prompt longer than it alone is admitted once none wait)")
     p.add_argument("--prompt-cache-mb", type=_number(float, 0), default=512.0,
                    help="KV memory (within --kv-budget-mb) for prompt prefixes kept after their prefill, so a "
                         "prompt that starts the same way (a chat's next turn, another question on the same "
@@ -191,7 +194,7 @@ async def serve(args: argparse.Namespace) -> None:
         Limits(args.max_tree_nodes, args.max_new_tokens, args.max_sessions, args.kv_budget_mb,
                args.idle_timeout, args.max_waiting, args.admission_wait_s), __version__,
         SchedulerConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                        prefill_chunk=args.prefill_chunk,
+                        prefill_chunk=args.prefill_chunk, max_queued_prefill_tokens=args.max_queued_prefill_tokens,
                         window_ms=args.batch_window_ms, window_max_ms=args.batch_window_max_ms,
                         adaptive_budget=not args.fixed_budget, prompt_cache_mb=args.prompt_cache_mb),
     )

@@ -43,7 +43,8 @@ Policy
 - Backpressure happens at admission (streams wait in a bounded line for room,
   edge_server.admission, and past it the service refuses with RESOURCE_EXHAUSTED): every
   session has at most one item in flight, so the queue is bounded by the admitted sessions;
-  queued prefill tokens are bounded too.
+  queued prefill tokens are bounded too (a stream whose prompt would pass the bound waits in
+  line; `on_room` wakes the line after each step that fed prompt tokens).
 
 Load-aware speculation: `edge_server.budget.BudgetController` picks the tree budget the
 verdicts hand out, from the generated tokens/s it measures at each budget and load; every step
@@ -127,7 +128,8 @@ class Scheduler:
         self._stopping = False
         self.recent_step_ms = 0.0  # EMA of step compute, for the collection window and retry hints
         self.recent_prefill_ms_per_token = 0.0  # EMA over steps that fed prompts, for retry hints
-        self.on_kv_freed: Callable[[], None] | None = None  # called on this thread: streams wait for room
+        # called on this thread when KV came free or prompt tokens were fed: streams wait in line for both
+        self.on_room: Callable[[], None] | None = None
         self._last_step_end = time.perf_counter()
         self._sent: dict[str, dict[int, float]] = {}  # session -> round -> when its result was handed back
         self._turnaround: dict[str, tuple[float, float]] = {}  # session -> EMAs of the seconds from
@@ -271,8 +273,8 @@ class Scheduler:
             self.budgets.remove(s.id)
             self.metrics.session_close(s.id)
         self._releases.clear()
-        if self.on_kv_freed is not None:
-            self.on_kv_freed()
+        if self.on_room is not None:
+            self.on_room()
 
     def _take(self) -> list[tuple[_Item, Row]]:
         cfg = self.config
@@ -411,6 +413,8 @@ class Scheduler:
         if prefill_tokens:
             per_token = compute_ms / n_tokens
             self.recent_prefill_ms_per_token = 0.8 * self.recent_prefill_ms_per_token + 0.2 * per_token
+            if self.on_room is not None:  # the queued prompts shrank
+                self.on_room()
         queue = []
         with self._cv:
             rounds = [(res.tree_size, res.path) for (it, _), res in zip(batch, results) if not it.prefill]

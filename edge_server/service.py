@@ -101,7 +101,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         self._stream_of: dict[str, asyncio.Task] = {}  # an admitted session's Generate
         self.draining = False  # stopping: no new streams (edge_server.cli.drain)
         self.line = AdmissionLine(limits.max_waiting, limits.admission_wait_s)
-        self.scheduler.on_kv_freed = self.line.room_freed_threadsafe
+        self.scheduler.on_room = self.line.room_freed_threadsafe
         self.metrics.status = self.status
 
     def status(self) -> dict:
@@ -343,16 +343,19 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         finally:
             entering.cancel()  # the device went away while it waited: it leaves the line
         if why is not None:
-            self._busy(why, self._soonest_end_s())
+            self._busy(why, self._retry_after_s(session))
         self.metrics.admitted(time.perf_counter() - entered)
         if session.resumed:
             self.metrics.count("sessions_resumed")
             self.metrics.count("resumed_tokens", session.resumed)
 
     def _admit(self, session: Session, capacity: int) -> str | None:
-        """Admits the session if a slot and its KV are free (None), else says which is not."""
+        """Admits the session if a slot and its KV are free and its prompt would not pass the
+        queued prefill bound (None), else says which is not."""
         if len(self.sessions) >= self.limits.max_sessions:
             return f"server is full ({self.limits.max_sessions} sessions)"
+        if self._prefill_backlog(session):
+            return f"{self.scheduler.queued_prefill_tokens()} prompt tokens are waiting for prefill"
         try:
             self.scheduler.admit(session, capacity)
         except KVBudgetError as err:
@@ -401,10 +404,6 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
                  f"{start.max_new_tokens} + a tree of {self.limits.max_tree_nodes}) but the server's whole KV "
                  f"budget holds {self.pool.budget_tokens}, so it would never fit; "
                  + (f"lower max_new_tokens to at most {room}" if room > 0 else "shorten the prompt"))
-        queued = self.scheduler.queued_prefill_tokens()
-        if self.scheduler.queued_prefill_tokens(session) > self.scheduler.config.max_queued_prefill_tokens and queued:
-            self._busy(f"{queued} prompt tokens are waiting for prefill",
-                       queued * self.scheduler.recent_prefill_ms_per_token / 1e3)
         return session, capacity
 
     def _check_resumed(self, start: pb.Start, stops: set[int]) -> list[int]:
@@ -438,10 +437,19 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         wait_s = min(max(wait_s, self.RETRY_S[0]), self.RETRY_S[1])
         raise BadRequest(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry in about {wait_s:.1f} s", wait_s)
 
-    def _soonest_end_s(self) -> float:
-        """When the first session would end if it runs to max_new_tokens at its acceptance so
-        far and the recent step time: its slot and KV come free then at the latest (a stop
-        token frees them sooner, so the hint is capped)."""
+    def _prefill_backlog(self, session: Session) -> bool:
+        """Whether admitting the session would pass the bound on queued prompt tokens (a prompt
+        longer than the bound alone is admitted once no other waits to be fed)."""
+        queued = self.scheduler.queued_prefill_tokens()
+        return bool(queued) and self.scheduler.queued_prefill_tokens(session) > self.scheduler.config.max_queued_prefill_tokens
+
+    def _retry_after_s(self, session: Session) -> float:
+        """When to ask again: once the queued prompts are fed, when they are what keeps the
+        session out; else when the first session would end if it runs to max_new_tokens at its
+        acceptance so far and the recent step time: its slot and KV come free then at the latest
+        (a stop token frees them sooner, so the hint is capped)."""
+        if self._prefill_backlog(session):
+            return self.scheduler.queued_prefill_tokens() * self.scheduler.recent_prefill_ms_per_token / 1e3
         rounds = min((s.rounds_left for s in self.sessions.values()), default=0.0)
         return rounds * self.scheduler.recent_step_ms / 1e3
 

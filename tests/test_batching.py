@@ -333,6 +333,30 @@ def test_a_stream_waits_in_line_for_room_and_gets_its_answer(small_server, loade
     assert waits["bucket{le=0.5}"] < waits["count"]  # this stream waited longer
 
 
+def test_a_prompt_that_would_pass_the_queued_prefill_bound_waits_in_line(loaded):
+    """A long prompt is being fed in small chunks; a second prompt would pass
+    --max-queued-prefill-tokens beside it, so it waits in line (not refused) until the first is
+    in, then gets its exact answer."""
+    first_ids, second_ids = [1] + list(range(200, 600)), [1] + list(range(700, 800))
+    with ServerProcess(["--log-level", "WARNING", "--dtype", "float32", "--threads", "1",
+                        "--max-queued-prefill-tokens", "64", "--prefill-chunk", "4"]) as srv:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = rpc.EdgeSpecStub(channel)
+            fingerprint = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30).tokenizer_fingerprint
+            done = []
+            feeding = threading.Thread(target=lambda: done.append(generate(
+                stub, Request(first_ids, max_new_tokens=4, mode="server-ar"), NoDrafter(), fingerprint, timeout=120)))
+            feeding.start()
+            assert wait_for(lambda: _metrics(stub)["queued_prefill_tokens"] > 100)
+            places = []
+            rec = generate(stub, Request(second_ids, max_new_tokens=4, mode="server-ar"), NoDrafter(),
+                           fingerprint, timeout=120, busy_wait_s=0, on_waiting=places.append)
+            feeding.join(120)
+    assert places == [0] and rec.busy_refusals == 0 and rec.line_wait_ms > 0
+    assert rec.token_ids == _greedy(loaded.model, second_ids, 4)
+    assert done[0].token_ids == _greedy(loaded.model, first_ids, 4)
+
+
 def test_a_refused_device_waits_as_the_server_asks_and_gets_its_answer(small_server, loaded):
     stub, info, _ = small_server
     ids = [1, 9690, 198, 2683]
