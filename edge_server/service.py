@@ -440,8 +440,8 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
     def _prefill_backlog(self, session: Session) -> bool:
         """Whether admitting the session would pass the bound on queued prompt tokens (a prompt
         longer than the bound alone is admitted once no other waits to be fed)."""
-        queued = self.scheduler.queued_prefill_tokens()
-        return bool(queued) and self.scheduler.queued_prefill_tokens(session) > self.scheduler.config.max_queued_prefill_tokens
+        bound = self.scheduler.config.max_queued_prefill_tokens
+        return self.scheduler.queued_prefill_tokens() > 0 and self.scheduler.queued_prefill_tokens(session) > bound
 
     def _retry_after_s(self, session: Session) -> float:
         """When to ask again: once the queued prompts are fed, when they are what keeps the
