@@ -276,18 +276,21 @@ class _Generation:
 
     def _wait_in_line(self, down: _Downlink) -> list[tuple[float, pb.ServerMessage]]:
         """The messages from Started on. Before it, a full server's Waiting messages tell the
-        stream's place in its admission line."""
+        stream's place in its admission line; the time in line counts whether it ends in
+        Started or in a refusal."""
         arrivals, since = down.take(), None
-        while arrivals[0][1].HasField("waiting"):
-            arrived, msg = arrivals.pop(0)
-            since = since or arrived
-            self.rec.bytes_down += _wire(msg)
-            if self.on_waiting:
-                self.on_waiting(msg.waiting.ahead)
-            arrivals = arrivals or down.take()
-        if since is not None:
-            self.rec.line_wait_ms += (arrivals[0][0] - since) * 1e3
-        return arrivals
+        try:
+            while arrivals[0][1].HasField("waiting"):
+                arrived, msg = arrivals.pop(0)
+                since = since or arrived
+                self.rec.bytes_down += _wire(msg)
+                if self.on_waiting:
+                    self.on_waiting(msg.waiting.ahead)
+                arrivals = arrivals or down.take()
+            return arrivals
+        finally:
+            if since is not None:
+                self.rec.line_wait_ms += ((arrivals[0][0] if arrivals else time.perf_counter()) - since) * 1e3
 
     def _draft(self, verdict: pb.Verdict, budget: int) -> pb.Draft:
         """The tree for the round after `verdict`, built on its hidden state."""

@@ -368,6 +368,7 @@ def test_a_refused_device_waits_as_the_server_asks_and_gets_its_answer(small_ser
     threading.Timer(LINE_WAIT_S + 1, _let_go, [held]).start()  # room after one wait in line ran out
     rec = generate(stub, request, NoDrafter(), info.tokenizer_fingerprint, timeout=60, busy_wait_s=30)
     assert rec.busy_refusals >= 1 and rec.busy_wait_ms > 0
+    assert rec.line_wait_ms >= LINE_WAIT_S * 1e3 - 100  # the wait in line that ended in the refusal
     assert rec.ttft_ms >= (LINE_WAIT_S + 1) * 1e3 - 100  # from the request, the waiting included
     assert rec.token_ids == _greedy(loaded.model, ids, 8)
     assert f"waited {rec.busy_wait_ms / 1e3:.1f} s for a busy server" in rec.summary_line()
