@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a conversation: after each answer the next user message is read from stdin, one "
                         "line each, until EOF; every turn sends the whole conversation, whose earlier "
                         "turns the server feeds from its prompt cache")
-    p.add_argument("--server", default="127.0.0.1:50051", help="edge server HOST:PORT")
+    p.add_argument("--server", default="127.0.0.1:50051",
+                   help="edge server HOST:PORT, or several, comma-separated, running the same model: the first "
+                        "that answers serves, and an answer whose server goes away resumes on the next")
     p.add_argument("--drafter", choices=DRAFTERS, default="auto",
                    help="auto: heads when the server ships heads for its model, else ngram")
     p.add_argument("--heads-tree", choices=["auto", "unified", "dynamic", "static"], default="auto",
@@ -114,10 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--timeout must be a number of seconds above 0")
     if not args.reconnect_s >= 0:
         p.error("--reconnect-s must be a number of seconds >= 0")
-    if args.server.startswith(("http://", "https://")):
-        p.error(f"--server takes HOST:PORT, not a URL (gRPC): try {args.server.split('://', 1)[1].rstrip('/')}")
-    if ":" not in args.server:  # gRPC would dial port 443
-        p.error(f"--server needs the port: {args.server}:50051 if the server runs with its default --port")
+    for server in args.server.split(","):
+        if server.startswith(("http://", "https://")):
+            p.error(f"--server takes HOST:PORT, not a URL (gRPC): try {server.split('://', 1)[1].rstrip('/')}")
+        if ":" not in server:  # gRPC would dial port 443
+            p.error(f"--server needs the port: {server}:50051 if the server runs with its default --port")
     if not args.busy_wait_s >= 0:
         p.error("--busy-wait-s must be a number of seconds >= 0")
     if args.seed is None:
@@ -176,30 +179,80 @@ def _wants_tls(args: argparse.Namespace) -> bool:
     return bool(args.tls or args.tls_ca or args.tls_cert)
 
 
-def open_channel(args: argparse.Namespace) -> grpc.Channel:
+def open_channel(args: argparse.Namespace, address: str) -> grpc.Channel:
     """Plaintext, or TLS when any --tls flag is given (see edge-server --tls-cert)."""
     if not _wants_tls(args):
-        return grpc.insecure_channel(args.server, options=CHANNEL_OPTIONS)
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=read_pem(args.tls_ca, "--tls-ca") if args.tls_ca else None,
         private_key=read_pem(args.tls_key, "--tls-key") if args.tls_key else None,
         certificate_chain=read_pem(args.tls_cert, "--tls-cert") if args.tls_cert else None)
-    return grpc.secure_channel(args.server, credentials, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
 
 
-def server_info(stub: rpc.EdgeSpecStub, args: argparse.Namespace) -> pb.ServerInfo:
-    """The server's info; a server that cannot be reached is an error that says what to check."""
-    try:
-        return stub.GetServerInfo(pb.ServerInfoRequest(), timeout=30)
-    except grpc.RpcError as err:
-        if err.code() != grpc.StatusCode.UNAVAILABLE:
-            raise
+class EdgeServers:
+    """The --server addresses. The first that answers serves; when it cannot be reached again
+    mid-answer, or turns the stream away (it is shutting down), the answer moves on to the next
+    one that answers and runs the same model and tokenizer, and goes on where it stopped."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.addresses = args, args.server.split(",")
+        self._channels: dict[str, grpc.Channel] = {}
+        self.at = 0
+        self.info = pb.ServerInfo()
+
+    def _stub(self, i: int) -> rpc.EdgeSpecStub:
+        address = self.addresses[i]
+        if address not in self._channels:
+            self._channels[address] = open_channel(self.args, address)
+        return rpc.EdgeSpecStub(self._channels[address])
+
+    def connect(self) -> tuple[rpc.EdgeSpecStub, pb.ServerInfo]:
+        """The first server that answers and its info; none answering is an error that says what
+        to check."""
+        unreachable = []
+        for i, address in enumerate(self.addresses):
+            try:
+                self.info = self._stub(i).GetServerInfo(pb.ServerInfoRequest(), timeout=30)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                unreachable.append(f"{address} ({err.details()})")
+                continue
+            self.at = i
+            return self._stub(i), self.info
         tls = ("If it serves plaintext, leave out the --tls flags; if TLS, --tls-ca must hold the CA that signed "
                "its certificate, and a server started with --tls-client-ca wants --tls-cert and --tls-key"
-               if _wants_tls(args) else
+               if _wants_tls(self.args) else
                "If it serves TLS (edge-server --tls-cert), add --tls-ca with its CA certificate, or --tls")
-        raise SystemExit(f"device-client: no edge server answered at {args.server} ({err.details()}). "
-                         f"Is one running there? {tls}.") from None
+        raise SystemExit(f"device-client: no edge server answered at {'; '.join(unreachable)}. "
+                         f"Is one running there? {tls}.")
+
+    @property
+    def current(self) -> rpc.EdgeSpecStub:
+        return self._stub(self.at)
+
+    def failover(self) -> rpc.EdgeSpecStub | None:
+        """The next server after this one that answers and runs the same model, or None."""
+        for step in range(1, len(self.addresses)):
+            i = (self.at + step) % len(self.addresses)
+            try:
+                info = self._stub(i).GetServerInfo(pb.ServerInfoRequest(), timeout=5)
+            except grpc.RpcError:
+                continue
+            if (info.model_fingerprint, info.tokenizer_fingerprint) != (self.info.model_fingerprint,
+                                                                        self.info.tokenizer_fingerprint):
+                print(f"device-client: {self.addresses[i]} serves another model ({info.model_name}); "
+                      "not resuming there", file=sys.stderr)
+                continue
+            print(f"device-client: resuming the answer on {self.addresses[i]}", file=sys.stderr)
+            self.at = i
+            return self._stub(i)
+        return None
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
 
 
 class WaitingNotice:
@@ -218,9 +271,9 @@ class WaitingNotice:
 
 def run(args: argparse.Namespace) -> Iterator[dict]:
     """Streams each answer to stdout and yields its record's summary (one, or one a turn)."""
-    with open_channel(args) as channel:
-        stub = rpc.EdgeSpecStub(channel)
-        info = server_info(stub, args)
+    servers = EdgeServers(args)
+    try:
+        stub, info = servers.connect()
         tokenizer = load_tokenizer(stub, info)
         drafter = make_drafter(args.drafter, stub, info, args.heads_tree, args.heads_ngram == "on",
                                args.draft_threads)
@@ -241,15 +294,17 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
             request = Request(prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                               args.seed, min(args.tree_budget, info.max_tree_nodes),
                               mode=args.mode, ignore_eos=args.ignore_eos, max_context=info.max_context)
-            record = generate(stub, request, drafter, info.tokenizer_fingerprint, on_tokens=show,
+            record = generate(servers.current, request, drafter, info.tokenizer_fingerprint, on_tokens=show,
                               timeout=args.timeout, reconnect_s=args.reconnect_s,
-                              busy_wait_s=args.busy_wait_s, on_waiting=WaitingNotice())
+                              busy_wait_s=args.busy_wait_s, on_waiting=WaitingNotice(), failover=servers.failover)
             record.text = tokenizer.decode(record.token_ids)
             chat.add(message, record.text)
             sys.stdout.write("\n")
             print(record.summary_line(), file=sys.stderr)
             summary = {**record.summary(), "seed": args.seed}
             yield {**summary, "chat_turns_dropped": chat.dropped} if args.chat else summary
+    finally:
+        servers.close()
 
 
 def main(argv: list[str] | None = None) -> None:

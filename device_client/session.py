@@ -133,16 +133,20 @@ def busy_retry_after_s(err: grpc.RpcError) -> float | None:
 def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokenizer_fingerprint: str,
              on_tokens: Callable[[list[int]], None] | None = None,
              timeout: float | None = None, reconnect_s: float = 0.0, busy_wait_s: float = 0.0,
-             on_waiting: Callable[[int], None] | None = None) -> GenerationRecord:
+             on_waiting: Callable[[int], None] | None = None,
+             failover: Callable[[], rpc.EdgeSpecStub | None] | None = None) -> GenerationRecord:
     """Runs one generation; on_tokens sees each verdict's new tokens as they arrive, and
     on_waiting how many streams wait ahead of this one in a full server's admission line.
 
     A stream that breaks (UNAVAILABLE: a dropped connection, a restarted server) is resumed for
     up to `reconnect_s` seconds after the break: a new stream sends the tokens received so far
     (Start.resume_token_ids) and the server goes on exactly where the first left off, so a
-    flaky link costs time, never tokens (none lost, none repeated, the same ones). A busy server
-    that refuses the stream is asked again after the wait it suggests, for up to `busy_wait_s`
-    seconds after the refusal (a resumption refused so keeps its tokens too)."""
+    flaky link costs time, never tokens (none lost, none repeated, the same ones). When the
+    server cannot be reached again, or turns the stream away (it is shutting down), `failover`
+    may name another server's stub, running the same model, to resume on (None: keep trying
+    this one). A busy server that refuses the stream is asked again after the wait it suggests,
+    for up to `busy_wait_s` seconds after the refusal (a resumption refused so keeps its tokens
+    too)."""
     if request.mode not in MODES:
         raise ValueError(f"mode {request.mode!r} is not one of {', '.join(MODES)}")
     run = _Generation(stub, request, drafter, tokenizer_fingerprint, on_tokens, on_waiting)
@@ -155,7 +159,8 @@ def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokeniz
             break
         except grpc.RpcError as err:
             now = time.perf_counter()
-            if trouble is None or run.started > streams:  # new trouble, not another failed attempt
+            again = trouble is not None and run.started == streams  # another failed attempt
+            if not again:
                 trouble, pause = now, 0.0
             busy = busy_retry_after_s(err)
             if busy is not None:
@@ -163,6 +168,8 @@ def generate(stub: rpc.EdgeSpecStub, request: Request, drafter: Drafter, tokeniz
             elif err.code() == RESUMABLE:
                 window, wait = reconnect_s, pause
                 pause = min(2.0, max(0.1, 2 * pause))
+                if again and failover is not None:  # first this server again (it holds the KV), then another
+                    run.stub = failover() or run.stub
             else:
                 raise
             left = min(trouble + window, deadline or math.inf) - now
