@@ -156,9 +156,10 @@ async def serve(args: argparse.Namespace) -> None:
 
     from edge_server import __version__
     from edge_server.artifacts import ArtifactStore
-    from edge_server.kv_cache import KVBudgetError
+    from edge_server.kv_cache import KVBudgetError, KVPool
+    from edge_server.metrics import ServerMetrics
     from edge_server.model_store import load_model, model_fingerprint
-    from edge_server.scheduler import SchedulerConfig
+    from edge_server.scheduler import Scheduler, SchedulerConfig
     from edge_server.service import EdgeSpecService, Limits
     from edge_server.verifier import TargetModel
     from shared.protocol import pb, rpc
@@ -189,15 +190,17 @@ async def serve(args: argparse.Namespace) -> None:
     heads = artifacts.add_heads(loaded.name, fingerprint)
     eos = loaded.model.generation_config.eos_token_id
     eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
-    service = EdgeSpecService(
-        target, loaded.name, fingerprint, eos_ids, artifacts, tok_fp,
-        Limits(args.max_tree_nodes, args.max_new_tokens, args.max_sessions, args.kv_budget_mb,
-               args.idle_timeout, args.max_waiting, args.admission_wait_s), __version__,
+    scheduler = Scheduler(
+        target, KVPool.for_model(loaded.model, args.kv_budget_mb),
         SchedulerConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                         prefill_chunk=args.prefill_chunk, max_queued_prefill_tokens=args.max_queued_prefill_tokens,
                         window_ms=args.batch_window_ms, window_max_ms=args.batch_window_max_ms,
                         adaptive_budget=not args.fixed_budget, prompt_cache_mb=args.prompt_cache_mb),
-    )
+        args.max_tree_nodes, ServerMetrics())
+    service = EdgeSpecService(
+        target, loaded.name, fingerprint, eos_ids, artifacts, tok_fp,
+        Limits(args.max_tree_nodes, args.max_new_tokens, args.max_sessions,
+               args.idle_timeout, args.max_waiting, args.admission_wait_s), __version__, scheduler)
     try:
         target.warm_up(service.pool)
     except KVBudgetError:

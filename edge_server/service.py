@@ -18,10 +18,9 @@ import numpy as np
 
 from edge_server.admission import AdmissionLine
 from edge_server.artifacts import ArtifactStore
-from edge_server.kv_cache import KVBudgetError, KVPool
-from edge_server.metrics import ServerMetrics
+from edge_server.kv_cache import KVBudgetError
 from edge_server.sampling import Sampling, check_sampling
-from edge_server.scheduler import Scheduler, SchedulerConfig, StepInfo
+from edge_server.scheduler import Scheduler, StepInfo
 from edge_server.session import RoundResult, Session
 from edge_server.verifier import TargetModel
 from shared.protocol import RETRY_AFTER_MS, pb, rpc
@@ -35,7 +34,6 @@ class Limits:
     max_tree_nodes: int = 128
     max_new_tokens: int = 4096
     max_sessions: int = 64
-    kv_budget_mb: float = 2048.0
     idle_timeout_s: float = 120.0
     max_waiting: int = 256  # streams waiting in line for room (edge_server.admission)
     admission_wait_s: float = 30.0
@@ -82,7 +80,8 @@ def _log_end(session: Session, peer: str, seconds: float) -> None:
 class EdgeSpecService(rpc.EdgeSpecServicer):
     def __init__(self, target: TargetModel, model_name: str, model_fingerprint: str,
                  eos_ids: list[int], artifacts: ArtifactStore, tokenizer_fingerprint: str,
-                 limits: Limits, version: str, scheduler_config: SchedulerConfig | None = None):
+                 limits: Limits, version: str, scheduler: Scheduler):
+        """`scheduler` runs the model (its KV pool and metrics are the service's too)."""
         self.target = target
         self.model_name = model_name
         self.model_fingerprint = model_fingerprint
@@ -91,10 +90,7 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.limits = limits
         self.version = version
-        self.metrics = ServerMetrics()
-        self.pool = KVPool.for_model(target.model, limits.kv_budget_mb)
-        self.scheduler = Scheduler(target, self.pool, scheduler_config or SchedulerConfig(),
-                                   limits.max_tree_nodes, self.metrics)
+        self.scheduler, self.pool, self.metrics = scheduler, scheduler.pool, scheduler.metrics
         self.sessions: dict[str, Session] = {}
         # every Generate running, admitted or in line, and why the server ended it (None: it did not)
         self._streams: dict[asyncio.Task, tuple[grpc.StatusCode, str] | None] = {}

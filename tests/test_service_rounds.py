@@ -14,7 +14,6 @@ import torch
 
 from edge_server.metrics import ServerMetrics
 from edge_server.scheduler import SchedulerConfig, StepInfo
-from edge_server.admission import AdmissionLine
 from edge_server.service import EdgeSpecService, Limits
 from shared.protocol import pb
 
@@ -49,6 +48,7 @@ class InstantScheduler:
 
     def __init__(self, budgets):
         self.target, self.budgets, self.trees = CountingTarget(), list(budgets), []
+        self.pool, self.metrics, self.on_room = SimpleNamespace(budget_tokens=1 << 20), ServerMetrics(), None
 
     def admit(self, session, capacity):
         pass
@@ -73,14 +73,9 @@ class InstantScheduler:
 
 
 def _service(budgets) -> EdgeSpecService:
-    """The real service around InstantScheduler (its constructor would build the model thread)."""
-    svc = EdgeSpecService.__new__(EdgeSpecService)
-    svc.scheduler, svc.target = InstantScheduler(budgets), CountingTarget()
-    svc.metrics, svc.sessions = ServerMetrics(), {}
-    svc.limits, svc.tokenizer_fingerprint, svc.eos_ids = Limits(max_tree_nodes=16, idle_timeout_s=5.0), "tok", []
-    svc.pool, svc.line = SimpleNamespace(budget_tokens=1 << 20), AdmissionLine(max_waiting=0, wait_s=0)
-    svc._streams, svc._stream_of, svc.draining = {}, {}, False
-    return svc
+    return EdgeSpecService(CountingTarget(), "counting", "", [], None, "tok",
+                           Limits(max_tree_nodes=16, idle_timeout_s=5.0, max_waiting=0, admission_wait_s=0.0),
+                           "test", InstantScheduler(budgets))
 
 
 class Aborted(Exception):
