@@ -156,19 +156,28 @@ class Scheduler:
         """Prompt tokens left to compute, with `session`'s as if it were queued next (see
         _queued_prefill)."""
         with self._cv:
-            return self._queued_prefill(session)
+            return self._queued_prefill(session)[1]
 
-    def _queued_prefill(self, session: Session | None = None) -> int:
-        """What the queued prompts (and resumed tokens) leave to compute, oldest first: chunks the
-        prompt cache holds, or a prompt ahead has fed or will feed, are not counted, so many
-        devices sending one document are not refused for the copies they will not compute."""
+    def prefill_backlog(self, session: Session) -> int:
+        """The prompt tokens queued ahead when `session`'s would take them past
+        config.max_queued_prefill_tokens (it waits for them to be fed), else 0; a prompt longer
+        than the bound alone gets in once none is queued."""
+        with self._cv:
+            queued, with_it = self._queued_prefill(session)
+        return queued if queued and with_it > self.config.max_queued_prefill_tokens else 0
+
+    def _queued_prefill(self, session: Session | None = None) -> tuple[int, int]:
+        """What the queued prompts (and resumed tokens) leave to compute, oldest first, without
+        and with `session`'s as if queued next: chunks the prompt cache holds, or a prompt ahead
+        has fed or will feed, are not counted, so many devices sending one document are not
+        refused for the copies they will not compute."""
         queue = [it.session for it in sorted((i for i in self._pending if i.prefill), key=lambda i: i.enqueued)]
         ahead: list[Ahead] = []
-        total = 0
+        totals = [0]
         for s in queue + ([session] if session is not None else []):
-            total += s.to_feed - self.prompts.held(s.feed_array, s.prefilled, ahead, s.resumed)
+            totals.append(totals[-1] + s.to_feed - self.prompts.held(s.feed_array, s.prefilled, ahead, s.resumed))
             ahead.append((s.prompt_array, None, s.prefilled))
-        return total
+        return (totals[-2] if session is not None else totals[-1]), totals[-1]
 
     def release(self, session: Session) -> None:
         """Frees the session's KV on the model thread (between steps); safe at any time."""
@@ -248,7 +257,7 @@ class Scheduler:
             # the sessions' KV; what the prompt cache holds comes back whenever a session needs it
             return dict(kv_used_tokens=self.pool.used_tokens - self.prompts.tokens,
                         kv_budget_tokens=self.pool.budget_tokens,
-                        kv_slots=self.pool.slots - len(self.prompts), queued_prefill_tokens=self._queued_prefill(),
+                        kv_slots=self.pool.slots - len(self.prompts), queued_prefill_tokens=self._queued_prefill()[0],
                         prompt_cache_tokens=self.prompts.tokens, prompt_cache_entries=len(self.prompts),
                         budget=self.budgets.as_dict())
 

@@ -350,8 +350,8 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         queued prefill bound (None), else says which is not."""
         if len(self.sessions) >= self.limits.max_sessions:
             return f"server is full ({self.limits.max_sessions} sessions)"
-        if self._prefill_backlog(session):
-            return f"{self.scheduler.queued_prefill_tokens()} prompt tokens are waiting for prefill"
+        if queued := self.scheduler.prefill_backlog(session):
+            return f"{queued} prompt tokens are waiting for prefill"
         try:
             self.scheduler.admit(session, capacity)
         except KVBudgetError as err:
@@ -433,19 +433,13 @@ class EdgeSpecService(rpc.EdgeSpecServicer):
         wait_s = min(max(wait_s, self.RETRY_S[0]), self.RETRY_S[1])
         raise BadRequest(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry in about {wait_s:.1f} s", wait_s)
 
-    def _prefill_backlog(self, session: Session) -> bool:
-        """Whether admitting the session would pass the bound on queued prompt tokens (a prompt
-        longer than the bound alone is admitted once no other waits to be fed)."""
-        bound = self.scheduler.config.max_queued_prefill_tokens
-        return self.scheduler.queued_prefill_tokens() > 0 and self.scheduler.queued_prefill_tokens(session) > bound
-
     def _retry_after_s(self, session: Session) -> float:
         """When to ask again: once the queued prompts are fed, when they are what keeps the
         session out; else when the first session would end if it runs to max_new_tokens at its
         acceptance so far and the recent step time: its slot and KV come free then at the latest
         (a stop token frees them sooner, so the hint is capped)."""
-        if self._prefill_backlog(session):
-            return self.scheduler.queued_prefill_tokens() * self.scheduler.recent_prefill_ms_per_token / 1e3
+        if queued := self.scheduler.prefill_backlog(session):
+            return queued * self.scheduler.recent_prefill_ms_per_token / 1e3
         rounds = min((s.rounds_left for s in self.sessions.values()), default=0.0)
         return rounds * self.scheduler.recent_step_ms / 1e3
 

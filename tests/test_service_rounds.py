@@ -53,7 +53,7 @@ class InstantScheduler:
     def admit(self, session, capacity):
         pass
 
-    def queued_prefill_tokens(self, prompt=None):
+    def prefill_backlog(self, session):
         return 0
 
     def release(self, session):
